@@ -1,0 +1,203 @@
+"""The HDF5 bag format: the only module that opens a bag file.
+
+One ``<slide_id>.h5`` per slide:
+
+    features    (N, D) float32   one instance (tile embedding) per row
+    coords      (N, 2) int64     tile position (x, y) in pixels; COORD_SENTINEL where unknown
+    tile_names  (N,)   utf-8     tile path relative to the slide folder (or "x_y" for WSI tiles)
+    attrs                        slide_id, patient_id, class_folder, label, cache_key, backbone,
+                                 weights, weights_digest, feature_dim, transform, tile_size,
+                                 max_tiles, seed, package_version, skipped_tiles (JSON), ...
+
+CLAM and TRIDENT read ``features`` and ``coords`` as they are; STAMP names the matrix
+``feats``, which ``read_bag`` also accepts. Bags are written atomically (temporary name,
+then rename) so a file under its final name is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from feature_extraction.atomic import atomic_output
+from feature_extraction.errors import BagError
+
+FORMAT_VERSION = 1
+FEATURES = "features"
+FEATURES_ALIASES = ("features", "feats")  # ours/CLAM/TRIDENT, STAMP
+COORDS = "coords"
+TILE_NAMES = "tile_names"
+COORD_SENTINEL = -1  # coords value of a tile whose name carries no position
+BAG_SUFFIX = ".h5"
+
+
+@dataclass
+class Bag:
+    features: np.ndarray  # (N, D) float32
+    coords: np.ndarray  # (N, 2) int64
+    tile_names: list[str]
+    attrs: dict[str, Any]
+
+    @property
+    def slide_id(self) -> str:
+        return str(self.attrs.get("slide_id", ""))
+
+
+def bag_path(cache_dir: str | Path, slide_id: str) -> Path:
+    return Path(cache_dir) / f"{slide_id}{BAG_SUFFIX}"
+
+
+def write_bag(
+    path: str | Path,
+    features: np.ndarray,
+    coords: np.ndarray,
+    tile_names: Sequence[str],
+    attrs: Mapping[str, Any],
+) -> None:
+    """Write one bag atomically. ``attrs`` values may be str, int, float, bool or JSON-able."""
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    coords = np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2)
+    if features.ndim != 2 or len(features) != len(coords) or len(features) != len(tile_names):
+        raise ValueError(
+            f"features {features.shape}, coords {coords.shape} and {len(tile_names)} tile names disagree"
+        )
+    with atomic_output(path) as tmp:
+        # Contiguous, uncompressed: features barely compress and chunking slows reads (MEASUREMENTS.md).
+        with h5py.File(tmp, "w") as h5:
+            h5.create_dataset(FEATURES, data=features)
+            h5.create_dataset(COORDS, data=coords)
+            h5.create_dataset(TILE_NAMES, data=list(tile_names), dtype=h5py.string_dtype("utf-8"))
+            h5.attrs["format_version"] = FORMAT_VERSION
+            h5.attrs["feature_dim"] = int(features.shape[1])
+            h5.attrs["n_instances"] = int(features.shape[0])
+            for key, value in attrs.items():
+                h5.attrs[key] = _to_attr(value)
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """The bag's attributes, without reading its matrices."""
+    with _open(path) as h5:
+        return _attrs(h5)
+
+
+def read_bag(path: str | Path, rows: np.ndarray | None = None) -> Bag:
+    """Read a bag (or only ``rows`` of it, sorted indices). Accepts ``features`` or ``feats``."""
+    with _open(path) as h5:
+        name = _features_name(h5, path)
+        dataset = h5[name]
+        n = dataset.shape[0]
+        if rows is None:
+            features = dataset[()]
+            coords = h5[COORDS][()] if COORDS in h5 else np.full((n, 2), COORD_SENTINEL, np.int64)
+            names = _decode(h5[TILE_NAMES][()]) if TILE_NAMES in h5 else [str(i) for i in range(n)]
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            features = dataset[rows] if len(rows) else np.zeros((0, dataset.shape[1]), np.float32)
+            coords = h5[COORDS][rows] if COORDS in h5 else np.full((len(rows), 2), COORD_SENTINEL, np.int64)
+            names = _decode(h5[TILE_NAMES][rows]) if TILE_NAMES in h5 else [str(i) for i in rows]
+        return Bag(
+            features=np.asarray(features, dtype=np.float32),
+            coords=np.asarray(coords, dtype=np.int64).reshape(-1, 2),
+            tile_names=names,
+            attrs=_attrs(h5),
+        )
+
+
+@dataclass(frozen=True)
+class BagSummary:
+    path: Path
+    n_instances: int
+    feature_dim: int
+    attrs: dict[str, Any]
+
+
+def validate_bag(
+    path: str | Path,
+    feature_dim: int | None = None,
+    cache_key: str | None = None,
+    check_values: bool = True,
+) -> BagSummary:
+    """Check that a bag can be trained on; raise BagError naming the file and the reason.
+
+    Checks: opens as HDF5; has a 2-D float ``features`` (or ``feats``) with at least one row;
+    ``coords`` (if present) is (N, 2) of the same N; no NaN or Inf; ``feature_dim`` and
+    ``cache_key`` match when given."""
+    path = Path(path)
+    with _open(path) as h5:
+        name = _features_name(h5, path)
+        dataset = h5[name]
+        if dataset.ndim != 2:
+            raise BagError(f"bag {path}: '{name}' has shape {dataset.shape}, expected (N, D). Re-embed this slide.")
+        if not np.issubdtype(dataset.dtype, np.floating):
+            raise BagError(f"bag {path}: '{name}' has dtype {dataset.dtype}, expected float. Re-embed this slide.")
+        n, dim = dataset.shape
+        if n == 0:
+            raise BagError(f"bag {path}: holds no instances. Delete it and re-embed the slide.")
+        if COORDS in h5 and tuple(h5[COORDS].shape) != (n, 2):
+            raise BagError(
+                f"bag {path}: 'coords' has shape {h5[COORDS].shape} but '{name}' has {n} rows. Re-embed this slide."
+            )
+        if feature_dim is not None and dim != feature_dim:
+            raise BagError(
+                f"bag {path}: feature dimension {dim}, expected {feature_dim} like the other bags. "
+                "It comes from another backbone: keep each backbone's bags in their own cache folder."
+            )
+        attrs = _attrs(h5)
+        if cache_key is not None and attrs.get("cache_key") != cache_key:
+            raise BagError(
+                f"bag {path}: cache key {attrs.get('cache_key')!r}, expected {cache_key!r}. It was embedded "
+                "with another backbone, weights, transform or tile subset; bags of different caches are never mixed."
+            )
+        if check_values:
+            for start in range(0, n, 4096):  # bounded memory for very large bags
+                block = dataset[start : start + 4096]
+                if not np.isfinite(block).all():
+                    raise BagError(f"bag {path}: features contain NaN or Inf. Delete it and re-embed the slide.")
+    return BagSummary(path=path, n_instances=int(n), feature_dim=int(dim), attrs=attrs)
+
+
+def _open(path: str | Path) -> h5py.File:
+    path = Path(path)
+    if not path.is_file():
+        raise BagError(f"bag {path} does not exist. Run `python -m feature_extraction.embed` first.")
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise BagError(f"bag {path} cannot be opened as HDF5 ({error}); it is truncated or corrupt. "
+                       "Delete it and re-embed the slide.") from error
+
+
+def _features_name(h5: h5py.File, path) -> str:
+    for name in FEATURES_ALIASES:
+        if name in h5 and isinstance(h5[name], h5py.Dataset):
+            return name
+    raise BagError(f"bag {path} has no 'features' (or 'feats') dataset; found {sorted(h5.keys())}. "
+                   "Re-embed this slide.")
+
+
+def _to_attr(value: Any):
+    if isinstance(value, (str, bool, int, float, np.integer, np.floating)):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value, default=str)
+
+
+def _attrs(h5: h5py.File) -> dict[str, Any]:
+    out = {}
+    for key, value in h5.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def _decode(values) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
