@@ -118,14 +118,26 @@ def discover_slides(data_dir: str | Path, split: str = "train") -> list[SlideSou
 
 
 def _slides_in_class_folder(class_dir: Path, folder: str, label: int, split: str) -> list[SlideSource]:
+    # Imported here: wsi imports tiles, which imports this module.
+    from feature_extraction.wsi import is_mirax_companion, is_whole_slide_file, whole_slide_files
+
     slides = []
     loose_tiles = []
     for entry in sorted(class_dir.iterdir(), key=lambda p: p.name):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            slides.append(SlideSource(slide_id_for(folder, entry.name), entry.name, folder, label, split, entry))
-        elif entry.suffix.lower() in WSI_SUFFIXES:
+            if is_mirax_companion(entry):  # the data folder of <name>.mrxs, not a patient
+                continue
+            slide_files = whole_slide_files(entry)
+            if not slide_files:
+                slides.append(SlideSource(slide_id_for(folder, entry.name), entry.name, folder, label, split, entry))
+            # A patient folder of whole-slide images: one slide (one bag) per file; the bag is
+            # named after the patient when there is one file, else after patient and file.
+            for file in slide_files:
+                name = entry.name if len(slide_files) == 1 else f"{entry.name}__{file.stem}"
+                slides.append(SlideSource(slide_id_for(folder, name), entry.name, folder, label, split, file, kind="wsi"))
+        elif entry.suffix.lower() in WSI_SUFFIXES or is_whole_slide_file(entry):
             slides.append(SlideSource(slide_id_for(folder, entry.stem), entry.stem, folder, label, split, entry, kind="wsi"))
         elif entry.is_file():
             loose_tiles.append(entry.name)

@@ -1,0 +1,548 @@
+"""``python -m clam.train``: train CLAM on the cached feature bags (the user's specification).
+
+    python -m clam.train                                    # <project root>/train, defaults
+    python -m clam.train --data_dir /path/to/data --split test
+    python -m clam.train --features_dir DIR --labels_csv labels.csv   # any folder of HDF5 bags
+    python -m clam.train --resume clam/checkpoints/run_.../checkpoint_epoch_3.pt
+
+``train(config)`` is the library entry point; ``load_checkpoint`` is re-exported from
+``clam.checkpoints`` as the specification shows it (``from clam.train import load_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from feature_extraction.atomic import atomic_write_json
+from feature_extraction.errors import PipelineError, cli_main
+from feature_extraction.layout import SPLITS, default_data_dir, default_features_dir, project_root
+
+from clam import __version__
+from clam.checkpoints import (
+    BEST_NAME,
+    CONFIG_NAME,
+    checkpoint_name,
+    load_checkpoint,
+    make_run_dir,
+    model_from_checkpoint,
+    read_checkpoint,
+    resolve_device,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from clam.data import (
+    BagDataset,
+    BagSet,
+    LoaderPlan,
+    class_counts,
+    collate_bags,
+    epoch_order,
+    inverse_frequency_weights,
+    is_cache_dir,
+    plan_loading,
+    read_cache_config,
+    records_from_cache,
+    records_from_labels_csv,
+    resolve_cache,
+    validate_records,
+)
+from clam.metrics import epoch_metrics
+from clam.model import INSTANCE_LOSSES, MODEL_SIZES, MODEL_TYPES, ModelConfig, clam_loss, model_from_config
+from clam.splits import SPLIT_FILE, TrainValSplit, read_split, train_val_split, write_split
+
+__all__ = ["TrainConfig", "train", "main", "load_checkpoint", "model_from_checkpoint"]
+
+BALANCE_CHOICES = ("loss", "sampler", "none")
+VAL_BATCH_SIZE = 16
+# On --resume these may differ from the checkpoint's; everything else continues as it was.
+RESUME_OVERRIDES = frozenset({"num_epochs", "patience", "device", "num_workers", "in_memory", "progress", "resume"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training argument; the checkpoint stores it as ``args``. None paths mean the defaults."""
+
+    data_dir: str | None = None
+    split: str = "train"
+    max_tiles: int = 100
+    num_workers: int = 4
+    model_size: str = "small"
+    dropout: float = 0.25
+    k_sample: int = 8
+    n_classes: int = 2
+    num_epochs: int = 10
+    batch_size: int = 1
+    learning_rate: float = 1e-4
+    features_dir: str | None = None
+    backbone: str = "resnet50_trunc"
+    weights: str = "imagenet"
+    labels_csv: str | None = None
+    model_type: str = "clam_sb"
+    bag_weight: float = 0.7
+    inst_loss: str = "ce"
+    subtyping: bool = False
+    weight_decay: float = 1e-5
+    val_fraction: float = 0.2
+    balance: str = "loss"
+    seed: int = 0
+    device: str = "auto"
+    patience: int | None = None
+    in_memory: str = "auto"
+    resume: str | None = None
+    output_dir: str | None = None
+    progress: bool = True
+
+    def model_config(self, in_dim: int) -> ModelConfig:
+        return ModelConfig(self.model_type, in_dim, self.n_classes, self.model_size, self.dropout,
+                           self.k_sample, self.inst_loss, self.subtyping)
+
+
+def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Callable[[str], None] = print) -> Path:
+    """Train as ``config`` says (or continue ``config.resume``); returns the run folder."""
+    resumed = read_checkpoint(config.resume, "cpu") if config.resume else None
+    if resumed is not None:
+        config = _config_for_resume(config, resumed, explicit)
+    _check_config(config)
+    device = resolve_device(config.device)
+    bags = load_bags(config, log)
+    if resumed is not None:
+        run_dir = Path(config.resume).parent
+        split = read_split(run_dir / SPLIT_FILE, bags.records)
+    else:
+        split = make_split(bags, config)
+        run_dir = make_run_dir(config.output_dir or default_output_dir())
+        write_split(run_dir / SPLIT_FILE, split)
+    plan = plan_loading(bags.total_bytes, config.in_memory, config.num_workers, device)
+    torch.set_num_threads(plan.torch_threads)
+    train_set = BagDataset(split.train, config.max_tiles, config.seed, True, plan.in_memory, config.progress)
+    val_set = BagDataset(split.val, config.max_tiles, config.seed, False, plan.in_memory, config.progress)
+
+    torch.manual_seed(config.seed)
+    model = model_from_config(config.model_config(bags.feature_dim)).to(device)
+    optimizer = make_optimizer(model, config, device)
+    counts = class_counts(split.train, config.n_classes)
+    class_weights = inverse_frequency_weights(counts) if config.balance == "loss" else None
+    state = RunState()
+    if resumed is not None:
+        load_checkpoint(config.resume, model, optimizer, device)
+        set_rng_state(resumed["rng_state"])
+        state = RunState.from_checkpoint(resumed)
+        log(f"resuming {run_dir} after epoch {state.epoch}")
+    run_info = _run_info(config, bags, split, plan, model, counts, class_weights, run_dir)
+    log(f"run folder: {run_dir}\n{_describe_run(run_info)}")
+
+    weights_tensor = torch.tensor(class_weights, device=device) if class_weights else None
+    state.stopped_early = config.patience is not None and state.epochs_since_best >= config.patience
+    for epoch in range(state.epoch + 1, config.num_epochs + 1):
+        if state.stopped_early:
+            log(f"early stopping: the {'validation' if len(val_set) else 'training'} loss has not improved for "
+                f"{state.epochs_since_best} epochs (best epoch {state.best_epoch}, loss {state.best_loss:.4f})")
+            break
+        started = time.perf_counter()
+        train_loader = make_loader(train_set, config, plan, device, epoch, train=True)
+        train_metrics = train_one_epoch(model, optimizer, train_loader, config, device, weights_tensor, f"epoch {epoch}")
+        val_metrics = None
+        if len(val_set):
+            val_loader = make_loader(val_set, config, plan, device, epoch, train=False)
+            val_metrics = evaluate(model, val_loader, config, device, f"epoch {epoch} val")
+        state.record(epoch, train_metrics, val_metrics, time.perf_counter() - started, config.patience)
+        save_epoch(run_dir, model, optimizer, config, state, run_info)
+        log(state.summary_line(config.num_epochs))
+    state.status = "stopped early" if state.epoch < config.num_epochs else "finished"
+    write_config(run_dir, config, state, run_info)
+    log(f"done: best epoch {state.best_epoch} (loss {state.best_loss:.4f}) -> {run_dir / BEST_NAME}")
+    return run_dir
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def default_output_dir() -> Path:
+    return project_root() / "clam" / "checkpoints"
+
+
+def load_bags(config: TrainConfig, log: Callable[[str], None] = print) -> BagSet:
+    """The validated bags to train on: from a labels CSV and a folder of bags, or from the
+    feature cache of ``data_dir`` (embedding missing slides first)."""
+    if config.labels_csv:
+        if not config.features_dir:
+            raise PipelineError("--labels_csv needs --features_dir: the folder holding <slide_id>.h5 bags.")
+        bags_dir = Path(config.features_dir)
+        records = records_from_labels_csv(Path(config.labels_csv), bags_dir)
+        cache_config = read_cache_config(bags_dir) if is_cache_dir(bags_dir) else {}
+        return validate_records(records, bags_dir, config.n_classes, cache_config, config.progress)
+    features_dir = Path(config.features_dir) if config.features_dir else default_features_dir()
+    data_dir = Path(config.data_dir) if config.data_dir else default_data_dir(config.split)
+    if config.data_dir is None and is_cache_dir(features_dir):
+        data_dir = None  # one cache folder and no --data_dir: every bag of the split in its manifest
+    cache_dir, slide_ids = resolve_cache(
+        features_dir, data_dir, config.split, backbone=config.backbone, weights=config.weights,
+        max_tiles=config.max_tiles, seed=config.seed, device=config.device, num_workers=config.num_workers, log=log,
+    )
+    records = records_from_cache(cache_dir, slide_ids, config.split, log)
+    return validate_records(records, cache_dir, config.n_classes, read_cache_config(cache_dir), config.progress)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # CLAM's optimiser (Adam with L2 weight decay). The fused kernel updates all parameters in one
+    # call: same arithmetic, far less per-step overhead at --batch_size 1.
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
+
+
+def _check_config(config: TrainConfig) -> None:
+    checks = [
+        (config.split in SPLITS, f"--split {config.split}: use one of {SPLITS}"),
+        (config.model_type in MODEL_TYPES, f"--model_type {config.model_type}: use one of {MODEL_TYPES}"),
+        (config.model_size in MODEL_SIZES, f"--model_size {config.model_size}: use one of {tuple(MODEL_SIZES)}"),
+        (config.inst_loss in INSTANCE_LOSSES, f"--inst_loss {config.inst_loss}: use one of {INSTANCE_LOSSES}"),
+        (config.balance in BALANCE_CHOICES, f"--balance {config.balance}: use one of {BALANCE_CHOICES}"),
+        (config.in_memory in ("auto", "yes", "no"), f"--in_memory {config.in_memory}: use auto, yes or no"),
+        (config.n_classes >= 2, "--n_classes must be at least 2"),
+        (config.num_epochs >= 1 and config.batch_size >= 1, "--num_epochs and --batch_size must be at least 1"),
+        (config.k_sample >= 1, "--k_sample must be at least 1"),
+        (0.0 <= config.dropout < 1.0, "--dropout must be in [0, 1)"),
+        (0.0 <= config.bag_weight <= 1.0, "--bag_weight must be in [0, 1]"),
+        (config.learning_rate > 0 and config.weight_decay >= 0, "--learning_rate must be > 0, --weight_decay >= 0"),
+        (config.patience is None or config.patience >= 1, "--patience must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PipelineError(message)
+
+
+def _config_for_resume(config: TrainConfig, checkpoint: dict, explicit: frozenset[str]) -> TrainConfig:
+    """The checkpoint's arguments, with only RESUME_OVERRIDES taken from ``config``. An argument
+    the user typed (``explicit``) that would change the run is refused: it would be another run."""
+    saved = checkpoint.get("args")
+    if not isinstance(saved, dict):
+        raise PipelineError(f"checkpoint {config.resume} has no training arguments; it cannot be resumed.")
+    known = {f.name for f in fields(TrainConfig)}
+    merged = {k: v for k, v in saved.items() if k in known}
+    conflicts = [f"--{name} (run: {saved.get(name)!r}, given: {getattr(config, name)!r})"
+                 for name in sorted(explicit - RESUME_OVERRIDES) if name in merged and merged[name] != getattr(config, name)]
+    if conflicts:
+        raise PipelineError(f"--resume continues a run as it was started; these arguments differ: {', '.join(conflicts)}. "
+                            "Start a new run to change them.")
+    merged.update({name: getattr(config, name) for name in RESUME_OVERRIDES})
+    return TrainConfig(**merged)
+
+
+def make_split(bags: BagSet, config: TrainConfig) -> TrainValSplit:
+    split = train_val_split(bags.records, config.val_fraction, config.seed)
+    if not split.train:
+        raise PipelineError(f"no bags left for training in {bags.cache_dir}; lower --val_fraction.")
+    return split
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+def make_loader(dataset: BagDataset, config: TrainConfig, plan: LoaderPlan, device: torch.device,
+                epoch: int, train: bool) -> DataLoader:
+    """Training: the bags of ``epoch`` in their seeded order; validation: in a fixed order."""
+    dataset.set_epoch(epoch)
+    order = (epoch_order(dataset.records, config.n_classes, config.seed, epoch, config.balance == "sampler")
+             if train else None)
+    # Validation runs forward only, so it batches bags (padded, same results) whatever --batch_size
+    # is, unless bags are unbounded (--max_tiles 0) and a padded batch could be huge.
+    batch_size = config.batch_size if train or config.max_tiles <= 0 else max(config.batch_size, VAL_BATCH_SIZE)
+    return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate_bags,
+                      num_workers=plan.num_workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(config.seed))  # seeds worker processes only
+
+
+def train_one_epoch(model, optimizer, loader: DataLoader, config: TrainConfig, device: torch.device,
+                    class_weights: torch.Tensor | None, desc: str = "train") -> dict[str, Any]:
+    """One pass over ``loader``; mean losses per bag and the classification metrics."""
+    model.train()
+    losses: dict[str, list[torch.Tensor]] = {"loss": [], "bag_loss": [], "instance_loss": []}
+    sizes, probs, labels = [], [], []
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not config.progress):
+        batch = batch.to(device)
+        output = model(batch.features, batch.mask, batch.labels)
+        total, bag_loss = clam_loss(output, batch.labels, config.bag_weight, class_weights)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        # Kept on the device and averaged once per epoch: no host synchronisation per step
+        # (CLAM calls .item() on each bag's losses).
+        for name, value in zip(losses, (total, bag_loss, output.instance_loss)):
+            losses[name].append(value.detach())
+        sizes.append(len(batch.labels))
+        probs.append(output.probs.detach())
+        labels.append(batch.labels)
+    weights = torch.tensor(sizes, device=device, dtype=torch.float32) / sum(sizes)
+    means = {name: float((torch.stack(values) * weights).sum()) for name, values in losses.items()}
+    return {**means, **_classification(labels, probs, config)}
+
+
+@torch.inference_mode()
+def evaluate(model, loader: DataLoader, config: TrainConfig, device: torch.device, desc: str = "val") -> dict[str, Any]:
+    """Validation metrics; ``loss`` is the unweighted bag cross-entropy, as in CLAM's validation."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    probs, labels = [], []
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not config.progress):
+        batch = batch.to(device)
+        output = model(batch.features, batch.mask)
+        loss_sum += torch.nn.functional.cross_entropy(output.logits, batch.labels, reduction="sum")
+        probs.append(output.probs)
+        labels.append(batch.labels)
+    return {"loss": float(loss_sum) / len(loader.dataset), **_classification(labels, probs, config)}
+
+
+def _classification(labels: list[torch.Tensor], probs: list[torch.Tensor], config: TrainConfig) -> dict[str, Any]:
+    return epoch_metrics(torch.cat(labels).cpu().numpy(), torch.cat(probs).float().cpu().numpy(), config.n_classes)
+
+
+# ---------------------------------------------------------------- run state and saving
+
+
+@dataclass
+class RunState:
+    """Where the run stands; saved in every checkpoint so --resume continues exactly."""
+
+    epoch: int = 0
+    loss: float = math.nan  # the monitored loss of ``epoch``
+    best_epoch: int | None = None
+    best_loss: float = math.inf
+    epochs_since_best: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row of metrics per epoch
+    is_best: bool = False
+    stopped_early: bool = False
+    status: str = "running"
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "RunState":
+        saved = checkpoint.get("run_state", {})
+        return cls(epoch=int(checkpoint["epoch"]), loss=float(checkpoint["loss"]),
+                   best_epoch=saved.get("best_epoch"), best_loss=float(saved.get("best_loss", math.inf)),
+                   epochs_since_best=int(saved.get("epochs_since_best", 0)), history=list(checkpoint.get("history", [])))
+
+    def record(self, epoch: int, train: dict, val: dict | None, seconds: float, patience: int | None) -> None:
+        # The monitored loss: validation loss, or the training loss when there is no validation set.
+        self.epoch, self.loss = epoch, (val or train)["loss"]
+        row = {"epoch": epoch, "seconds": round(seconds, 3)}
+        row.update({f"train_{k}": v for k, v in train.items()})
+        row.update({f"val_{k}": v for k, v in (val or {}).items()})
+        self.is_best = self.loss < self.best_loss
+        if self.is_best:
+            self.best_epoch, self.best_loss, self.epochs_since_best = epoch, self.loss, 0
+        else:
+            self.epochs_since_best += 1
+        row["best"] = self.is_best
+        self.history.append(row)
+        self.stopped_early = patience is not None and self.epochs_since_best >= patience
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"best_epoch": self.best_epoch, "best_loss": self.best_loss, "epochs_since_best": self.epochs_since_best}
+
+    def summary_line(self, num_epochs: int) -> str:
+        row = self.history[-1]
+        parts = [f"epoch {row['epoch']}/{num_epochs}"]
+        for side in ("train", "val"):
+            if f"{side}_loss" in row:
+                parts.append(f"{side} loss {row[f'{side}_loss']:.4f} auc {_fmt(row[f'{side}_auc'])} "
+                             f"bacc {_fmt(row[f'{side}_balanced_accuracy'])}")
+        parts.append(f"{row['seconds']:.1f} s" + ("  * best" if row["best"] else ""))
+        return " | ".join(parts)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def save_epoch(run_dir: Path, model, optimizer, config: TrainConfig, state: RunState, run_info: dict) -> None:
+    """checkpoint_epoch_N.pt, best_model.pt when this epoch is the best, then config.json."""
+    checkpoint = {
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "epoch": state.epoch,
+        "loss": state.loss,
+        "args": asdict(config),
+        "model_config": run_info["model"],
+        "cache": run_info["cache"],
+        "class_names": run_info["data"]["class_names"],
+        "metrics": state.history[-1],
+        "history": state.history,
+        "run_state": state.to_dict(),
+        "rng_state": rng_state(),
+        "versions": run_info["versions"],
+        "format_version": 1,
+    }
+    save_checkpoint(run_dir / checkpoint_name(state.epoch), checkpoint)
+    if state.is_best:
+        save_checkpoint(run_dir / BEST_NAME, checkpoint)
+    write_config(run_dir, config, state, run_info)
+
+
+def write_config(run_dir: Path, config: TrainConfig, state: RunState, run_info: dict) -> None:
+    atomic_write_json(run_dir / CONFIG_NAME, _json_safe({
+        "epoch": state.epoch,
+        "loss": state.loss,
+        "args": asdict(config),
+        "best_epoch": state.best_epoch,
+        "best_loss": state.best_loss if state.best_epoch is not None else None,
+        "status": state.status,
+        "metrics": state.history,
+        **run_info,
+        "updated": datetime.now().isoformat(timespec="seconds"),
+    }))
+
+
+def _json_safe(value: Any) -> Any:
+    # Strict JSON has no NaN or Infinity: write null.
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _run_info(config, bags: BagSet, split, plan, model, counts, class_weights, run_dir) -> dict[str, Any]:
+    """What the run is, for config.json and the checkpoints (plain values only)."""
+    from feature_extraction.layout import CLASS_NAMES
+
+    cache_config = json.loads(json.dumps(bags.cache_config, default=str))
+    imbalance = {
+        "loss": "bag cross-entropy weighted by n / (classes x n_class) of the training bags",
+        "sampler": "bags drawn with replacement, each class equally often (CLAM's --weighted_sample)",
+        "none": "no correction",
+    }[config.balance]
+    return {
+        "run_dir": str(run_dir),
+        "model": model.config.to_dict(),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "cache": {**cache_config, "cache_dir": str(bags.cache_dir), "cache_key": bags.cache_key,
+                  "feature_dim": bags.feature_dim},
+        "data": {
+            "class_names": list(CLASS_NAMES) if config.n_classes == 2 else [f"class_{c}" for c in range(config.n_classes)],
+            "n_train_bags": len(split.train),
+            "n_val_bags": len(split.val),
+            "n_train_patients": len({r.patient_id for r in split.train}),
+            "n_val_patients": len({r.patient_id for r in split.val}),
+            "train_class_counts": counts,
+            "val_class_counts": class_counts(split.val, config.n_classes),
+            "split_file": SPLIT_FILE,
+        },
+        "imbalance": {"method": config.balance, "description": imbalance, "class_weights": class_weights},
+        "loader": asdict(plan),
+        "versions": _versions(),
+    }
+
+
+def _describe_run(info: dict) -> str:
+    data, cache = info["data"], info["cache"]
+    return (f"bags: {data['n_train_bags']} train ({data['n_train_patients']} patients, classes {data['train_class_counts']}), "
+            f"{data['n_val_bags']} validation ({data['n_val_patients']} patients); {cache['feature_dim']}-d features "
+            f"from {cache['cache_dir']}\nimbalance: {info['imbalance']['description']}\nloading: {info['loader']['reason']}")
+
+
+def _versions() -> dict[str, str]:
+    import h5py
+    import numpy
+    import sklearn
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+                "scikit-learn": sklearn.__version__, "h5py": h5py.__version__, "clam": __version__}
+    return {name: str(version) for name, version in versions.items()}  # torch's is a str subclass
+
+
+# ---------------------------------------------------------------- command line
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        # "(default: None)" says nothing; those arguments name their default in the help text.
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The spec's arguments (first group) and the extras. ``defaults=False`` leaves unset
+    arguments out of the namespace, to tell which ones the user typed."""
+    parser = argparse.ArgumentParser(prog="python -m clam.train", formatter_class=_HelpFormatter,
+                                     description="Train CLAM on the cached feature bags of a cohort.")
+    base = TrainConfig()
+
+    def add(group, name: str, **kwargs) -> None:
+        dest = kwargs.get("dest", name.lstrip("-"))
+        kwargs["default"] = getattr(base, dest) if defaults else argparse.SUPPRESS
+        group.add_argument(name, **kwargs)
+
+    spec = parser.add_argument_group("data, model and training (the specification)")
+    add(spec, "--data_dir", help="cohort folder with EGFR_positive/, EGFR_negative/ (and optional _cnn folders); "
+                                 "for --split test, C-S-EGFR_positive/ and C-S-EGFR_negative/ "
+                                 "(default: <project root>/train, or <project root>/test with --split test)")
+    add(spec, "--split", choices=SPLITS, help="which class folders to read")
+    add(spec, "--max_tiles", type=int, help="maximum number of tiles (instances) per bag, drawn afresh each epoch; 0 = all")
+    add(spec, "--num_workers", type=int, help="data-loading worker processes (used when bags stream from disk)")
+    add(spec, "--model_size", choices=tuple(MODEL_SIZES), help="small: attention hidden width 256; big: 384")
+    add(spec, "--dropout", type=float, help="dropout rate")
+    add(spec, "--k_sample", type=int,
+        help="CLAM's k_sample (the spec calls it 'number of attention heads', which it is not): how many "
+             "highest- and how many lowest-attention instances of each bag train the instance-level "
+             "classifiers. CLAM-SB has one attention branch, CLAM-MB one per class. Clamped to half the bag")
+    add(spec, "--n_classes", type=int, help="number of classes")
+    add(spec, "--num_epochs", type=int, help="number of training epochs")
+    add(spec, "--batch_size", type=int, help="bags per optimiser step (padded and masked in one forward pass)")
+    add(spec, "--learning_rate", type=float, help="Adam learning rate")
+
+    extra = parser.add_argument_group("features, model variant, run control")
+    add(extra, "--features_dir", help="feature cache root (default: <project root>/features), one cache folder "
+                                      "(holding cache.json), or with --labels_csv any folder of <slide_id>.h5 bags")
+    add(extra, "--backbone", help="backbone of the features; slides missing from the cache are embedded first")
+    add(extra, "--weights", help="backbone weights: imagenet, random or a weights file")
+    add(extra, "--labels_csv", help="CSV of slide_id,label[,patient_id] for the bags in --features_dir")
+    add(extra, "--model_type", choices=MODEL_TYPES, help="CLAM single-branch or multi-branch")
+    add(extra, "--bag_weight", type=float, help="loss = bag_weight x bag loss + (1 - bag_weight) x instance loss")
+    add(extra, "--inst_loss", choices=INSTANCE_LOSSES, help="instance loss: cross-entropy or smooth top-1 SVM (CLAM's svm)")
+    add(extra, "--subtyping", action="store_true",
+        help="also train the other classes' instance classifiers to reject their top instances (CLAM's --subtyping)")
+    add(extra, "--weight_decay", type=float, help="Adam weight decay")
+    add(extra, "--val_fraction", type=float, help="fraction of each class's patients held out for validation (0: none)")
+    add(extra, "--balance", choices=BALANCE_CHOICES, help="class imbalance: weighted loss, balanced sampling, or none")
+    add(extra, "--seed", type=int, help="seed of the split, the model initialisation and the tile draws")
+    add(extra, "--device", help="auto, cpu, cuda, cuda:N or mps")
+    add(extra, "--patience", type=int, help="stop after this many epochs without a lower validation loss (default: off)")
+    add(extra, "--in_memory", choices=("auto", "yes", "no"), help="read the whole cache into memory once (auto: when it fits easily)")
+    add(extra, "--resume", help="checkpoint_epoch_N.pt to continue from, in its own run folder")
+    add(extra, "--output_dir", help="where run folders are created (default: <project root>/clam/checkpoints)")
+    add(extra, "--no_progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[str]]:
+    """(configuration, names of the arguments given on the command line)."""
+    namespace = build_parser().parse_args(argv)
+    explicit = frozenset(vars(build_parser(defaults=False).parse_args(argv)))
+    return TrainConfig(**vars(namespace)), explicit
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    config, explicit = parse_args(argv)
+    train(config, explicit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""How a batch of tiles becomes features: device, precision, threads, and the runner.
+
+Runners take a batch of uint8 tiles shaped (N, H, W, 3) (as decoded, never normalised on
+the host) and return float32 features (N, D). Normalisation and the NHWC -> NCHW view are
+inside the model (``NormalizedBackbone``), so the same graph serves every runtime.
+
+- CPU: ONNX Runtime when it is installed (about 2x eager PyTorch on a 2-core Zen 3, see
+  docs/benchmarks.md). The backbone is exported once per weights digest and input size to
+  ``<features_dir>/.onnx/`` and checked against eager PyTorch before first use.
+- CPU without ONNX Runtime, or ``runtime="torch"``: eager PyTorch, channels_last.
+- CUDA / MPS: eager PyTorch, channels_last, autocast (fp16 by default, bf16 on request),
+  non-blocking copies from pinned memory, the copy back overlapped with the next batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from feature_extraction.atomic import atomic_output
+from feature_extraction.backbones import LoadedBackbone
+from feature_extraction.errors import PipelineError
+
+RUNTIMES = ("auto", "onnxruntime", "torch")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+CPU_CORES_PER_DECODE_WORKER = 8  # on a CPU decoding costs 2-10% of the backbone's time (MEASUREMENTS.md)
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_OPSET = 18
+EXPORT_TOLERANCE = 1e-4  # relative to the largest feature: float32 rounding, not a different model
+
+Result = Callable[[], np.ndarray]
+
+
+class NormalizedBackbone(nn.Module):
+    """(N, H, W, 3) uint8 tiles -> (N, D) features: NCHW view, /255, mean/std, backbone."""
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        # (x / 255 - mean) / std folded into one multiply-add on the 0..255 values.
+        self.register_buffer("offset", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("scale", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0))
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        x = tiles.permute(0, 3, 1, 2).float()  # channels_last in memory, NCHW to the convolutions
+        return self.backbone((x - self.offset) * self.scale)
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """Where and how the backbone runs; decided once per run by ``plan_compute``."""
+
+    device: str  # "cpu", "cuda:0", "mps"
+    runtime: str  # "onnxruntime" or "torch"
+    precision: str  # "fp32", "fp16" or "bf16"
+    batch_size: int
+    num_workers: int  # DataLoader decode workers
+    compute_threads: int  # intra-op threads of the backbone (CPU)
+
+    def describe(self) -> str:
+        threads = f", {_count(self.compute_threads, 'compute thread')}" if self.device == "cpu" else ""
+        return (f"{self.device}, {self.precision}, batch {self.batch_size}, "
+                f"{_count(self.num_workers, 'decode worker')}{threads}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def available_cores() -> int:
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def thread_budget() -> int:
+    """Cores this process may use: OMP_NUM_THREADS when set (torchrun sets 1 per process), else all."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, int(value)) if value.isdigit() else available_cores()
+
+
+def onnxruntime_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
+
+
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> cuda:<LOCAL_RANK> if CUDA is usable, else mps, else cpu. Raises PipelineError
+    when an explicitly requested device is not there."""
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise PipelineError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return f"cuda:{local_rank % torch.cuda.device_count()}"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError("--device cuda was requested but PyTorch sees no CUDA GPU; use --device auto or cpu")
+    if device == "cuda":
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise PipelineError("--device mps was requested but this PyTorch has no usable MPS device")
+    return device
+
+
+def plan_compute(device: str = "auto", precision: str = "auto", runtime: str = "auto",
+                 batch_size: int | None = None, num_workers: int = 4) -> ComputePlan:
+    """Choose device, precision, runtime, batch size, decode workers and compute threads.
+
+    On a CPU the backbone and the decode workers share the cores. Decoding costs 2-10% of
+    the backbone's time there (MEASUREMENTS.md), so one worker per 8 cores is plenty and the
+    backbone keeps every core: its threads stop spinning (ONNX Runtime) when idle, so the
+    worker's short bursts do not stall it. On an accelerator decoding is the bottleneck:
+    every requested worker is used."""
+    if precision not in PRECISIONS:
+        raise PipelineError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if runtime not in RUNTIMES:
+        raise PipelineError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    resolved = resolve_device(device)
+    on_cpu = resolved == "cpu"
+    if precision == "auto":
+        precision = "fp32" if on_cpu else "fp16"
+    if on_cpu and precision == "fp16":
+        raise PipelineError("--precision fp16 needs a GPU; on a CPU use fp32 (bf16 runs, slowly, only on "
+                            "processors with native bf16)")
+    if runtime == "onnxruntime":
+        if not on_cpu:
+            raise PipelineError("--runtime onnxruntime runs on the CPU here; use --runtime torch on a GPU")
+        if precision != "fp32":
+            raise PipelineError("--runtime onnxruntime runs fp32 only; use --precision fp32")
+        if not onnxruntime_available():
+            raise PipelineError("--runtime onnxruntime needs onnxruntime, onnx and onnxscript: "
+                                "pip install 'clam-egfr[cpu]'")
+    if runtime == "auto":
+        runtime = "onnxruntime" if on_cpu and precision == "fp32" and onnxruntime_available() else "torch"
+    if on_cpu:
+        threads = thread_budget()
+        workers = min(max(0, num_workers), math.ceil(threads / CPU_CORES_PER_DECODE_WORKER))
+        batch = batch_size or (16 if runtime == "onnxruntime" else 8)  # smaller is faster on a CPU
+    else:
+        threads = 1
+        workers = max(0, num_workers)
+        batch = batch_size or 256
+    if batch < 1:
+        raise PipelineError(f"--batch_size must be at least 1, got {batch}")
+    return ComputePlan(resolved, runtime, precision, batch, workers, threads)
+
+
+# -------------------------------------------------------------------------------------- runners
+
+class TorchRunner:
+    """Eager PyTorch, channels_last; autocast and asynchronous copies on an accelerator."""
+
+    name = "torch"
+
+    def __init__(self, backbone: LoadedBackbone, plan: ComputePlan) -> None:
+        self.device = torch.device(plan.device)
+        self.model = NormalizedBackbone(backbone.module, backbone.spec.mean, backbone.spec.std)
+        self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
+        self.autocast_dtype = _DTYPES.get(plan.precision)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
+
+    def start(self, tiles: torch.Tensor) -> Result:
+        """Launch the forward pass of (N, H, W, 3) uint8 ``tiles``; call the result for (N, D) float32."""
+        with torch.inference_mode(), self._autocast():
+            x = tiles.to(self.device, non_blocking=True)
+            features = self.model(x).float()
+        if self.device.type == "cuda":
+            # Copy back asynchronously into pinned memory; waiting on this event (not on the
+            # whole stream) lets the next batch's kernels queue up behind it.
+            host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(features, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return lambda: (event.synchronize(), host.numpy())[1]
+        if self.device.type == "mps":
+            return lambda: features.cpu().numpy()
+        return lambda: features.numpy()
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+class OnnxRunner:
+    """ONNX Runtime on the CPU, fp32, the exported ``NormalizedBackbone`` graph."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, threads: int, spinning: bool = False) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle threads sleep instead of spin-waiting: a spinning pool steals the cores that decode
+        # workers (or another process) need, and on a shared machine that costs far more than the
+        # microseconds of wake-up per operator (ResNet operators take milliseconds each).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def start(self, tiles: torch.Tensor) -> Result:
+        features = self.session.run(None, {self.input_name: np.ascontiguousarray(tiles.numpy())})[0]
+        return lambda: features
+
+
+def build_runner(backbone: LoadedBackbone, plan: ComputePlan, features_dir: Path,
+                 log: Callable[[str], None] = print) -> TorchRunner | OnnxRunner:
+    """The runner of ``plan``. If the ONNX export fails or disagrees with PyTorch, say so and
+    run eager PyTorch instead (the features are the same either way)."""
+    if plan.runtime == "onnxruntime":
+        try:
+            if not onnx_path(backbone, features_dir).is_file():
+                log(f"exporting {backbone.spec.name} to ONNX, once for these weights: {onnx_path(backbone, features_dir)}")
+            path = export_onnx(backbone, features_dir)
+            return OnnxRunner(path, plan.compute_threads)
+        except Exception as error:  # any exporter/runtime failure: PyTorch computes the same features
+            log(f"warning: ONNX Runtime unavailable for {backbone.spec.name} ({type(error).__name__}: "
+                f"{str(error)[:300]}); running eager PyTorch instead (same features, about half the speed)")
+    return TorchRunner(backbone, plan)
+
+
+def onnx_path(backbone: LoadedBackbone, features_dir: Path) -> Path:
+    spec = backbone.spec
+    return Path(features_dir) / ".onnx" / f"{spec.name}-{backbone.weights_digest[:16]}-{spec.input_size}px-nhwc-uint8.onnx"
+
+
+def export_onnx(backbone: LoadedBackbone, features_dir: Path) -> Path:
+    """Export the backbone (with normalisation) to ONNX once; return the file.
+
+    The file name holds the weights digest and input size; a new export is compared with
+    eager PyTorch on random tiles and rejected (RuntimeError) if they differ by more than
+    float32 rounding."""
+    path = onnx_path(backbone, features_dir)
+    if path.is_file():
+        return path
+    spec = backbone.spec
+    model = NormalizedBackbone(backbone.module, spec.mean, spec.std).eval()
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randint(0, 256, (2, spec.input_size, spec.input_size, 3), dtype=torch.uint8, generator=generator)
+    with atomic_output(path) as tmp, warnings.catch_warnings(), open(os.devnull, "w") as devnull:
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(devnull):  # the exporter narrates its steps
+            try:  # torch.export-based exporter (the default since torch 2.9; needs onnxscript)
+                torch.onnx.export(
+                    model, (example,), str(tmp), input_names=["tiles"], output_names=["features"],
+                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=ONNX_OPSET,
+                    dynamo=True, external_data=False,
+                )
+            except Exception:  # older torch, or a model torch.export cannot trace: the TorchScript exporter
+                torch.onnx.export(
+                    model, (example,), str(tmp), input_names=["tiles"], output_names=["features"],
+                    dynamic_axes={"tiles": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
+                    dynamo=False,
+                )
+        _check_export(Path(tmp), model, example)
+    return path
+
+
+def _check_export(path: Path, model: nn.Module, example: torch.Tensor) -> None:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: example[:1].numpy()})[0]
+    with torch.inference_mode():
+        expected = model(example[:1]).numpy()
+    error = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-12))
+    if got.shape != expected.shape or not error <= EXPORT_TOLERANCE:
+        raise RuntimeError(f"ONNX export differs from PyTorch (relative error {error:.2e}, shapes "
+                           f"{got.shape} vs {expected.shape})")

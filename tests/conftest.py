@@ -1,0 +1,23 @@
+"""Shared pytest fixtures. Test data is made by code: tile cohorts by
+``feature_extraction.example_cohort``, feature bags by ``tests/random_data.py``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# The backbone and the trainer share 2 cores with everything else: one thread each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory):
+    """A tiny example cohort (read-only: copy it before changing it): train with 4 patients
+    (6 slides, plain and ``_cnn`` folders) and test with 2 patients, 4 tiles of 64 x 64 each.
+
+    Returns the ``CohortSummary``; ``summary.split_dirs["train"]`` is a ``--data_dir``."""
+    from feature_extraction.example_cohort import build_example_cohort
+
+    return build_example_cohort(tmp_path_factory.mktemp("tiny_cohort"), seed=0, n_train_patients=4,
+                                n_test_patients=2, tiles_per_slide=4, tile_size=64)

@@ -1,0 +1,127 @@
+"""clam.attention: the per-tile scores file, the branch shown for CLAM-MB, the tile-image lookup,
+and the montage and heatmap figures on the example cohort's real tiles."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from feature_extraction.bags import COORD_SENTINEL
+from feature_extraction.example_cohort import load_ground_truth
+from feature_extraction.tiles import parse_coords
+
+from clam.attention import (SlideAttention, explain_slide, plot_heatmap, plot_topk, read_tile_image,
+                            slide_attention, write_attention_csv, write_index)
+
+NAMES = ("EGFR_negative", "EGFR_positive")
+
+
+def make_slide(tile_names, coords, attrs=None, probs=(0.3, 0.7), branches: int = 1, seed: int = 0) -> SlideAttention:
+    rng = np.random.default_rng(seed)
+    raw = rng.normal(size=(branches, len(tile_names)))
+    attention = np.exp(raw) / np.exp(raw).sum(axis=1, keepdims=True)
+    return slide_attention("S1", "P1", 1, np.array(probs), attention, raw, tile_names, np.array(coords), NAMES,
+                           attrs or {})
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def positive_slide(tiny_cohort):
+    """A positive slide of the tiny example cohort: its folder, tile names, coordinates, bag attributes."""
+    split_dir = tiny_cohort.split_dirs["test"]
+    record = next(r for r in load_ground_truth(split_dir).values() if r["label"] == 1)
+    names = list(record["tiles"])
+    attrs = {"class_folder": record["class_folder"], "patient_id": record["patient_id"]}
+    return split_dir, names, [parse_coords(n) for n in names], attrs, record
+
+
+def test_clam_mb_shows_the_predicted_class_branch_and_sb_its_only_one():
+    names = [f"t{i}.png" for i in range(5)]
+    coords = [[COORD_SENTINEL, COORD_SENTINEL]] * 5
+    raw = np.arange(10, dtype=float).reshape(2, 5) * np.array([[1.0], [-1.0]])
+    attention = np.exp(raw) / np.exp(raw).sum(axis=1, keepdims=True)
+    mb = slide_attention("S", "P", 0, np.array([0.8, 0.2]), attention, raw, names, np.array(coords), NAMES)
+    assert mb.branch == 0 and mb.n_branches == 2 and np.allclose(mb.attention, attention[0])
+    mb = slide_attention("S", "P", 0, np.array([0.1, 0.9]), attention, raw, names, np.array(coords), NAMES)
+    assert mb.branch == 1 and np.allclose(mb.attention_raw, raw[1]) and mb.order[0] == 0
+    sb = slide_attention("S", "P", 0, np.array([0.1, 0.9]), attention[:1], raw[:1], names, np.array(coords), NAMES)
+    assert sb.branch == 0 and sb.n_branches == 1 and sb.order[0] == 4
+
+
+def test_scores_csv_has_one_row_per_tile_in_bag_order(tmp_path):
+    names = ["a.png", "sub/b.png", "c,with,commas.png"]
+    slide = make_slide(names, [[0, 0], [256, 0], [COORD_SENTINEL, COORD_SENTINEL]])
+    write_attention_csv(tmp_path / "S1.csv", slide)
+    with open(tmp_path / "S1.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["tile_name"] for r in rows] == names
+    assert [(int(r["x"]), int(r["y"])) for r in rows] == [(0, 0), (256, 0), (-1, -1)]
+    attention = np.array([float(r["attention"]) for r in rows])
+    assert attention.sum() == pytest.approx(1.0, abs=1e-6)
+    assert np.allclose([float(r["attention_raw"]) for r in rows], slide.attention_raw, atol=1e-6)
+    assert [int(r["rank"]) for r in rows] == list(np.argsort(np.argsort(-attention)) + 1)
+
+
+def test_tile_images_are_found_in_the_cohort_layout(positive_slide, tmp_path):
+    split_dir, names, coords, attrs, _ = positive_slide
+    image = read_tile_image(split_dir, attrs, names[0], coords[0])
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (64, 64)
+    assert read_tile_image(split_dir, attrs, "missing.png", (0, 0)) is None
+    assert read_tile_image(None, attrs, names[0], coords[0]) is None
+    assert read_tile_image(split_dir, {**attrs, "slide_kind": "wsi"}, names[0], coords[0]) is None
+    assert read_tile_image(split_dir, {}, names[0], coords[0]) is None
+    # Without a data folder (bags from a labels CSV), the slide folder recorded in the bag is used.
+    slide_dir = split_dir / attrs["class_folder"] / attrs["patient_id"]
+    assert read_tile_image(None, {"source": str(slide_dir)}, names[0], coords[0]).size == (64, 64)
+    broken = tmp_path / attrs["class_folder"] / attrs["patient_id"]
+    broken.mkdir(parents=True)
+    (broken / "bad.png").write_bytes(b"not an image")
+    assert read_tile_image(tmp_path, attrs, "bad.png", (0, 0)) is None
+
+
+def test_explain_slide_writes_scores_montage_and_heatmap(positive_slide, tmp_path):
+    split_dir, names, coords, attrs, record = positive_slide
+    slide = make_slide(names, coords, attrs)
+    row = explain_slide(tmp_path, slide, split_dir, top_k=2)
+    assert row["heatmap_png"] == "S1_heatmap.png" and row["note"] == ""
+    assert row["predicted"] == 1 and row["n_tiles"] == len(names)
+    for name in ("S1.csv", "S1_topk.png", "S1_heatmap.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert is_png(tmp_path / "S1_topk.png") and is_png(tmp_path / "S1_heatmap.png")
+    index = write_index(tmp_path, [row])
+    with open(index, newline="") as handle:
+        assert next(csv.DictReader(handle))["slide_id"] == "S1"
+
+
+def test_no_heatmap_without_coordinates_but_a_montage_all_the_same(tmp_path):
+    names = [f"tile{i}.png" for i in range(6)]
+    slide = make_slide(names, [[COORD_SENTINEL, COORD_SENTINEL]] * 6)
+    row = explain_slide(tmp_path, slide, None)
+    assert row["heatmap_png"] == "" and "no coordinates" in row["note"]
+    assert not (tmp_path / "S1_heatmap.png").exists()
+    assert is_png(tmp_path / "S1_topk.png")
+
+
+def test_heatmap_places_tiles_with_coordinates_and_counts_the_others(positive_slide, tmp_path):
+    split_dir, names, coords, attrs, _ = positive_slide
+    coords = list(coords)
+    coords[0] = (COORD_SENTINEL, COORD_SENTINEL)
+    slide = make_slide(names, coords, attrs, branches=2)
+    assert plot_heatmap(tmp_path / "map.png", slide, split_dir) is None
+    assert is_png(tmp_path / "map.png")
+
+
+@pytest.mark.parametrize("n_tiles", [1, 2, 5])
+def test_small_bags_draw_without_error(tmp_path, n_tiles):
+    names = [f"x{i * 100}_y0.png" for i in range(n_tiles)]
+    slide = make_slide(names, [[i * 100, 0] for i in range(n_tiles)])
+    plot_topk(tmp_path / "topk.png", slide, None, top_k=8)
+    assert plot_heatmap(tmp_path / "map.png", slide, None) is None
+    assert is_png(tmp_path / "topk.png") and is_png(tmp_path / "map.png")

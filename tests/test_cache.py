@@ -1,0 +1,162 @@
+"""The cache: its key and folder name, cache.json, the manifest derived from disk, the slide locks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from feature_extraction import cache
+from feature_extraction.bags import bag_path, write_bag
+from feature_extraction.cache import (
+    ExtractionConfig,
+    SlideLocks,
+    collect_manifest,
+    current_bag_attrs,
+    open_cache,
+    read_cache_config,
+    read_manifest,
+    write_failure,
+    write_manifest,
+)
+from feature_extraction.errors import PipelineError
+
+CONFIG = ExtractionConfig(
+    backbone="resnet50_trunc", weights="imagenet", weights_digest="ab" * 32, transform="resize(224)",
+    input_size=224, max_tiles=100, seed=0, feature_dim=1024, subset_rule="sha256-rank",
+)
+
+
+def test_the_key_covers_everything_that_changes_a_feature_and_the_name_is_readable():
+    changes = dict(backbone="resnet50", weights_digest="cd" * 32, transform="other", input_size=256,
+                   max_tiles=50, seed=1, feature_dim=2048, subset_rule="numpy")
+    for name, value in changes.items():
+        assert dataclasses.replace(CONFIG, **{name: value}).cache_key != CONFIG.cache_key, name
+    # The label is for people: the same weights from the hub or a file give the same features.
+    assert dataclasses.replace(CONFIG, weights="file-resnet50").cache_key == CONFIG.cache_key
+    assert CONFIG.folder_name == f"resnet50_trunc-imagenet-224px-max100-seed0-{CONFIG.cache_key[:8]}"
+    assert dataclasses.replace(CONFIG, max_tiles=0).folder_name.startswith("resnet50_trunc-imagenet-224px-maxall-seed0-")
+
+
+def test_open_cache_writes_cache_json_and_refuses_a_folder_of_another_key(tmp_path):
+    cache_dir = open_cache(tmp_path, CONFIG)
+    assert cache_dir == tmp_path / CONFIG.folder_name
+    found = read_cache_config(cache_dir)
+    for key in ("cache_key", "backbone", "weights", "weights_digest", "feature_dim", "max_tiles", "seed", "transform"):
+        assert key in found
+    assert found["cache_key"] == CONFIG.cache_key
+    assert open_cache(tmp_path, CONFIG) == cache_dir  # reopening is fine
+
+    (cache_dir / "cache.json").write_text(json.dumps({**found, "cache_key": "0" * 64}))
+    with pytest.raises(PipelineError, match="move it away"):
+        open_cache(tmp_path, CONFIG)
+    with pytest.raises(PipelineError, match="not a feature cache"):
+        read_cache_config(tmp_path)
+
+
+def _bag(cache_dir, slide_id, split="train", n=3, key=CONFIG.cache_key, digest="d1"):
+    attrs = dict(slide_id=slide_id, patient_id=slide_id.split("__")[1], class_folder=slide_id.split("__")[0],
+                 label=1, split=split, cache_key=key, tiles_digest=digest, n_available=n + 1, n_skipped=1,
+                 source=f"/data/{slide_id}")
+    write_bag(bag_path(cache_dir, slide_id), np.ones((n, 4), np.float32), np.zeros((n, 2)), [f"t{i}" for i in range(n)],
+              attrs)
+
+
+def test_manifest_is_derived_from_bags_and_failure_records(tmp_path):
+    cache_dir = open_cache(tmp_path, CONFIG)
+    _bag(cache_dir, "EGFR_positive__P1")
+    _bag(cache_dir, "C-S-EGFR_negative__T1", split="test", n=2)
+    _bag(cache_dir, "EGFR_negative__P2", key="another")
+    bag_path(cache_dir, "EGFR_negative__P3").write_bytes(b"half a file")
+    write_failure(cache_dir, dict(slide_id="EGFR_negative__P4", patient_id="P4", class_folder="EGFR_negative",
+                                  label=0, split="train", reason="no image tiles", tiles_digest="d4"))
+    write_failure(cache_dir, dict(slide_id="EGFR_positive__P1", reason="an old failure, since fixed"))
+
+    rows = {row.slide_id: row for row in collect_manifest(cache_dir)}
+    assert rows["EGFR_positive__P1"].status == "ok" and rows["EGFR_positive__P1"].n_tiles == 3
+    assert rows["EGFR_positive__P1"].n_skipped == 1 and rows["EGFR_positive__P1"].label == 1
+    assert rows["C-S-EGFR_negative__T1"].split == "test"
+    assert rows["EGFR_negative__P2"].status == "invalid" and "cache key" in rows["EGFR_negative__P2"].error
+    assert rows["EGFR_negative__P3"].status == "invalid" and rows["EGFR_negative__P3"].patient_id == "P3"
+    assert rows["EGFR_negative__P4"].status == "failed" and rows["EGFR_negative__P4"].error == "no image tiles"
+    assert [r.split for r in collect_manifest(cache_dir)] == ["", "test"] + ["train"] * 3  # unreadable: split unknown
+
+    write_manifest(cache_dir, list(rows.values()))
+    again = {row.slide_id: row for row in read_manifest(cache_dir)}
+    assert again == rows  # file paths come back absolute
+    assert "EGFR_positive__P1.h5" in (cache_dir / "manifest.csv").read_text()  # stored relative
+    assert not list(cache_dir.glob(".*.tmp"))
+
+
+def test_read_manifest_of_a_missing_cache_says_to_run_embed(tmp_path):
+    with pytest.raises(PipelineError, match="feature_extraction.embed"):
+        read_manifest(tmp_path)
+
+
+def test_current_bag_needs_the_same_key_and_tiles(tmp_path):
+    cache_dir = open_cache(tmp_path, CONFIG)
+    _bag(cache_dir, "EGFR_positive__P1", digest="d1")
+    assert current_bag_attrs(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "d1")["slide_id"] == "EGFR_positive__P1"
+    assert current_bag_attrs(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "changed") is None
+    assert current_bag_attrs(cache_dir, "EGFR_positive__P1", "other key", "d1") is None
+    assert current_bag_attrs(cache_dir, "EGFR_positive__P9", CONFIG.cache_key, "d1") is None
+    assert current_bag_attrs(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "d1", newer_than=time.time() + 60) is None
+
+
+def test_a_lock_is_exclusive_until_released(tmp_path):
+    first, second = SlideLocks(tmp_path), SlideLocks(tmp_path)
+    assert first.try_acquire("S1")
+    assert not second.try_acquire("S1")  # same pid, but held: alive
+    assert second.held_by_other("S1") and not first.held_by_other("S1")
+    first.release("S1")
+    assert second.try_acquire("S1") and not first.try_acquire("S1")
+    second.release_all()
+    assert not list((tmp_path / ".locks").iterdir())
+
+
+def test_locks_of_dead_processes_and_unrefreshed_locks_are_taken_over(tmp_path, monkeypatch):
+    locks = SlideLocks(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid is free
+    (tmp_path / ".locks" / "S1.lock").write_text(f"{locks.host} {dead.pid} 0\n")
+    assert not locks.held_by_other("S1")
+    assert locks.try_acquire("S1")
+
+    foreign = tmp_path / ".locks" / "S2.lock"
+    foreign.write_text("another-node 12345 0\n")
+    assert locks.held_by_other("S2") and not locks.try_acquire("S2")  # another host: trust it while fresh
+    old = time.time() - cache.LOCK_STALE_SECONDS - 10
+    os.utime(foreign, (old, old))
+    assert locks.try_acquire("S2")
+    assert (tmp_path / ".locks" / "S2.lock").read_text().split()[1] == str(os.getpid())
+
+    before = (tmp_path / ".locks" / "S1.lock").stat().st_mtime
+    os.utime(tmp_path / ".locks" / "S1.lock", (before - 100, before - 100))
+    locks.refresh(force=True)
+    assert (tmp_path / ".locks" / "S1.lock").stat().st_mtime > before - 50
+
+
+def test_sweep_removes_what_a_killed_run_left_and_spares_live_work(tmp_path):
+    cache_dir = open_cache(tmp_path, CONFIG)
+    locks = SlideLocks(cache_dir)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (cache_dir / ".locks" / "S1.lock").write_text(f"{locks.host} {dead.pid} 0\n")
+    (cache_dir / f".S1.h5.{dead.pid}.tmp").write_bytes(b"half a bag")
+    (cache_dir / f".S1.spill.{dead.pid}.tmp").write_bytes(b"rows")
+    (cache_dir / ".locks" / "S2.lock").write_text("another-node 777 0\n")  # alive elsewhere
+    (cache_dir / ".S2.h5.777.tmp").write_bytes(b"being written")
+    (cache_dir / ".manifest.csv.5.tmp").write_text("new")
+    old = cache_dir / ".failed" / ".S3.json.5.tmp"
+    old.write_text("{}")
+    os.utime(old, (time.time() - cache.LOCK_STALE_SECONDS - 1,) * 2)
+
+    locks.sweep(cache_dir)
+    left = sorted(p.name for p in cache_dir.rglob("*") if p.is_file() and p.name != "cache.json")
+    assert left == [".S2.h5.777.tmp", ".manifest.csv.5.tmp", "S2.lock"]

@@ -1,0 +1,130 @@
+"""Run folders, atomic checkpoints, load_checkpoint as the specification shows it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+import torch
+
+from feature_extraction.errors import PipelineError
+
+from clam.checkpoints import (
+    make_run_dir,
+    model_from_checkpoint,
+    read_checkpoint,
+    resolve_device,
+    save_checkpoint,
+)
+from clam.model import build_model
+from clam.train import load_checkpoint  # the import the specification shows
+
+
+def saved_checkpoint(path, model_type="clam_sb", in_dim=8):
+    torch.manual_seed(0)
+    model = build_model(model_type, in_dim=in_dim)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    output = model(torch.randn(1, 6, in_dim), None, torch.tensor([1]))
+    (output.logits.sum() + output.instance_loss).backward()
+    optimizer.step()
+    save_checkpoint(path, {
+        "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+        "epoch": 3, "loss": 0.25, "args": {"learning_rate": 1e-3, "data_dir": str(path.parent)},
+        "model_config": model.config.to_dict(),
+    })
+    return model, optimizer
+
+
+def test_run_folders_are_unique_within_one_second(tmp_path):
+    now = datetime(2026, 11, 28, 9, 30, 5)
+    first, second, third = (make_run_dir(tmp_path / "clam" / "checkpoints", now) for _ in range(3))
+    assert first.name == "run_20261128_093005"
+    assert second.name == "run_20261128_093005_2" and third.name == "run_20261128_093005_3"
+    assert all(p.is_dir() for p in (first, second, third))
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
+def test_load_checkpoint_restores_model_and_optimizer(tmp_path, device):
+    path = tmp_path / "checkpoint_epoch_3.pt"
+    model, optimizer = saved_checkpoint(path)
+    fresh = build_model("clam_sb", in_dim=8)
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    loaded, loaded_optimizer, epoch, loss = load_checkpoint(
+        checkpoint_path=path, model=fresh, optimizer=fresh_optimizer, device=device
+    )
+    assert loaded is fresh and loaded_optimizer is fresh_optimizer
+    assert (epoch, loss) == (3, 0.25)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    assert loaded_optimizer.state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])
+    assert next(loaded.parameters()).device.type == "cpu"
+
+
+def test_load_checkpoint_without_optimizer(tmp_path):
+    path = tmp_path / "best_model.pt"
+    saved_checkpoint(path)
+    model, optimizer, epoch, loss = load_checkpoint(checkpoint_path=path, model=build_model("clam_sb", in_dim=8),
+                                                    optimizer=None, device="cpu")
+    assert optimizer is None and epoch == 3 and loss == 0.25
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    path = tmp_path / "c.pt"
+    saved_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert {"model_state_dict", "optimizer_state_dict", "epoch", "loss", "args"} <= set(checkpoint)
+    assert not list(tmp_path.glob(".*tmp"))  # written under a temporary name, then renamed
+
+
+class Payload:  # any class: unpickling it would run code of the pickle's choosing
+    pass
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {}, "payload": Payload()}, path)
+    with pytest.raises(PipelineError, match="would run code"):
+        load_checkpoint(checkpoint_path=path, model=build_model(in_dim=8), device="cpu")
+
+
+def test_a_checkpoint_of_another_model_is_explained(tmp_path):
+    path = tmp_path / "mb.pt"
+    saved_checkpoint(path, model_type="clam_mb", in_dim=16)
+    with pytest.raises(PipelineError, match="does not fit this model: it was saved from model_type=clam_mb.*in_dim=16"):
+        load_checkpoint(checkpoint_path=path, model=build_model("clam_sb", in_dim=8), device="cpu")
+
+
+def test_missing_and_truncated_checkpoints_are_explained(tmp_path):
+    with pytest.raises(PipelineError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.pt")
+    path = tmp_path / "cut.pt"
+    saved_checkpoint(path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(PipelineError, match="cannot be read"):
+        read_checkpoint(path)
+
+
+def test_model_from_checkpoint_rebuilds_the_model_alone(tmp_path):
+    path = tmp_path / "c.pt"
+    model, _ = saved_checkpoint(path, model_type="clam_mb", in_dim=8)
+    rebuilt, checkpoint = model_from_checkpoint(path, "cpu")
+    assert not rebuilt.training and checkpoint["epoch"] == 3
+    features = torch.randn(2, 5, 8)
+    torch.testing.assert_close(rebuilt(features).probs, model.eval()(features).probs)
+
+
+def test_only_plain_values_are_saved(tmp_path):
+    with pytest.raises(TypeError, match="PosixPath"):
+        save_checkpoint(tmp_path / "c.pt", {"model_state_dict": {}, "args": {"data_dir": tmp_path}})
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_devices_resolve_or_explain():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(PipelineError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(PipelineError, match="unknown device"):
+        resolve_device("tpu9")

@@ -1,0 +1,293 @@
+"""``python -m clam.train``: the specification's commands, run layout, resume, variants."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from feature_extraction.bags import bag_path
+
+from clam.checkpoints import model_from_checkpoint
+from clam.train import RunState, TrainConfig, load_checkpoint, main, train
+from tests.random_data import cohort_slides, write_cohort_folders, write_random_bag_folder, write_random_cache
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC_KEYS = {"model_state_dict", "optimizer_state_dict", "epoch", "loss", "args"}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A project root with the spec's train/ and test/ cohort folders and their feature cache."""
+    train_slides = cohort_slides(12, "train", seed=1)
+    test_slides = cohort_slides(6, "test", with_cnn=False, seed=2)
+    write_cohort_folders(tmp_path / "train", train_slides)
+    write_cohort_folders(tmp_path / "test", test_slides)
+    write_random_cache(tmp_path / "features", train_slides + test_slides, feature_dim=24)
+    monkeypatch.setenv("CLAM_PROJECT_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def only_run(project: Path) -> Path:
+    runs = sorted((project / "clam" / "checkpoints").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("run_")
+    return runs[0]
+
+
+def quick(tmp_path: Path, **overrides) -> TrainConfig:
+    return TrainConfig(**{"num_epochs": 2, "output_dir": str(tmp_path / "runs"), "progress": False, **overrides})
+
+
+# ---------------------------------------------------------------- the specification's example commands
+
+
+@pytest.mark.slow
+def test_spec_python_m_clam_train_with_defaults(project):
+    env = {**os.environ, "CLAM_PROJECT_ROOT": str(project), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "clam.train"], cwd=project, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    run = only_run(project)
+    assert {f"checkpoint_epoch_{n}.pt" for n in range(1, 11)} <= {p.name for p in run.iterdir()}
+    assert "epoch 10/10" in result.stdout and "val loss" in result.stdout and "bacc" in result.stdout
+    assert json.loads((run / "config.json").read_text())["args"]["num_epochs"] == 10
+
+
+def test_spec_custom_data_dir(project):
+    assert main(["--data_dir", str(project / "train"), "--no_progress"]) == 0
+    config = json.loads((only_run(project) / "config.json").read_text())
+    assert config["epoch"] == 10 and config["status"] == "finished"
+
+
+def test_spec_train_on_test_data(project):
+    assert main(["--data_dir", str(project / "test"), "--split", "test", "--no_progress"]) == 0
+    split = (only_run(project) / "split.csv").read_text()
+    assert "C-S-EGFR_positive__" in split and "EGFR_positive_cnn" not in split
+
+
+def test_spec_custom_parameters(project):
+    argv = ["--data_dir", str(project / "train"), "--split", "train", "--model_size", "big", "--dropout", "0.5",
+            "--k_sample", "16", "--num_epochs", "50", "--learning_rate", "0.00001"]
+    assert main(argv + ["--num_epochs", "2", "--no_progress"]) == 0  # the spec's command, shortened to 2 epochs
+    checkpoint = torch.load(only_run(project) / "checkpoint_epoch_2.pt", weights_only=True)
+    assert checkpoint["model_config"]["model_size"] == "big" and checkpoint["model_config"]["k_sample"] == 16
+    assert checkpoint["args"]["dropout"] == 0.5 and checkpoint["args"]["learning_rate"] == 1e-5
+
+
+def test_spec_load_checkpoint_example(project):
+    assert main(["--num_epochs", "2", "--no_progress"]) == 0
+    run = only_run(project)
+    model, _ = model_from_checkpoint(run / "best_model.pt", "cpu")
+    optimizer = torch.optim.Adam(model.parameters())
+    model, optimizer, epoch, loss = load_checkpoint(
+        checkpoint_path=str(run / "checkpoint_epoch_2.pt"), model=model, optimizer=optimizer, device="cpu"
+    )
+    assert epoch == 2 and loss == json.loads((run / "config.json").read_text())["loss"]
+
+
+# ---------------------------------------------------------------- run layout and contents
+
+
+def test_run_layout_and_checkpoint_contents(project):
+    run = train(TrainConfig(num_epochs=2, progress=False, val_fraction=0.3))
+    assert run == only_run(project)
+    assert {p.name for p in run.iterdir()} == {
+        "config.json", "split.csv", "checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt", "best_model.pt"}
+    config = json.loads((run / "config.json").read_text())
+    history = config["metrics"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    for key in ("train_loss", "train_auc", "train_balanced_accuracy", "val_loss", "val_auc", "val_balanced_accuracy"):
+        assert key in history[0]
+    assert config["epoch"] == 2 and config["loss"] == history[-1]["val_loss"]
+    best = min(history, key=lambda row: row["val_loss"])
+    assert (config["best_epoch"], config["best_loss"]) == (best["epoch"], best["val_loss"])
+    assert config["cache"]["cache_key"] == "resnet50_trunc-imagenet-224px-max100-seed0-testkey0"
+    assert config["imbalance"]["method"] == "loss" and len(config["imbalance"]["class_weights"]) == 2
+    assert {"torch", "numpy", "h5py", "scikit-learn"} <= set(config["versions"])
+    assert config["loader"]["in_memory"] is True and config["loader"]["num_workers"] == 0
+
+    for epoch in (1, 2):
+        checkpoint = torch.load(run / f"checkpoint_epoch_{epoch}.pt", weights_only=True)
+        assert SPEC_KEYS <= set(checkpoint) and checkpoint["epoch"] == epoch
+        assert checkpoint["args"]["learning_rate"] == 1e-4 and checkpoint["model_config"]["in_dim"] == 24
+        assert "rng_state" in checkpoint and checkpoint["cache"]["feature_dim"] == 24
+    best_checkpoint = torch.load(run / "best_model.pt", weights_only=True)
+    assert best_checkpoint["epoch"] == best["epoch"]
+    same_epoch = torch.load(run / f"checkpoint_epoch_{best['epoch']}.pt", weights_only=True)
+    for key, value in same_epoch["model_state_dict"].items():
+        assert torch.equal(best_checkpoint["model_state_dict"][key], value)
+
+
+def test_without_validation_the_best_model_has_the_lowest_training_loss(project, tmp_path):
+    run = train(quick(tmp_path, num_epochs=3, val_fraction=0.0, learning_rate=1e-3))
+    config = json.loads((run / "config.json").read_text())
+    assert "val_loss" not in config["metrics"][0]
+    best = min(config["metrics"], key=lambda row: row["train_loss"])
+    assert config["best_epoch"] == best["epoch"]
+    assert torch.load(run / "best_model.pt", weights_only=True)["epoch"] == best["epoch"]
+
+
+# ---------------------------------------------------------------- resume
+
+
+def final_state(run: Path, epoch: int) -> dict:
+    return torch.load(run / f"checkpoint_epoch_{epoch}.pt", weights_only=True)
+
+
+def test_resume_ends_where_the_uninterrupted_run_ends(project, tmp_path):
+    config = quick(tmp_path, num_epochs=3, batch_size=2, max_tiles=10)
+    whole = train(config)
+    first = train(TrainConfig(**{**config.__dict__, "num_epochs": 1}))
+    resumed = train(TrainConfig(**{**config.__dict__, "resume": str(first / "checkpoint_epoch_1.pt")}))
+    assert resumed == first  # continues in its own run folder
+    a, b = final_state(whole, 3), final_state(resumed, 3)
+    for key, value in a["model_state_dict"].items():
+        assert torch.equal(value, b["model_state_dict"][key]), key
+    assert a["loss"] == b["loss"]
+    assert [row["train_loss"] for row in a["history"]] == [row["train_loss"] for row in b["history"]]
+    assert torch.equal(a["optimizer_state_dict"]["state"][0]["exp_avg"], b["optimizer_state_dict"]["state"][0]["exp_avg"])
+    assert json.loads((resumed / "config.json").read_text())["epoch"] == 3
+
+
+def test_resume_refuses_to_change_the_run(project, tmp_path, capsys):
+    run = train(quick(tmp_path, num_epochs=1))
+    checkpoint = str(run / "checkpoint_epoch_1.pt")
+    assert main(["--resume", checkpoint, "--learning_rate", "0.01", "--no_progress"]) == 2
+    assert "--learning_rate (run: 0.0001, given: 0.01)" in capsys.readouterr().err
+    assert main(["--resume", checkpoint, "--num_epochs", "2", "--no_progress"]) == 0  # more epochs is fine
+    assert (run / "checkpoint_epoch_2.pt").is_file()
+
+
+# ---------------------------------------------------------------- variants and inputs
+
+
+def test_mb_svm_subtyping_padded_batches(project, tmp_path):
+    run = train(quick(tmp_path, model_type="clam_mb", inst_loss="svm", subtyping=True, batch_size=4,
+                      balance="sampler", model_size="big", k_sample=30))
+    checkpoint = torch.load(run / "checkpoint_epoch_2.pt", weights_only=True)
+    assert checkpoint["model_config"]["model_type"] == "clam_mb"
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in checkpoint["history"])
+    assert json.loads((run / "config.json").read_text())["imbalance"]["class_weights"] is None
+
+
+def test_streaming_from_disk_trains_like_memory(project, tmp_path):
+    memory = train(quick(tmp_path, in_memory="yes", batch_size=3, max_tiles=8))
+    stream = train(quick(tmp_path, in_memory="no", num_workers=1, batch_size=3, max_tiles=8))
+    config = json.loads((stream / "config.json").read_text())
+    assert config["loader"]["in_memory"] is False and config["loader"]["num_workers"] == 1
+    a, b = final_state(memory, 2), final_state(stream, 2)
+    for key, value in a["model_state_dict"].items():
+        torch.testing.assert_close(value, b["model_state_dict"][key])
+
+
+def test_labels_csv_and_a_folder_of_stamp_bags(tmp_path):
+    slides = cohort_slides(8)
+    labels_csv = write_random_bag_folder(tmp_path / "bags", slides, feature_dim=20, features_name="feats")
+    run = train(quick(tmp_path, labels_csv=str(labels_csv), features_dir=str(tmp_path / "bags")))
+    checkpoint = torch.load(run / "checkpoint_epoch_2.pt", weights_only=True)
+    assert checkpoint["model_config"]["in_dim"] == 20 and checkpoint["cache"]["cache_key"] is None
+
+
+def test_a_cache_folder_alone_is_enough(project, tmp_path):
+    shutil.rmtree(project / "train")
+    cache_dir = next((project / "features").iterdir())
+    run = train(quick(tmp_path, features_dir=str(cache_dir)))
+    assert json.loads((run / "config.json").read_text())["data"]["n_train_bags"] > 0
+
+
+def test_corrupt_bag_stops_the_cli_with_its_name(project, capsys):
+    cache_dir = next((project / "features").iterdir())
+    victim = bag_path(cache_dir, "EGFR_negative__P002")
+    victim.write_bytes(victim.read_bytes()[:300])
+    assert main(["--no_progress"]) == 2
+    assert "EGFR_negative__P002.h5" in capsys.readouterr().err
+    assert not (project / "clam" / "checkpoints").exists()  # nothing trained, no run folder
+
+
+def test_missing_cohort_is_explained(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLAM_PROJECT_ROOT", str(tmp_path))
+    assert main(["--no_progress"]) == 2
+    assert "EGFR_positive/<patient>/<tiles>" in capsys.readouterr().err
+
+
+def test_help_says_what_k_sample_is(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "highest- and how many lowest-attention instances" in text
+    for argument in ("--data_dir", "--split", "--max_tiles", "--num_workers", "--model_size", "--dropout", "--k_sample",
+                     "--n_classes", "--num_epochs", "--batch_size", "--learning_rate"):
+        assert argument in text
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    state = RunState()
+    for epoch, loss in enumerate([1.0, 0.9, 0.95, 0.97], start=1):
+        state.record(epoch, {"loss": 0.5}, {"loss": loss}, 1.0, patience=2)
+        assert state.stopped_early == (epoch == 4)
+    assert (state.best_epoch, state.best_loss) == (2, 0.9)
+
+
+# ---------------------------------------------------------------- end to end on the example cohort
+
+
+@pytest.mark.slow
+def test_a_fresh_cohort_is_embedded_first_then_trained(tiny_cohort, tmp_path, capsys):
+    data_dir = tiny_cohort.split_dirs["train"]
+    argv = ["--data_dir", str(data_dir), "--features_dir", str(tmp_path / "features"), "--weights", "random",
+            "--num_epochs", "1", "--output_dir", str(tmp_path / "runs"), "--num_workers", "0", "--no_progress"]
+    assert main(argv) == 0
+    assert "embedding them first" in capsys.readouterr().out
+    run = next((tmp_path / "runs").iterdir())
+    config = json.loads((run / "config.json").read_text())
+    assert config["cache"]["weights"] == "random" and config["cache"]["feature_dim"] == 1024
+    assert config["data"]["n_train_bags"] + config["data"]["n_val_bags"] == 6
+    assert main(argv) == 0  # the second run reuses the cache
+    assert "embedding them first" not in capsys.readouterr().out
+    cohort = tmp_path / "cohort"  # a tile changes: its slide is embedded again before training
+    shutil.copytree(data_dir, cohort)
+    tile = next(p for p in sorted(cohort.rglob("*.png")))
+    tile.write_bytes(next(p for p in sorted(cohort.rglob("*.png")) if p != tile).read_bytes())
+    assert main(["--data_dir", str(cohort)] + argv[2:]) == 0
+    assert "embedding them first" in capsys.readouterr().out
+
+
+def auc_on_test_split(checkpoint: Path, cache_dir: Path) -> float | None:
+    """ROC AUC of ``checkpoint`` on the test split of ``cache_dir`` (its fixed validation draw of instances)."""
+    from clam.data import BagDataset, collate_bags, read_cache_config, records_from_cache, validate_records
+    from clam.metrics import roc_auc
+
+    model, saved = model_from_checkpoint(checkpoint, "cpu")
+    args = saved["args"]
+    bags = validate_records(records_from_cache(cache_dir, None, "test"), cache_dir, args["n_classes"],
+                            read_cache_config(cache_dir), progress=False)
+    dataset = BagDataset(bags.records, args["max_tiles"], args["seed"], train=False, in_memory=True, progress=False)
+    with torch.inference_mode():
+        probs = torch.cat([model(collate_bags([dataset[i]]).features).probs for i in range(len(dataset))])
+    return roc_auc([r.label for r in bags.records], probs.numpy(), args["n_classes"])[0]
+
+
+
+
+@pytest.mark.slow
+def test_default_training_on_the_example_cohort_reaches_a_test_auc_of_0_9(tmp_path):
+    from feature_extraction.backbones import load_backbone
+    from feature_extraction.embed import embed_cohort
+    from feature_extraction.errors import PipelineError
+    from feature_extraction.example_cohort import build_example_cohort
+
+    try:  # the default backbone weights: without them the defaults cannot run
+        load_backbone("resnet50_trunc", "imagenet")
+    except PipelineError as error:
+        pytest.skip(f"ImageNet weights are not available here: {error}")
+    build_example_cohort(tmp_path, seed=0)
+    run = train(TrainConfig(data_dir=str(tmp_path / "train"), features_dir=str(tmp_path / "features"),
+                            output_dir=str(tmp_path / "runs"), progress=False))  # embeds the cohort first
+    report = embed_cohort(tmp_path / "test", "test", features_dir=tmp_path / "features", progress=False)
+    assert auc_on_test_split(run / "best_model.pt", report.cache_dir) >= 0.9
