@@ -105,14 +105,20 @@ class TrainConfig:
     resume: str | None = None
     output_dir: str | None = None
     progress: bool = True
+    folds: int = 0  # K >= 2: patient-level K-fold cross-validation (clam.crossval); 0: one run
+    splits: str | None = None  # a cross-validation splits file to reuse (clam.crossval)
 
     def model_config(self, in_dim: int) -> ModelConfig:
         return ModelConfig(self.model_type, in_dim, self.n_classes, self.model_size, self.dropout,
                            self.k_sample, self.inst_loss, self.subtyping)
 
 
-def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Callable[[str], None] = print) -> Path:
-    """Train as ``config`` says (or continue ``config.resume``); returns the run folder."""
+def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Callable[[str], None] = print,
+          split: TrainValSplit | None = None, run_dir: Path | None = None) -> Path:
+    """Train as ``config`` says (or continue ``config.resume``); returns the run folder.
+
+    ``split`` and ``run_dir`` (both or neither) replace the seeded split and the new run folder:
+    clam.crossval trains each fold this way."""
     resumed = read_checkpoint(config.resume, "cpu") if config.resume else None
     if resumed is not None:
         config = _config_for_resume(config, resumed, explicit)
@@ -123,8 +129,10 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
         run_dir = Path(config.resume).parent
         split = read_split(run_dir / SPLIT_FILE, bags.records)
     else:
-        split = make_split(bags, config)
-        run_dir = make_run_dir(config.output_dir or default_output_dir())
+        split = split or make_split(bags, config)
+        if run_dir is None:
+            run_dir = make_run_dir(config.output_dir or default_output_dir())
+        run_dir.mkdir(parents=True, exist_ok=True)
         write_split(run_dir / SPLIT_FILE, split)
     plan = plan_loading(bags.total_bytes, config.in_memory, config.num_workers, device)
     torch.set_num_threads(plan.torch_threads)
@@ -527,6 +535,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     add(extra, "--resume", help="checkpoint_epoch_N.pt to continue from, in its own run folder")
     add(extra, "--output_dir", help="where run folders are created (default: <project root>/clam/checkpoints)")
     add(extra, "--no_progress", dest="progress", action="store_false", help="no progress bars")
+    add(extra, "--folds", type=int, help="K >= 2: patient-level, label-stratified K-fold cross-validation, one "
+                                         "run per fold in one parent run folder (0: a single run)")
+    add(extra, "--splits", help="cross-validation splits file (splits.csv of an earlier --folds run) to reuse")
     return parser
 
 
@@ -540,7 +551,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[st
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     config, explicit = parse_args(argv)
-    train(config, explicit)
+    if config.folds or config.splits:
+        from clam.crossval import cross_validate  # imported here: crossval imports this module
+
+        cross_validate(config)
+    else:
+        train(config, explicit)
     return 0
 
 
