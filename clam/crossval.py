@@ -222,11 +222,8 @@ def evaluate_folds(config, log: Callable[[str], None] = print):
     from clam.evaluate import EvaluationResult, aggregate_patients, evaluate, probability_column, write_table
 
     parent = Path(config.checkpoint)
-    if config.output_dir is not None:
-        output_dir = Path(config.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        output_dir = make_run_dir(parent, now=None).rename(parent / f"{config.output_prefix}_{datetime.now():%Y%m%d_%H%M%S}")
+    output_dir = Path(config.output_dir or parent / f"{config.output_prefix}_{datetime.now():%Y%m%d_%H%M%S}")
+    output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for checkpoint in fold_checkpoints(parent):
         name = checkpoint.parent.name

@@ -345,6 +345,10 @@ def evaluate(config: EvaluateConfig, log: Callable[[str], None] = print) -> Eval
     """Evaluate a checkpoint; write predictions, metrics, figures and attention maps (module docstring)."""
     if config.split not in SPLITS:
         raise PipelineError(f"unknown split {config.split!r}: use one of {', '.join(SPLITS)}")
+    from clam.crossval import evaluate_folds, is_crossval_run  # crossval imports this module
+
+    if config.checkpoint is not None and is_crossval_run(Path(config.checkpoint)):
+        return evaluate_folds(config, log)  # every fold's best model and their ensemble
     loaded = load_model(config.checkpoint, config.device)
     cohort = cohort_bags(config, loaded, log)
     selected = _attention_selection(config.attention, cohort)
@@ -609,7 +613,8 @@ def _fmt(value: float | None) -> str:
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments shared by ``clam.evaluate`` and ``clam.attention``."""
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help=f"checkpoint to evaluate (default: {BEST_NAME} of the newest run under "
+                        help=f"checkpoint to evaluate, or the parent run folder of a --folds run (every fold's "
+                             f"model and their ensemble) (default: {BEST_NAME} of the newest run under "
                              f"{default_runs_dir()})")
     parser.add_argument("--data_dir", type=Path, default=None,
                         help="cohort folder (default: <project root>/<split>); also where the maps read tile images")

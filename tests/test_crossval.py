@@ -1,0 +1,171 @@
+"""Patient-level K-fold cross-validation (clam.crossval) and evaluation of its fold models."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feature_extraction.errors import PipelineError
+
+from clam.crossval import SPLITS_FILE, cross_validate, make_folds, read_folds, write_folds
+from clam.data import BagRecord
+from clam.evaluate import EvaluateConfig, evaluate
+from clam.metrics import auc_with_ci, epoch_metrics
+from clam.train import TrainConfig, main
+from tests.random_data import cohort_slides, write_random_cache
+
+
+def records(n_patients: int, seed: int = 0) -> list[BagRecord]:
+    return [BagRecord(s.slide_id, s.patient_id, s.label, Path(f"{s.slide_id}.h5"), s.class_folder)
+            for s in cohort_slides(n_patients, seed=seed)]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cv")
+    return write_random_cache(root / "features", cohort_slides(12, seed=3), feature_dim=16)
+
+
+def quick(tmp_path: Path, cache: Path, **overrides) -> TrainConfig:
+    return TrainConfig(**{"features_dir": str(cache), "num_epochs": 2, "num_workers": 0, "weights": "random",
+                          "output_dir": str(tmp_path / "runs"), "progress": False, "folds": 3, **overrides})
+
+
+# ---------------------------------------------------------------- folds
+
+
+def test_folds_are_disjoint_stratified_and_keep_patients_together():
+    recs = records(40)
+    folds = make_folds(recs, 4, seed=5)
+    assert set(folds.values()) == {1, 2, 3, 4} and set(folds) == {r.patient_id for r in recs}  # one fold each
+    for fold in range(1, 5):
+        labels = [r.label for r in recs if folds[r.patient_id] == fold]
+        patients = {r.patient_id for r in recs if folds[r.patient_id] == fold}
+        assert len(patients) == 10
+        assert sum(1 for p in patients if int(p[1:]) % 2) == 5  # 5 positive, 5 negative patients per fold
+        assert set(labels) == {0, 1}
+    assert make_folds(recs, 4, seed=5) == folds and make_folds(recs, 4, seed=6) != folds
+
+
+def test_splits_file_round_trip(tmp_path):
+    recs = records(12)
+    folds = make_folds(recs, 3, seed=1)
+    write_folds(tmp_path / SPLITS_FILE, recs, folds)
+    assert read_folds(tmp_path / SPLITS_FILE, recs) == folds
+    with pytest.raises(PipelineError, match="does not list"):
+        read_folds(tmp_path / SPLITS_FILE, recs + records(14)[-2:])
+
+
+def test_too_many_folds_refused():
+    with pytest.raises(PipelineError, match="more than the number of patients"):
+        make_folds(records(6), 4, seed=0)  # 3 patients per class
+    with pytest.raises(PipelineError, match="at least 2"):
+        make_folds(records(6), 1, seed=0)
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+
+def test_cross_validation_run_summary_and_evaluation(tmp_path, cache):
+    parent = cross_validate(quick(tmp_path, cache), log=lambda _: None, n_bootstrap=50)
+    for k in (1, 2, 3):
+        fold = parent / f"fold_{k}"
+        assert {"config.json", "best_model.pt", "checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt"} <= {
+            p.name for p in fold.iterdir()}
+        val = {r["slide_id"] for r in read_csv(fold / "split.csv") if r["set"] == "val"}
+        assert val == {r["slide_id"] for r in read_csv(parent / SPLITS_FILE) if r["fold"] == str(k)}
+
+    saved = read_csv(parent / SPLITS_FILE)
+    by_patient: dict[str, set[str]] = {}
+    for row in saved:
+        by_patient.setdefault(row["patient_id"], set()).add(row["fold"])
+    assert len(saved) == len({r["slide_id"] for r in saved}) == len(cohort_slides(12, seed=3))  # each bag once
+    assert all(len(f) == 1 for f in by_patient.values())  # a patient's plain and _cnn bags in one fold
+    assert any(r["slide_id"].startswith("EGFR_positive_cnn") for r in saved)
+
+    summary = json.loads((parent / "summary.json").read_text())
+    slides = read_csv(parent / "oof_predictions_slide.csv")
+    patients = read_csv(parent / "oof_predictions.csv")
+    assert len(patients) == 12 and len({p["patient_id"] for p in patients}) == 12
+    for row in summary["folds"]:  # per-fold numbers equal those recomputed from the fold's predictions
+        mine = [s for s in slides if int(s["fold"]) == row["fold"]]
+        y = [int(s["label"]) for s in mine]
+        probs = np.array([[float(s["prob_EGFR_negative"]), float(s["prob_EGFR_positive"])] for s in mine])
+        again = epoch_metrics(y, probs, 2)
+        assert again["auc"] == pytest.approx(row["val_auc"], abs=1e-5)
+        assert again["balanced_accuracy"] == pytest.approx(row["val_balanced_accuracy"], abs=1e-9)
+    values = [r["val_auc"] for r in summary["folds"]]
+    assert summary["mean"]["val_auc"] == pytest.approx(np.mean(values))
+    assert summary["std"]["val_auc"] == pytest.approx(np.std(values, ddof=1))
+    y = [int(p["label"]) for p in patients]
+    probs = np.array([[float(p["prob_EGFR_negative"]), float(p["prob_EGFR_positive"])] for p in patients])
+    pooled = auc_with_ci(y, probs, 2, 50, 0)
+    assert summary["pooled_oof"]["auc"]["auc"] == pytest.approx(pooled.auc, abs=1e-5)
+    assert summary["pooled_oof"]["auc"]["ci_low"] is not None
+    table = read_csv(parent / "summary.csv")
+    assert [r["fold"] for r in table] == ["1", "2", "3", "mean", "std"]
+
+    # reuse of the splits file: identical folds in a new run
+    again = cross_validate(quick(tmp_path, cache, folds=0, splits=str(parent / SPLITS_FILE), num_epochs=1),
+                           log=lambda _: None, n_bootstrap=0)
+    assert again != parent
+    assert read_csv(again / SPLITS_FILE) == read_csv(parent / SPLITS_FILE)
+
+    # evaluation of every fold's model and the ensemble
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text("slide_id,label,patient_id\n" + "".join(
+        f"{s['slide_id']},{s['label']},{s['patient_id']}\n" for s in slides))
+    result = evaluate(EvaluateConfig(checkpoint=parent, labels_csv=labels_csv, features_dir=cache,
+                                     output_dir=tmp_path / "eval", device="cpu", num_workers=0, n_bootstrap=20,
+                                     attention="none", progress=False), log=lambda _: None)
+    assert set(result.metrics["folds"]) == {"fold_1", "fold_2", "fold_3"}
+    assert all((tmp_path / "eval" / f"fold_{k}" / "metrics.json").is_file() for k in (1, 2, 3))
+    ensemble = read_csv(tmp_path / "eval" / "predictions.csv")
+    fold_preds = [read_csv(tmp_path / "eval" / f"fold_{k}" / "predictions.csv") for k in (1, 2, 3)]
+    for i, row in enumerate(ensemble):
+        mean = np.mean([float(f[i]["prob_EGFR_positive"]) for f in fold_preds])
+        assert float(row["prob_EGFR_positive"]) == pytest.approx(mean, abs=2e-6)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ensemble"]["per_patient"]["n"] == 12
+
+
+def test_single_class_fold_is_reported_not_crashed(tmp_path, cache):
+    # A hand-made splits file whose fold 2 holds only negative patients.
+    rows = read_csv(cache / "manifest.csv")
+    splits = tmp_path / "splits.csv"
+    with open(splits, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide_id", "patient_id", "label", "fold"])
+        for row in rows:
+            patient = row["patient_id"]
+            label = int(patient[1:]) % 2
+            fold = 2 if label == 0 and int(patient[1:]) < 6 else 1
+            writer.writerow([row["slide_id"], patient, label, fold])
+    assert main(["--features_dir", str(cache), "--splits", str(splits), "--num_epochs", "1", "--num_workers", "0",
+                 "--weights", "random", "--output_dir", str(tmp_path / "runs"), "--no_progress"]) == 0
+    parent = next((tmp_path / "runs").iterdir())
+    summary = json.loads((parent / "summary.json").read_text())
+    fold2 = summary["folds"][1]
+    assert fold2["val_auc"] is None and "undefined" in fold2["note"]
+    assert summary["mean"]["val_auc"] == summary["folds"][0]["val_auc"] and summary["std"]["val_auc"] is None
+
+    # one fold resumes as a normal run, in its own folder and on its own split
+    assert main(["--resume", str(parent / "fold_2" / "checkpoint_epoch_1.pt"), "--num_epochs", "2",
+                 "--no_progress"]) == 0
+    assert json.loads((parent / "fold_2" / "config.json").read_text())["epoch"] == 2
+    val = {r["patient_id"] for r in read_csv(parent / "fold_2" / "split.csv") if r["set"] == "val"}
+    assert val == {"P000", "P002", "P004"}
+
+
+def test_cli_refuses_too_many_folds(tmp_path, cache):
+    assert main(["--features_dir", str(cache), "--folds", "7", "--weights", "random",
+                 "--output_dir", str(tmp_path / "runs"), "--no_progress"]) != 0
+    assert not (tmp_path / "runs").exists()
