@@ -20,7 +20,6 @@ import argparse
 import io
 import os
 import platform
-import re
 import shlex
 import shutil
 import sys
@@ -36,6 +35,9 @@ from torchvision import transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import write_section  # noqa: E402
 
 from feature_extraction.backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone  # noqa: E402
 from feature_extraction.embed import embed_cohort  # noqa: E402
@@ -175,14 +177,6 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the ``## Embedding`` section of ``path``, leaving other sections alone."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    new = pattern.sub(lambda _: text, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n_tiles", type=int, default=None, help="tiles (default: 200 on a CPU, 8192 on a GPU)")
@@ -256,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(text)
     if not args.no_write:
-        write_section(args.out, text)
+        write_section(args.out, SECTION, text)
         print(f"wrote {args.out}")
     return 0
 

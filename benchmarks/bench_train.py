@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import shlex
 import statistics
@@ -38,6 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import write_section  # noqa: E402
 
 from feature_extraction.bags import FEATURES, bag_path, write_bag  # noqa: E402
 from feature_extraction.cache import CACHE_JSON, collect_manifest, write_manifest  # noqa: E402
@@ -285,14 +287,6 @@ def section(args, results: dict, floor_seconds: dict, rates: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the ``## Training`` section of ``path``, leaving other sections alone."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    new = pattern.sub(lambda _: text, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n_bags", type=int, default=240)
@@ -332,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(args, results, floor_seconds, rates)
     print(text)
     if not args.no_write:
-        write_section(args.out, text)
+        write_section(args.out, SECTION, text)
         print(f"wrote the {SECTION} section of {args.out}")
     return 0
 

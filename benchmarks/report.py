@@ -1,0 +1,14 @@
+"""docs/benchmarks.md: each benchmark script owns one ``## `` section and replaces only that."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def write_section(path: Path, section: str, text: str) -> None:
+    """Replace (or append) the ``section`` heading's block of ``path``, leaving other sections alone."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+    new = pattern.sub(lambda _: text, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    path.write_text(new, encoding="utf-8")
