@@ -87,11 +87,16 @@ class ExtractionConfig:
 def open_cache(features_dir: str | Path, config: ExtractionConfig) -> Path:
     """Create (or find) the cache folder of ``config`` and return it.
 
-    Raises PipelineError if the folder exists but belongs to another key."""
+    Raises PipelineError if the folder exists but belongs to another key, or cannot be created."""
     cache_dir = Path(features_dir) / config.folder_name
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    (cache_dir / FAILED_DIR).mkdir(exist_ok=True)
-    (cache_dir / LOCK_DIR).mkdir(exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        (cache_dir / FAILED_DIR).mkdir(exist_ok=True)
+        (cache_dir / LOCK_DIR).mkdir(exist_ok=True)
+    except OSError as error:  # read-only, a file in the way, disk full: say which folder and what to do
+        raise PipelineError(
+            f"cannot create the feature cache {cache_dir} ({error}); pass a writable --features_dir"
+        ) from error
     path = cache_dir / CACHE_JSON
     if path.is_file():
         found = read_cache_config(cache_dir)
