@@ -138,10 +138,11 @@ def read_tile_image(
     The one place that knows where a bag's tile images live. A tile-folder slide's tile is
     ``<data_dir>/<class_folder>/<patient_id>/<tile_name>`` (the layout of the specification),
     else under the slide folder recorded in the bag (attribute ``source``). Bags cut from
-    whole-slide images (attribute ``slide_kind`` = "wsi") have no tile files: their tiles are
-    not shown until this function reads them back from the slide at ``xy`` (level-0 pixels)."""
+    whole-slide images (attribute ``slide_kind`` = "wsi") have no tile files: their tile is
+    read back from the slide (``<data_dir>/<class_folder>/<slide_file>``, else ``source``) at
+    ``xy`` (level-0 pixels), exactly as it was embedded."""
     if str(attrs.get("slide_kind", "")) == "wsi":
-        return None
+        return _read_wsi_tile(data_dir, attrs, xy)
     candidates = []
     if data_dir is not None and attrs.get("class_folder") and attrs.get("patient_id"):
         candidates.append(Path(data_dir) / str(attrs["class_folder"]) / str(attrs["patient_id"]) / tile_name)
@@ -152,6 +153,24 @@ def read_tile_image(
             try:
                 return decode_rgb(path)
             except TileError:
+                return None
+    return None
+
+
+def _read_wsi_tile(data_dir: Path | None, attrs: dict[str, Any], xy: Sequence[int]) -> Image.Image | None:
+    from feature_extraction.errors import PipelineError
+    from feature_extraction.wsi import wsi_tile_image
+
+    candidates = []
+    if data_dir is not None and attrs.get("class_folder") and attrs.get("slide_file"):
+        candidates.append(Path(data_dir) / str(attrs["class_folder"]) / str(attrs["slide_file"]))
+    if attrs.get("source"):
+        candidates.append(Path(str(attrs["source"])))
+    for path in candidates:
+        if path.is_file():
+            try:
+                return wsi_tile_image(path, attrs, int(xy[0]), int(xy[1]))
+            except (TileError, PipelineError):  # unreadable slide or OpenSlide missing: draw no image
                 return None
     return None
 

@@ -389,6 +389,12 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     assert [parse_coords(name) for name in p2.tile_names] == [tuple(c) for c in p2.coords.tolist()]
     validate_bag(report.cache_dir / "EGFR_negative__P2.h5", cache_key=report.cache_key)
 
+    # Attention montages read a WSI bag's tiles back from the slide, as they were embedded.
+    from clam.attention import read_tile_image
+    image = read_tile_image(data, p2.attrs, p2.tile_names[0], p2.coords[0])
+    assert image is not None and image.size == (64, 64)
+    assert np.asarray(image).std() > 0  # tissue, not a blank placeholder
+
     # The embed CLI takes the same --wsi_* options.
     from feature_extraction.embed import build_parser
     from feature_extraction.wsi import wsi_config_from_args
