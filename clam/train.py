@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from feature_extraction.atomic import atomic_write_json
+from feature_extraction.atomic import atomic_write_json, remove_stale_temps
 from feature_extraction.errors import PipelineError, cli_main
 from feature_extraction.layout import SPLITS, default_data_dir, default_features_dir, project_root
 
@@ -127,6 +127,7 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
     bags = load_bags(config, log)
     if resumed is not None:
         run_dir = Path(config.resume).parent
+        remove_stale_temps(run_dir)  # a killed run's half-written checkpoint
         split = read_split(run_dir / SPLIT_FILE, bags.records)
     else:
         split = split or make_split(bags, config)

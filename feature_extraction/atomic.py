@@ -50,3 +50,35 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete temporary files left in ``directory`` by writers that were killed.
+
+    Only files named like ``temp_path_for`` makes them whose process no longer exists are
+    removed; a live writer's file is left alone. Returns the removed paths."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if pid != os.getpid() and not pid_alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host still runs (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    with contextlib.suppress(OSError, IndexError):  # a zombie (killed, not yet reaped) is dead
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from feature_extraction.atomic import atomic_write_json, atomic_write_text
+from feature_extraction.atomic import atomic_write_json, atomic_write_text, pid_alive
 from feature_extraction.bags import BAG_SUFFIX, bag_path, read_attrs
 from feature_extraction.errors import BagError, PipelineError
 
@@ -382,7 +382,7 @@ class SlideLocks:
         if age > LOCK_STALE_SECONDS:
             return True
         if len(text) >= 2 and text[0] == self.host and text[1].isdigit():
-            return not _pid_alive(int(text[1]))
+            return not pid_alive(int(text[1]))
         return False
 
     def _break_if_stale(self, path: Path) -> bool:
@@ -402,16 +402,3 @@ class SlideLocks:
         with contextlib.suppress(OSError):
             moved.unlink()
         return True
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):  # a zombie (killed, not yet reaped) is dead
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True

@@ -208,6 +208,15 @@ def test_kill_minus_9_during_a_checkpoint_write_leaves_loadable_checkpoints_and_
     resumed = subprocess.run([sys.executable, "-m", "clam.train", *args, "--resume", str(run / "checkpoint_epoch_1.pt")],
                              env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    assert not [p for p in run.iterdir() if p.suffix == ".tmp"]  # the killed writer's temp file is cleared
     assert sorted(p.name for p in run.glob("checkpoint_epoch_*.pt")) == [f"checkpoint_epoch_{n}.pt" for n in (1, 2, 3)]
     last = torch.load(run / "checkpoint_epoch_3.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 3
+
+
+def test_a_class_folder_of_loose_tiles_is_named(tmp_path, capsys):
+    data = write_cohort(tmp_path / "train", {"EGFR_negative": {"P2": 1}})
+    Image.new("RGB", (32, 32), (200, 120, 180)).save(data / "EGFR_positive" / "tile_0_0.png")
+    assert main(["--data_dir", str(data), "--features_dir", str(tmp_path / "f"), *CLI]) != 0
+    message = capsys.readouterr().err
+    assert str(data / "EGFR_positive") in message and "<patient>/<tiles>" in message
