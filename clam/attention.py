@@ -4,7 +4,8 @@ For each slide, ``attention/`` receives:
 
     <slide_id>.csv           tile_name, x, y, attention, attention_raw, rank  (one row per tile)
     <slide_id>_topk.png      the top-k and bottom-k tiles with their scores and the slide's prediction
-    <slide_id>_heatmap.png   attention over the slide reassembled from its tiles (when coords are known)
+    <slide_id>_heatmap.png   attention over the slide's thumbnail (bags cut from a whole-slide image)
+                             or over the slide reassembled from its tiles (when coords are known)
     index.csv                one row per slide: prediction, attention branch, files written
 
 ``attention`` is the softmax weight of the tile in the bag representation (it sums to 1 over
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,10 @@ DEFAULT_TOP_K = 8
 HEATMAP_MAX_PIXELS = 1000  # longest side of the reassembled slide: about twice its size in the figure
 MONTAGE_TILE_PIXELS = 224
 HEATMAP_CMAP = "coolwarm"  # blue = low, red = high, as in CLAM's heatmaps
+HEATMAP_ALPHA = 0.55  # opacity of the attention colours over the tissue
+FIGURE_DPI = 110
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,22 +163,45 @@ def read_tile_image(
     return None
 
 
-def _read_wsi_tile(data_dir: Path | None, attrs: dict[str, Any], xy: Sequence[int]) -> Image.Image | None:
-    from feature_extraction.errors import PipelineError
-    from feature_extraction.wsi import wsi_tile_image
-
+def _wsi_candidates(data_dir: Path | None, attrs: dict[str, Any]) -> list[Path]:
+    """Where the slide of a bag cut from a whole-slide image may be, in the order to try."""
     candidates = []
     if data_dir is not None and attrs.get("class_folder") and attrs.get("slide_file"):
         candidates.append(Path(data_dir) / str(attrs["class_folder"]) / str(attrs["slide_file"]))
     if attrs.get("source"):
         candidates.append(Path(str(attrs["source"])))
-    for path in candidates:
+    return candidates
+
+
+def _read_wsi_tile(data_dir: Path | None, attrs: dict[str, Any], xy: Sequence[int]) -> Image.Image | None:
+    from feature_extraction.errors import PipelineError
+    from feature_extraction.wsi import wsi_tile_image
+
+    for path in _wsi_candidates(data_dir, attrs):
         if path.is_file():
             try:
                 return wsi_tile_image(path, attrs, int(xy[0]), int(xy[1]))
             except (TileError, PipelineError):  # unreadable slide or OpenSlide missing: draw no image
                 return None
     return None
+
+
+def slide_thumbnail(data_dir: Path | None, attrs: dict[str, Any],
+                    max_size: int = HEATMAP_MAX_PIXELS) -> tuple[Image.Image, float] | str:
+    """The thumbnail of a bag's whole-slide image and its scale (thumbnail px per level-0 px),
+    or why there is none: the slide file is not found, cannot be opened, or OpenSlide is missing."""
+    from feature_extraction.errors import PipelineError
+    from feature_extraction.wsi import wsi_thumbnail
+
+    candidates = _wsi_candidates(data_dir, attrs)
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        looked = " or ".join(str(p) for p in candidates) or "nowhere (the bag names no slide file)"
+        return f"slide file not found (looked for {looked})"
+    try:
+        return wsi_thumbnail(path, max_size)
+    except (PipelineError, OSError) as error:  # SlideSkipped, OpenSlide not installed, I/O error
+        return str(error)
 
 
 def plot_topk(
@@ -224,33 +253,53 @@ def plot_topk(
 def plot_heatmap(
     path: str | Path, slide: SlideAttention, data_dir: Path | None, top_k: int = DEFAULT_TOP_K
 ) -> str | None:
-    """The slide reassembled from its tiles (left) and the attention laid over it (right).
+    """The slide (left) and the attention laid over it (right).
 
-    Colour is the tile's attention percentile within the slide (1 = highest), as CLAM draws
-    it; the ``top_k`` highest and lowest tiles are outlined. Returns None when written, else
-    the reason it was not (no tile carries coordinates)."""
+    For a bag cut from a whole-slide image the slide is its thumbnail and each tile is a
+    square at its level-0 position and extent (``patch_size_level0``); when the slide file
+    cannot be found or opened (moved data folder, OpenSlide missing) a log line says so and
+    the map is drawn as for tile folders: the slide reassembled from its tiles. Colour is the
+    tile's attention percentile within the slide (1 = highest), as CLAM draws it; the
+    ``top_k`` highest and lowest tiles are outlined. Returns None when written, else the
+    reason it was not (no tile carries coordinates)."""
     known = (slide.coords[:, 0] != COORD_SENTINEL) & (slide.coords[:, 1] != COORD_SENTINEL)
     if not known.any():
         return "tile names carry no coordinates, so the slide cannot be reassembled"
     indices = np.flatnonzero(known)
-    images = {int(i): read_tile_image(data_dir, slide.bag_attrs, slide.tile_names[i], slide.coords[i])
-              for i in indices}
-    extent = _tile_extent(slide, indices, images)
-    xy = slide.coords[indices]
-    origin = xy.min(axis=0)
-    width, height = (xy.max(axis=0) - origin + extent).tolist()
-    scale = min(1.0, HEATMAP_MAX_PIXELS / max(width, height))
-    canvas_w, canvas_h = max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+    thumbnail: tuple[Image.Image, float] | None = None
+    if str(slide.bag_attrs.get("slide_kind", "")) == "wsi":
+        found = slide_thumbnail(data_dir, slide.bag_attrs)
+        if isinstance(found, str):
+            log.warning("heatmap of %s: %s; drawn without the slide thumbnail, as for tile folders.",
+                        slide.slide_id, found)
+        else:
+            thumbnail = found
+    if thumbnail is not None:
+        # Level-0 coordinates over the whole slide: origin (0, 0), the thumbnail's scale.
+        tissue, scale = thumbnail
+        extent = _tile_extent(slide, indices, {})
+        origin = np.zeros(2, dtype=np.int64)
+        canvas_w, canvas_h = tissue.size
+        images: dict[int, Image.Image | None] = {}
+    else:
+        images = {int(i): read_tile_image(data_dir, slide.bag_attrs, slide.tile_names[i], slide.coords[i])
+                  for i in indices}
+        extent = _tile_extent(slide, indices, images)
+        xy = slide.coords[indices]
+        origin = xy.min(axis=0)
+        width, height = (xy.max(axis=0) - origin + extent).tolist()
+        scale = min(1.0, HEATMAP_MAX_PIXELS / max(width, height))
+        canvas_w, canvas_h = max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+        tissue = Image.new("RGB", (canvas_w, canvas_h), (255, 255, 255))
     side = max(1, math.ceil(extent * scale))
-    tissue = Image.new("RGB", (canvas_w, canvas_h), (255, 255, 255))
     scores = np.full((canvas_h, canvas_w), np.nan)
     percentile = _percentiles(slide.attention)
     for i in indices:
         left, top = ((slide.coords[i] - origin) * scale).astype(int).tolist()
-        if images[int(i)] is not None:
+        if images.get(int(i)) is not None:
             tissue.paste(images[int(i)].resize((side, side), Image.Resampling.BILINEAR), (left, top))
         scores[top : top + side, left : left + side] = percentile[i]
-    have_images = any(image is not None for image in images.values())
+    have_images = thumbnail is not None or any(image is not None for image in images.values())
 
     # Each panel keeps the slide's aspect ratio within a page-sized box; without tile images the
     # tissue panel would be empty, so only the attention panel is drawn.
@@ -258,15 +307,15 @@ def plot_heatmap(
     panel_w, panel_h = (6.0, float(np.clip(6.0 / aspect, 1.6, 6.0))) if aspect >= 1 else \
         (float(np.clip(6.0 * aspect, 2.4, 6.0)), 6.0)
     n_panels = 2 if have_images else 1
-    fig = Figure(figsize=(n_panels * panel_w + 1.6, panel_h + 1.7), layout="constrained")
+    fig = Figure(figsize=(n_panels * panel_w + 1.6, panel_h + 1.7), dpi=FIGURE_DPI, layout="constrained")
     axes = list(np.atleast_1d(fig.subplots(1, n_panels)))
     ax_map = axes[-1]
     if have_images:
         axes[0].imshow(tissue)
-        axes[0].set_title("tiles", fontsize=10)
+        axes[0].set_title("slide (thumbnail)" if thumbnail is not None else "tiles", fontsize=10)
     ax_map.imshow(tissue)
-    mapped = ax_map.imshow(scores, cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0, alpha=0.55 if have_images else 1.0,
-                           interpolation="nearest")
+    mapped = ax_map.imshow(scores, cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0,
+                           alpha=HEATMAP_ALPHA if have_images else 1.0, interpolation="nearest")
     ax_map.set_title("attention" if have_images else "attention (tile images not found)", fontsize=10)
     n = len(slide.attention)
     k = max(1, min(top_k, n // 2)) if n > 1 else 1
@@ -361,7 +410,7 @@ def _short(text: str, width: int) -> str:
 
 def _save(fig: Figure, path: str | Path) -> None:
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=FIGURE_DPI)
 
 
 def build_parser() -> argparse.ArgumentParser:

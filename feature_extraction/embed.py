@@ -63,7 +63,7 @@ from feature_extraction.runtime import (
     plan_compute,
 )
 from feature_extraction.tiles import SUBSET_RULE, SlideTiles, TileRef, TileTransform, list_slide_tiles
-from feature_extraction.wsi import WsiConfig, add_wsi_arguments, wsi_config_from_args
+from feature_extraction.wsi import PLAN_CACHE_FOLDER, WsiConfig, add_wsi_arguments, require_openslide, wsi_config_from_args
 
 SPILL_BYTES = 256 * 2**20  # a slide's features above this size are gathered in a file, not in memory
 MAX_PENDING_WRITES = 4  # finished slides waiting for the writer thread (bounds memory)
@@ -132,6 +132,7 @@ def embed_cohort(
     slides = discover_slides(data_dir, split)
     if not slides:
         raise PipelineError(f"{data_dir} has the class folders of --split {split} but no patient folder in them")
+    require_openslide(slides)  # whole-slide images without OpenSlide: stop once, before any work
     loaded = load_backbone(backbone, weights)
     rank, world = _rank_and_world()
     progress = progress and rank == 0  # one progress bar under torchrun, not one per process
@@ -159,7 +160,7 @@ def embed_cohort(
     listings = []
     for slide in slides:
         try:
-            listings.append(list_slide_tiles(slide, max_tiles, seed, wsi))
+            listings.append(list_slide_tiles(slide, max_tiles, seed, wsi, plan_cache=features_dir / PLAN_CACHE_FOLDER))
         except PipelineError as error:  # e.g. an unreadable whole-slide file: this slide fails, the run goes on
             job.record_failure(SlideTiles(slide, (), 0, (), ""), str(error))
     listings = [listings[i] for i in _shard_order(len(listings), rank, world)]

@@ -34,6 +34,7 @@ from feature_extraction.wsi import (
     is_whole_slide_file,
     list_wsi_tiles,
     plot_plan,
+    require_openslide,
     wsi_config_from_args,
 )
 
@@ -147,7 +148,9 @@ def tile_slides(
     num_workers: int = 2,
 ) -> list[TiledSlide]:
     """Tile every whole-slide image of ``slides`` (tile folders among them are passed over) and
-    write ``<out_dir>/wsi_tiles.json``. Skipped slides are reported, not raised."""
+    write ``<out_dir>/wsi_tiles.json``. Skipped slides are reported, not raised; PipelineError
+    before any work when OpenSlide is not installed."""
+    require_openslide(slides)
     results = []
     for slide in tqdm([s for s in slides if s.kind == "wsi"], desc="slides", unit="slide", disable=None):
         result = tile_slide(slide, out_dir, config, max_tiles, seed, overwrite, overview, num_workers)

@@ -87,11 +87,13 @@ class SlideTiles:
     attrs: Mapping[str, Any] = field(default_factory=dict)
 
 
-def list_slide_tiles(slide: SlideSource, max_tiles: int = 100, seed: int = 0, wsi=None) -> SlideTiles:
+def list_slide_tiles(slide: SlideSource, max_tiles: int = 100, seed: int = 0, wsi=None,
+                     plan_cache: Path | None = None) -> SlideTiles:
     """The tiles of ``slide`` to embed; the one place that dispatches on ``slide.kind``.
 
     ``max_tiles <= 0`` keeps every tile. ``wsi`` (a ``wsi.WsiConfig``, default settings when
-    None) says how whole-slide images are tiled. Raises PipelineError for a slide kind this
+    None) says how whole-slide images are tiled; ``plan_cache`` is the folder their tile plans
+    are cached in (None: planned every time). Raises PipelineError for a slide kind this
     installation cannot read (a whole-slide image without OpenSlide installed)."""
     if slide.kind == "tiles":
         return _folder_tiles(slide, max_tiles, seed)
@@ -99,7 +101,7 @@ def list_slide_tiles(slide: SlideSource, max_tiles: int = 100, seed: int = 0, ws
         # Imported here: wsi imports this module (TileRef); OpenSlide itself loads on first use.
         from feature_extraction.wsi import WsiConfig, list_wsi_tiles
 
-        return list_wsi_tiles(slide, max_tiles, seed, wsi or WsiConfig())
+        return list_wsi_tiles(slide, max_tiles, seed, wsi or WsiConfig(), plan_cache=plan_cache)
     raise PipelineError(f"slide {slide.slide_id} at {slide.path} has unknown kind {slide.kind!r}")
 
 

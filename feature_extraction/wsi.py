@@ -6,6 +6,7 @@
     wsi_thumbnail(path, size) -> (RGB, scale) for drawing heatmaps over the slide
     wsi_tile_image(path, attrs, x, y)         one embedded tile of a bag again (top-k montages)
     whole_slide_files(folder) -> [Path]       which files of a folder are slides (layout detection)
+    require_openslide(slides)                 one clear error before any work when OpenSlide is missing
 
 Tissue: saturation of a thumbnail at ``mask_mpp`` um/px, median-filtered, thresholded by Otsu's
 method (clipped to ``saturation_range`` so that a blank slide finds nothing and a slide full of
@@ -16,6 +17,10 @@ coarsest pyramid level that is fine enough, read in blocks. See docs/wsi.md.
 
 OpenSlide is an optional extra (``pip install 'clam-egfr[wsi]'``); it is imported only when a
 slide is opened, so tile-folder cohorts never need it.
+
+Plans are cached: ``list_wsi_tiles(..., plan_cache=<features_dir>/wsi_plans)`` keeps one small JSON
+per slide and tiling, keyed by the slide's path, size and modification time and every tiling
+setting, so a rerun over current bags does not redo the tissue detection.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from feature_extraction.atomic import atomic_write_text, remove_stale_temps
 from feature_extraction.errors import PipelineError
 from feature_extraction.layout import WSI_SUFFIXES, SlideSource
 from feature_extraction.tiles import SlideTiles, TileError, TileRef, select_subset
@@ -42,6 +48,8 @@ from feature_extraction.tiles import SlideTiles, TileError, TileRef, select_subs
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'clam-egfr[wsi]'  (or: pip install openslide-python openslide-bin tifffile)"
+PLAN_CACHE_FOLDER = "wsi_plans"  # under --features_dir: one JSON per slide and tiling
+PLAN_FORMAT = 1  # bump when a plan's content or its JSON changes
 
 # A .tif/.tiff is a slide only when it looks like one (see is_whole_slide_file); else a tile.
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -129,7 +137,7 @@ class SlidePlan:
     level0_magnification: float
     dimensions: tuple[int, int]  # level-0 (width, height)
     config: WsiConfig
-    mask: np.ndarray = field(repr=False)  # (h, w) bool tissue mask on the thumbnail
+    mask: np.ndarray | None = field(repr=False)  # (h, w) bool tissue mask on the thumbnail; None from the plan cache
     mask_scale: float = 0.0  # mask px per level-0 px
     saturation_threshold: int = 0
 
@@ -186,6 +194,24 @@ def _openslide():
             f"Install it with: {INSTALL_HINT}"
         ) from error
     return openslide
+
+
+def require_openslide(slides: Sequence[SlideSource]) -> None:
+    """Raise one PipelineError when ``slides`` hold whole-slide images and OpenSlide cannot be
+    imported: called before any work, so a run stops once instead of failing every slide."""
+    wanted = [slide for slide in slides if slide.kind == "wsi"]
+    if not wanted:
+        return
+    try:
+        _openslide()
+    except PipelineError as error:
+        cause = error.__cause__ or error
+        raise PipelineError(
+            f"{len(wanted)} of the {len(slides)} slides are whole-slide images (e.g. {wanted[0].path}), and "
+            f"reading them needs OpenSlide, which is not installed ({cause}). Install it with: "
+            "pip install openslide-python openslide-bin  (or the project's extra: pip install 'clam-egfr[wsi]'), "
+            "then run the command again."
+        ) from error
 
 
 def open_slide(path: str | Path):
@@ -492,6 +518,8 @@ def plot_plan(plan: SlidePlan, out_path: str | Path, max_size: int = 1024) -> Pa
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
+    if plan.mask is None:  # a plan from the cache keeps no mask
+        plan = plan_slide(plan.path, plan.config)
     thumbnail, scale = wsi_thumbnail(plan.path, max_size)
     side = plan.size_level0 * scale
     fig, axes = plt.subplots(1, 3, figsize=(12, 12 * thumbnail.height / thumbnail.width / 3 + 0.8))
@@ -524,8 +552,95 @@ class WsiSlideTiles(SlideTiles):
     reason: str = ""
 
 
+# --------------------------------------------------------------------------- the plan cache
+
+
+def _plan_key(path: Path, stat: os.stat_result, config: WsiConfig) -> dict[str, Any]:
+    """What a cached plan must match: the slide file as it is now and every tiling setting."""
+    return {"format": PLAN_FORMAT, "slide": str(path.resolve()), "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "config": config.as_dict()}
+
+
+def _plan_cache_file(cache_dir: Path, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+    return cache_dir / f"{digest}.json"
+
+
+def _plan_to_json(plan: SlidePlan, key: dict[str, Any]) -> str:
+    return json.dumps({
+        **key,
+        "coords": plan.coords.tolist(),
+        "tissue_fraction": [float(v) for v in plan.tissue_fraction],
+        "tile_size": plan.tile_size, "size_level0": plan.size_level0, "level": plan.level,
+        "level_downsample": plan.level_downsample, "read_size": plan.read_size,
+        "level0_mpp": plan.level0_mpp, "mpp_source": plan.mpp_source,
+        "level0_magnification": plan.level0_magnification, "dimensions": list(plan.dimensions),
+        "mask_scale": plan.mask_scale, "saturation_threshold": plan.saturation_threshold,
+    }, separators=(",", ":"))
+
+
+def _plan_from_json(text: str, path: Path, key: dict[str, Any], config: WsiConfig) -> SlidePlan | None:
+    """The cached plan, or None when the file is unreadable or was made for another slide or tiling."""
+    try:
+        data = json.loads(text)
+        if any(data.get(name) != value for name, value in key.items()):
+            return None
+        coords = np.asarray(data["coords"], dtype=np.int64).reshape(-1, 2)
+        return SlidePlan(
+            path=path, coords=coords,
+            tissue_fraction=np.asarray(data["tissue_fraction"], dtype=np.float32).reshape(len(coords)),
+            tile_size=int(data["tile_size"]), size_level0=int(data["size_level0"]), level=int(data["level"]),
+            level_downsample=float(data["level_downsample"]), read_size=int(data["read_size"]),
+            level0_mpp=float(data["level0_mpp"]), mpp_source=str(data["mpp_source"]),
+            level0_magnification=float(data["level0_magnification"]),
+            dimensions=(int(data["dimensions"][0]), int(data["dimensions"][1])), config=config, mask=None,
+            mask_scale=float(data["mask_scale"]), saturation_threshold=int(data["saturation_threshold"]),
+        )
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+
+
+_SWEPT: set[str] = set()
+
+
+def cached_plan(path: str | Path, config: WsiConfig, cache_dir: str | Path | None,
+                stat: os.stat_result | None = None) -> SlidePlan:
+    """``plan_slide(path, config)``, read from ``cache_dir`` when a plan of this slide file (path,
+    size, modification time) and tiling is there, else computed and stored there atomically.
+
+    A cached plan has ``mask`` None (plot_plan recomputes it). Skipped slides are not cached:
+    they are tried again on the next run. ``stat`` is the slide's stat taken before planning
+    (taken here when None). A cache that cannot be read or written is passed over with a warning."""
+    path = Path(path)
+    if cache_dir is None:
+        return plan_slide(path, config)
+    cache_dir = Path(cache_dir)
+    key = _plan_key(path, stat or path.stat(), config)
+    file = _plan_cache_file(cache_dir, key)
+    try:
+        plan = _plan_from_json(file.read_text(encoding="utf-8"), path, key, config)
+    except FileNotFoundError:
+        plan = None
+    except (OSError, UnicodeDecodeError) as error:
+        log.warning("cannot read cached tile plan %s (%s); planning slide %s again.", file, error, path)
+        plan = None
+    if plan is not None:
+        return plan
+    plan = plan_slide(path, config)
+    try:
+        if str(cache_dir) not in _SWEPT:  # temporary files of killed writers, once per process
+            _SWEPT.add(str(cache_dir))
+            if cache_dir.is_dir():
+                remove_stale_temps(cache_dir)
+        atomic_write_text(file, _plan_to_json(plan, key))
+    except OSError as error:
+        log.warning("cannot cache the tile plan of %s in %s (%s); it is planned again on the next run.",
+                    path, cache_dir, error)
+    return plan
+
+
 def list_wsi_tiles(slide: SlideSource, max_tiles: int = 100, seed: int = 0,
-                   config: WsiConfig = WsiConfig()) -> WsiSlideTiles:
+                   config: WsiConfig = WsiConfig(), plan_cache: str | Path | None = None) -> WsiSlideTiles:
     """The tiles of a whole-slide ``slide`` to embed, with the same seeded ``max_tiles`` subset
     as tile folders (tiles.select_subset over the ``x{X}_y{Y}`` names).
 
@@ -533,12 +648,13 @@ def list_wsi_tiles(slide: SlideSource, max_tiles: int = 100, seed: int = 0,
     ``slide_file`` (the slide's path relative to its class folder). ``tiles_digest`` changes
     when the slide file or the tiling configuration changes. A slide that cannot be tiled
     (unreadable, no tissue, no resolution) comes back with no tiles and ``reason`` set;
-    PipelineError is raised only when OpenSlide is not installed."""
+    PipelineError is raised only when OpenSlide is not installed. ``plan_cache``: a folder of
+    cached plans (see cached_plan; embed uses ``<features_dir>/wsi_plans``), None to always plan."""
     stat = slide.path.stat()
     digest = hashlib.sha256(f"{slide.path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode("utf-8"))
     digest.update(json.dumps(config.as_dict(), sort_keys=True).encode("utf-8"))
     try:
-        plan = plan_slide(slide.path, config)
+        plan = cached_plan(slide.path, config, plan_cache, stat)
     except SlideSkipped as error:
         return WsiSlideTiles(slide, (), 0, (), digest.hexdigest(), reason=str(error))
     names = plan.tile_names

@@ -241,10 +241,10 @@ def test_a_slide_that_cannot_be_listed_fails_alone(tmp_path, monkeypatch):
     data = write_cohort(tmp_path / "train")
     real = embed_module.list_slide_tiles
 
-    def list_or_fail(slide, max_tiles, seed, wsi=None):
+    def list_or_fail(slide, max_tiles, seed, wsi=None, **kwargs):
         if slide.slide_id == "EGFR_positive__P2":
             raise PipelineError(f"{slide.path} is not a readable whole-slide image")
-        return real(slide, max_tiles, seed, wsi)
+        return real(slide, max_tiles, seed, wsi, **kwargs)
 
     monkeypatch.setattr(embed_module, "list_slide_tiles", list_or_fail)
     report = embed_cohort(data, features_dir=tmp_path / "features", **FAST)

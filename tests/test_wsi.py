@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -292,6 +294,172 @@ def test_list_wsi_tiles_uses_the_seeded_subset(tmp_path, slides):
     assert other.tiles_digest != listed.tiles_digest  # the tiling configuration is part of the digest
 
 
+def test_plans_are_cached_and_a_rerun_does_not_plan_again(tmp_path, slides, monkeypatch):
+    (tmp_path / "EGFR_negative" / "P2").mkdir(parents=True)
+    path = tmp_path / "EGFR_negative" / "P2" / "slide.tif"
+    shutil.copy(slides["tissue"], path)
+    source = SlideSource("EGFR_negative__P2", "P2", "EGFR_negative", 0, "train", path, kind="wsi")
+    config, cache = WsiConfig(tile_size=64), tmp_path / "features" / wsi.PLAN_CACHE_FOLDER
+    planned: list[Path] = []
+    real_plan_slide = wsi.plan_slide
+    monkeypatch.setattr(wsi, "plan_slide", lambda *a, **k: planned.append(a[0]) or real_plan_slide(*a, **k))
+
+    first = wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
+    assert len(planned) == 1 and len(list(cache.glob("*.json"))) == 1
+    again = wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
+    assert len(planned) == 1  # read from the cache, not planned again
+    assert again.tiles == first.tiles and again.attrs == first.attrs and again.tiles_digest == first.tiles_digest
+    assert again.n_available == first.n_available and again.plan.mask is None
+    assert np.array_equal(again.plan.tissue_fraction, first.plan.tissue_fraction)
+    assert again.plan.tissue_fraction.dtype == np.float32 and again.plan.coords.dtype == np.int64
+
+    wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=WsiConfig(tile_size=64, min_tissue=0.9), plan_cache=cache)
+    assert len(planned) == 2  # another tiling is another plan
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the slide file changed
+    wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
+    assert len(planned) == 3 and len(list(cache.glob("*.json"))) == 3
+    for file in cache.glob("*.json"):  # a damaged cache file is planned again and replaced
+        file.write_text("{not json")
+    assert wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache).tiles == first.tiles
+    assert len(planned) == 4
+    wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
+    assert len(planned) == 4
+    assert not list(cache.glob(".*.tmp"))
+
+    # A cached plan has no mask; the overview picture plans the slide again for it.
+    assert wsi.plot_plan(again.plan, tmp_path / "overview.png").is_file() and len(planned) == 5
+
+
+def test_missing_openslide_stops_the_run_once_before_any_work(monkeypatch, tmp_path, slides, cmu_svs, capsys):
+    from feature_extraction import embed
+
+    data = tmp_path / "data"
+    (data / "EGFR_positive").mkdir(parents=True)
+    shutil.copy(cmu_svs, data / "EGFR_positive" / "cmu.svs")
+    (data / "EGFR_negative" / "P2").mkdir(parents=True)
+    shutil.copy(slides["tissue"], data / "EGFR_negative" / "P2" / "slide.tif")
+    listed = discover_slides(data, "train")
+    assert {s.kind for s in listed} == {"wsi"}
+    monkeypatch.setitem(sys.modules, "openslide", None)  # makes `import openslide` fail
+    monkeypatch.setattr(embed, "load_backbone", lambda *a, **k: pytest.fail("loaded the backbone"))
+
+    message = r"2 of the 2 slides are whole-slide images.*not installed.*pip install openslide-python openslide-bin"
+    with pytest.raises(PipelineError, match=message):
+        embed.embed_cohort(data, "train", features_dir=tmp_path / "features", progress=False)
+    assert not (tmp_path / "features").exists()  # stopped before any work
+    argv = ["--data_dir", str(data), "--features_dir", str(tmp_path / "features"), "--quiet"]
+    assert embed.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("OpenSlide") == 1 and "clam-egfr[wsi]" in err  # one message, not one per slide
+    assert tile_cli.main(["--data_dir", str(data), "--out_dir", str(tmp_path / "tiles")]) == 2
+    assert "pip install openslide-python openslide-bin" in capsys.readouterr().err
+    # Tile folders need no OpenSlide.
+    wsi.require_openslide([SlideSource("EGFR_negative__P3", "P3", "EGFR_negative", 0, "train", tmp_path)])
+
+
+# --------------------------------------------------------------------------- attention heatmaps over the slide
+
+
+def _cmu_attention(data_dir: Path, cmu_svs: Path):
+    """Attention over CMU-1-Small-Region's 128 px tiles that rises from left to right."""
+    from clam.attention import slide_attention
+
+    (data_dir / "EGFR_positive").mkdir(parents=True, exist_ok=True)
+    path = data_dir / "EGFR_positive" / "cmu.svs"
+    shutil.copy(cmu_svs, path)
+    plan = plan_slide(path, WsiConfig(tile_size=128))
+    attrs = {**plan.attrs(), "class_folder": "EGFR_positive", "patient_id": "cmu", "slide_file": "cmu.svs"}
+    raw = plan.coords[:, 0] / 200.0 + plan.coords[:, 1] / 1e5  # ties broken by y
+    attention = np.exp(raw) / np.exp(raw).sum()
+    slide = slide_attention("EGFR_positive__cmu", "cmu", 1, np.array([0.3, 0.7]), attention[None], raw[None],
+                            plan.tile_names, plan.coords, ("EGFR_negative", "EGFR_positive"), attrs)
+    return slide, plan, path
+
+
+def _capture_figures(monkeypatch) -> list:
+    from clam import attention
+
+    figures = []
+    real_save = attention._save
+    monkeypatch.setattr(attention, "_save", lambda fig, path: (figures.append(fig), real_save(fig, path)))
+    return figures
+
+
+def test_wsi_heatmap_is_drawn_over_the_slide_thumbnail(tmp_path, cmu_svs, monkeypatch):
+    """Background pixels of the map are the thumbnail's glass; tissue tiles take the colour of
+    their attention percentile (blue low, red high) blended with the tissue under them."""
+    from matplotlib import colormaps
+    from clam import attention
+
+    slide, plan, path = _cmu_attention(tmp_path / "data", cmu_svs)
+    figures = _capture_figures(monkeypatch)
+    row = attention.explain_slide(tmp_path / "maps", slide, tmp_path / "data", top_k=4)
+    assert row["heatmap_png"] == "EGFR_positive__cmu_heatmap.png" and row["note"] == ""
+    png = np.asarray(Image.open(tmp_path / "maps" / row["heatmap_png"]).convert("RGB")).astype(float)
+    fig = figures[-1]
+    assert png.shape[0] == round(fig.get_figheight() * attention.FIGURE_DPI)
+    ax_map = next(ax for ax in fig.axes if ax.get_title() == "attention")
+    assert any(ax.get_title() == "slide (thumbnail)" for ax in fig.axes)
+
+    thumbnail, scale = wsi.wsi_thumbnail(path, attention.HEATMAP_MAX_PIXELS)
+    thumb = np.asarray(thumbnail).astype(float)
+
+    def png_at(col: float, row_: float) -> np.ndarray:
+        """The PNG's mean colour (3 x 3 px) at thumbnail pixel (col, row) of the map panel."""
+        x, y = ax_map.transData.transform((col, row_))
+        r, c = int(round(png.shape[0] - y)), int(round(x))
+        return png[r - 1 : r + 2, c - 1 : c + 2].reshape(-1, 3).mean(axis=0)
+
+    # Glass away from every tile looks as on the thumbnail: near white.
+    side = int(np.ceil(plan.size_level0 * scale))
+    covered = np.zeros(thumb.shape[:2], bool)
+    for x, y in plan.coords:
+        covered[int(y * scale) : int(y * scale) + side, int(x * scale) : int(x * scale) + side] = True
+    glass = (thumb.min(axis=-1) > 235) & ~covered
+    glass[:8], glass[-8:], glass[:, :8], glass[:, -8:] = False, False, False, False
+    rows, cols = np.nonzero(glass)
+    picks = np.random.default_rng(0).choice(len(rows), 200, replace=False)
+    background = np.array([png_at(cols[i], rows[i]) for i in picks])
+    assert np.mean(background.min(axis=1) > 220) > 0.95
+    assert np.median(np.abs(background - thumb[rows[picks], cols[picks]]).max(axis=1)) < 12
+
+    # Each tile's centre is its attention colour blended with the tissue under it.
+    cmap, percentile = colormaps[attention.HEATMAP_CMAP], attention._percentiles(slide.attention)
+    errors, reds, blues = [], [], []
+    for i, (x, y) in enumerate(plan.coords):
+        col, row_ = int(x * scale) + side / 2 - 0.5, int(y * scale) + side / 2 - 0.5
+        under = thumb[int(row_) - 1 : int(row_) + 2, int(col) - 1 : int(col) + 2].reshape(-1, 3).mean(axis=0)
+        colour = np.array(cmap(percentile[i])[:3]) * 255
+        expected = attention.HEATMAP_ALPHA * colour + (1 - attention.HEATMAP_ALPHA) * under
+        seen = png_at(col, row_)
+        errors.append(np.abs(seen - expected).max())
+        (reds if percentile[i] > 0.8 else blues if percentile[i] < 0.2 else []).append(seen[0] - seen[2])
+    assert np.median(errors) < 15 and np.mean(np.array(errors) < 40) > 0.9
+    assert min(reds) > 40 and max(blues) < -20  # red where attention is high, blue where it is low
+
+
+def test_wsi_heatmap_falls_back_when_the_slide_cannot_be_opened(tmp_path, cmu_svs, monkeypatch, caplog):
+    from clam import attention
+
+    slide, _, _ = _cmu_attention(tmp_path / "data", cmu_svs)
+    figures = _capture_figures(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="clam.attention"):
+        assert attention.plot_heatmap(tmp_path / "moved.png", slide, tmp_path / "elsewhere") is None
+    assert "slide file not found" in caplog.text and str(tmp_path / "elsewhere" / "EGFR_positive" / "cmu.svs") \
+        in caplog.text
+    assert Image.open(tmp_path / "moved.png").size[0] > 100
+    assert [ax.get_title() for ax in figures[-1].axes][0] == "attention (tile images not found)"
+
+    caplog.clear()
+    monkeypatch.setitem(sys.modules, "openslide", None)  # OpenSlide not installed
+    with caplog.at_level(logging.WARNING, logger="clam.attention"):
+        assert attention.plot_heatmap(tmp_path / "no_openslide.png", slide, tmp_path / "data") is None
+    assert "needs OpenSlide" in caplog.text and "without the slide thumbnail" in caplog.text
+    assert (tmp_path / "no_openslide.png").is_file()
+    assert all(ax.get_title() != "slide (thumbnail)" for ax in figures[-1].axes)
+
+
 # --------------------------------------------------------------------------- the tile CLI
 
 
@@ -401,9 +569,15 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     args = build_parser().parse_args(["--wsi_magnification", "10", "--wsi_tile_size", "224", "--wsi_mpp", "0.25"])
     assert wsi_config_from_args(args) == WsiConfig(tile_size=224, tile_mpp=1.0, slide_mpp=0.25)
 
-    # Reused on a rerun; another tiling is another cache.
-    again = embed_cohort(data, "train", features_dir=tmp_path / "features", **fast)
+    # Reused on a rerun, which reads the slides' tile plans from the plan cache; another tiling is another cache.
+    assert len(list((tmp_path / "features" / wsi.PLAN_CACHE_FOLDER).glob("*.json"))) == 2  # not the broken slide
+    planned: list[Path] = []
+    real_plan_slide = wsi.plan_slide
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wsi, "plan_slide", lambda *a, **k: planned.append(Path(a[0])) or real_plan_slide(*a, **k))
+        again = embed_cohort(data, "train", features_dir=tmp_path / "features", **fast)
     assert again.n_embedded == 0 and again.n_reused == 2
+    assert [p.name for p in planned] == ["broken.svs"]  # skipped slides are tried again
     other = embed_cohort(data, "train", features_dir=tmp_path / "features",
                          **{**fast, "wsi": WsiConfig(tile_size=64, min_tissue=0.9)})
     assert other.cache_key != report.cache_key and other.n_embedded == 2
