@@ -14,9 +14,11 @@ hub or from a file give the same features. Train and test slides of one configur
 share the folder; the manifest's ``split`` column tells them apart.
 
 The manifest is never edited in place: it is derived from the bags and failure records on
-disk and replaced atomically, so concurrent processes cannot corrupt it. Per-slide lock
-files (``O_CREAT | O_EXCL``) keep two processes from embedding the same slide; a lock whose
-process is gone (or that has not been refreshed for ``LOCK_STALE_SECONDS``) is taken over.
+disk and replaced atomically under the lock ``.locks/manifest.csv.lock``, so concurrent
+processes cannot corrupt it and the temporary file of a writer killed mid-write is known to be
+dead. Per-slide lock files (``O_CREAT | O_EXCL``) keep two processes from embedding the same
+slide; a lock whose process is gone (or that has not been refreshed for ``LOCK_STALE_SECONDS``)
+is taken over.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ LOCK_STALE_SECONDS = 600.0  # a live holder refreshes its locks every LOCK_REFRE
 LOCK_REFRESH_SECONDS = 60.0
 # ".<slide_id>.h5.<pid>.tmp" (atomic.temp_path_for of a bag) or ".<slide_id>.spill.<pid>.tmp"
 _SLIDE_TEMPORARY = re.compile(rf"^\.(.+)\.(?:{re.escape(BAG_SUFFIX[1:])}|spill)\.\d+\.tmp$")
+MANIFEST_LOCK = "manifest.csv"  # held (in LOCK_DIR) while manifest.csv is replaced; slide ids all hold "__"
+MANIFEST_LOCK_WAIT_SECONDS = 60.0
+_MANIFEST_TEMPORARY = re.compile(r"^\.manifest\.csv\.\d+\.tmp$")  # atomic.temp_path_for of manifest.csv
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,10 @@ def _replace(row: ManifestRow, **changes: Any) -> ManifestRow:
 
 
 def write_manifest(cache_dir: str | Path, rows: list[ManifestRow]) -> Path:
-    """Replace ``manifest.csv`` atomically; ``file`` is stored relative to the cache folder."""
+    """Replace ``manifest.csv`` atomically; ``file`` is stored relative to the cache folder.
+
+    A manifest that already reads so is left alone, so a complete cache on a read-only
+    file system can be reused; any other failure to write raises PipelineError naming the path."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -214,7 +222,26 @@ def write_manifest(cache_dir: str | Path, rows: list[ManifestRow]) -> Path:
         values["file"] = Path(row.file).name
         writer.writerow(values)
     path = Path(cache_dir) / MANIFEST_CSV
-    atomic_write_text(path, buffer.getvalue())
+    text = buffer.getvalue()
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if path.read_text(encoding="utf-8") == text:
+            return path
+    try:
+        # Under a lock, so that the sweep can tell a killed writer's temporary file from a live one's.
+        locks = SlideLocks(Path(cache_dir))
+        deadline = time.monotonic() + MANIFEST_LOCK_WAIT_SECONDS
+        while not locks.try_acquire(MANIFEST_LOCK):
+            if time.monotonic() > deadline:
+                raise PipelineError(f"{locks.directory / (MANIFEST_LOCK + '.lock')} has been held for "
+                                    f"{MANIFEST_LOCK_WAIT_SECONDS:.0f} s; delete it if no other run is active, "
+                                    "then rerun")
+            time.sleep(0.05)
+        try:
+            atomic_write_text(path, text)
+        finally:
+            locks.release(MANIFEST_LOCK)
+    except OSError as error:
+        raise PipelineError(f"cannot write {path} ({error}); pass a writable --features_dir") from error
     return path
 
 
@@ -262,7 +289,11 @@ def current_bag_attrs(cache_dir: Path, slide_id: str, cache_key: str, tiles_dige
 
 def write_failure(cache_dir: Path, record: dict[str, Any]) -> None:
     """Record that ``record['slide_id']`` produced no bag (and why)."""
-    atomic_write_json(cache_dir / FAILED_DIR / f"{record['slide_id']}.json", record)
+    path = cache_dir / FAILED_DIR / f"{record['slide_id']}.json"
+    try:
+        atomic_write_json(path, record)
+    except OSError as error:
+        raise PipelineError(f"cannot write {path} ({error}); pass a writable --features_dir") from error
 
 
 def read_failure(cache_dir: Path, slide_id: str) -> dict[str, Any] | None:
@@ -323,6 +354,9 @@ class SlideLocks:
                 if not self._break_if_stale(path):
                     return False
                 continue
+            except OSError as error:  # a read-only or full file system, a folder without write permission
+                raise PipelineError(f"cannot write to the feature cache {self.directory.parent} ({error}); "
+                                    "pass a writable --features_dir") from error
             with os.fdopen(fd, "w") as handle:
                 handle.write(f"{self.host} {os.getpid()} {time.time():.3f}\n")
             with self._mutex:
@@ -360,15 +394,19 @@ class SlideLocks:
         return path.exists() and not self._is_stale(path)
 
     def sweep(self, cache_dir: Path) -> None:
-        """Remove stale locks, and the temporary files of slides no live process holds (left by a
-        kill). Other temporary files (manifest, failure records) go once older than the stale age."""
+        """Remove stale locks, and the temporary files of slides (and of the manifest) that no live
+        process holds the lock of: a kill left them. Other temporary files (failure records) go
+        once older than the stale age."""
         for lock in sorted(self.directory.glob("*.lock")):
             self._break_if_stale(lock)
         for path in [*Path(cache_dir).glob(".*.tmp"), *(Path(cache_dir) / FAILED_DIR).glob(".*.tmp")]:
-            match = _SLIDE_TEMPORARY.match(path.name) if path.parent == Path(cache_dir) else None
+            owner = None
+            if path.parent == Path(cache_dir):
+                match = _SLIDE_TEMPORARY.match(path.name)
+                owner = match.group(1) if match else MANIFEST_LOCK if _MANIFEST_TEMPORARY.match(path.name) else None
             with contextlib.suppress(OSError):
-                if match:
-                    if not self.held_by_other(match.group(1)) and match.group(1) not in self.held:
+                if owner is not None:
+                    if not self.held_by_other(owner) and owner not in self.held:
                         path.unlink()
                 elif time.time() - path.stat().st_mtime > LOCK_STALE_SECONDS:
                     path.unlink()

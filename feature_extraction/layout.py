@@ -15,7 +15,9 @@ Every patient folder is one slide and one bag. A patient may appear under a plai
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,12 @@ SPLITS = tuple(SPLIT_FOLDERS)
 
 # Whole-slide scanner formats: such a file directly inside a class folder is one slide.
 WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif")
+
+log = logging.getLogger(__name__)
+# Class folders already warned about loose tiles, so that a run which lists the cohort twice
+# (clam.train, then the embedding it starts) says it once.
+_warned_loose: set[tuple[str, int]] = set()
+_warned_mutex = threading.Lock()
 
 
 def project_root() -> Path:
@@ -92,7 +100,9 @@ def discover_slides(data_dir: str | Path, split: str = "train") -> list[SlideSou
 
     Raises PipelineError (with the expected layout) when ``data_dir`` or a required class
     folder is missing, when a class folder holds loose tiles instead of patient folders, or
-    when one patient appears under both labels."""
+    when one patient appears under both labels. Loose image files lying beside patient folders
+    are not embedded; a warning (logger ``feature_extraction.layout``) names the class folder,
+    counts them and says where to move them, once per process."""
     if split not in SPLIT_FOLDERS:
         raise PipelineError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     data_dir = Path(data_dir)
@@ -119,6 +129,7 @@ def discover_slides(data_dir: str | Path, split: str = "train") -> list[SlideSou
 
 def _slides_in_class_folder(class_dir: Path, folder: str, label: int, split: str) -> list[SlideSource]:
     # Imported here: wsi imports tiles, which imports this module.
+    from feature_extraction.tiles import TILE_SUFFIXES
     from feature_extraction.wsi import is_mirax_companion, is_whole_slide_file, whole_slide_files
 
     slides = []
@@ -146,7 +157,24 @@ def _slides_in_class_folder(class_dir: Path, folder: str, label: int, split: str
             f"{class_dir} holds {len(loose_tiles)} loose files (e.g. {loose_tiles[0]!r}) but no patient "
             f"folders. Put each patient's tiles in a folder of its own: {class_dir}/<patient>/<tiles>"
         )
+    _warn_loose_images(class_dir, [name for name in loose_tiles if name.lower().endswith(TILE_SUFFIXES)])
     return slides
+
+
+def _warn_loose_images(class_dir: Path, names: list[str]) -> None:
+    """Say (once per class folder and count) that image files beside the patient folders are
+    not embedded: they belong to no patient, so no bag can hold them."""
+    if not names:
+        return
+    key = (str(class_dir), len(names))
+    with _warned_mutex:
+        if key in _warned_loose:
+            return
+        _warned_loose.add(key)
+    log.warning(
+        "%s holds %d loose image file%s beside its patient folders (e.g. %r); they belong to no patient "
+        "and are NOT embedded. Move them into the folder of the patient they were cut from: %s/<patient>/<tiles>",
+        class_dir, len(names), "" if len(names) == 1 else "s", names[0], class_dir)
 
 
 def _check_patient_labels(slides: list[SlideSource], data_dir: Path) -> None:

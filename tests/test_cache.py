@@ -152,11 +152,31 @@ def test_sweep_removes_what_a_killed_run_left_and_spares_live_work(tmp_path):
     (cache_dir / f".S1.spill.{dead.pid}.tmp").write_bytes(b"rows")
     (cache_dir / ".locks" / "S2.lock").write_text("another-node 777 0\n")  # alive elsewhere
     (cache_dir / ".S2.h5.777.tmp").write_bytes(b"being written")
-    (cache_dir / ".manifest.csv.5.tmp").write_text("new")
+    (cache_dir / ".locks" / "manifest.csv.lock").write_text("another-node 778 0\n")  # being replaced elsewhere
+    (cache_dir / ".manifest.csv.778.tmp").write_text("new")
     old = cache_dir / ".failed" / ".S3.json.5.tmp"
     old.write_text("{}")
     os.utime(old, (time.time() - cache.LOCK_STALE_SECONDS - 1,) * 2)
 
     locks.sweep(cache_dir)
     left = sorted(p.name for p in cache_dir.rglob("*") if p.is_file() and p.name != "cache.json")
-    assert left == [".S2.h5.777.tmp", ".manifest.csv.5.tmp", "S2.lock"]
+    assert left == [".S2.h5.777.tmp", ".manifest.csv.778.tmp", "S2.lock", "manifest.csv.lock"]
+
+
+def test_the_manifest_is_replaced_under_a_lock_and_a_killed_writers_temp_file_is_swept(tmp_path, monkeypatch):
+    cache_dir = open_cache(tmp_path, CONFIG)
+    locks = SlideLocks(cache_dir)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (cache_dir / ".locks" / "manifest.csv.lock").write_text(f"{locks.host} {dead.pid} 0\n")  # killed mid-write
+    (cache_dir / f".manifest.csv.{dead.pid}.tmp").write_text("slide_id,half a row")
+    locks.sweep(cache_dir)
+    assert not list(cache_dir.glob(".manifest.csv.*")) and not list((cache_dir / ".locks").iterdir())
+
+    (cache_dir / ".locks" / "manifest.csv.lock").write_text("another-node 778 0\n")  # a live writer elsewhere
+    monkeypatch.setattr(cache, "MANIFEST_LOCK_WAIT_SECONDS", 0.2)
+    with pytest.raises(PipelineError, match="manifest.csv.lock has been held"):
+        write_manifest(cache_dir, [])
+    (cache_dir / ".locks" / "manifest.csv.lock").unlink()
+    write_manifest(cache_dir, [])
+    assert read_manifest(cache_dir) == [] and not list((cache_dir / ".locks").iterdir())

@@ -1,16 +1,23 @@
-"""Fault injection (see docs/reliability.md): malformed tiles and folders, unusable paths, broken
-bags, a disk that fills up mid-write, two embed processes racing on one cache, and clam.train
-killed by SIGKILL halfway through a checkpoint write.
+"""Fault injection (see docs/reliability.md): malformed tiles, image modes and odd names through a
+whole embed run, folders (loose tiles, missing or read-only paths), broken bags refused before
+training, a checkpoint whose pickle would run code, a disk that fills up mid-write, two embed
+processes racing on one cache, clam.train killed by SIGKILL halfway through a checkpoint write, and
+embed killed by SIGKILL at several seeded-random points.
 
-Faults already covered elsewhere (kill -9 of embed, truncated/zero-byte tiles, 16-bit, CMYK,
-corrupt or NaN bags, hostile checkpoints, ...) are referenced from docs/reliability.md, not repeated."""
+Faults covered elsewhere (decoder-level colour conversions, corrupt or NaN bags in clam.data, ...)
+are referenced from docs/reliability.md, not repeated."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import signal
+import struct
 import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +29,9 @@ from feature_extraction.bags import read_bag, validate_bag, write_bag
 from feature_extraction.cache import read_manifest
 from feature_extraction.embed import embed_cohort, main
 from feature_extraction.errors import BagError, PipelineError
+from feature_extraction.layout import discover_slides
 
-from test_embed import FAST, ROOT, write_cohort
+from test_embed import FAST, ROOT, assert_same_bags, write_cohort
 
 CLI = ["--backbone", "resnet18", "--weights", "random", "--runtime", "torch", "--num_workers", "0", "--quiet"]
 
@@ -35,8 +43,15 @@ def test_malformed_tiles_and_odd_names_are_embedded_or_skipped_by_name(tmp_path,
     (slide / "noise.png").write_bytes(np.random.default_rng(0).bytes(4096))
     Image.new("RGB", (64, 64), (200, 100, 180)).save(slide / "cut.jpg")
     (slide / "cut.jpg").write_bytes((slide / "cut.jpg").read_bytes()[:300])  # a truncated JPEG
+    Image.new("RGB", (64, 64), (200, 100, 180)).save(slide / "cut.png")
+    (slide / "cut.png").write_bytes((slide / "cut.png").read_bytes()[:100])  # a truncated PNG
+    (slide / "empty.png").write_bytes(b"")  # zero bytes
     Image.new("RGB", (1, 1), (200, 100, 180)).save(slide / "one_pixel.png")
     Image.new("RGB", (8000, 8000), (200, 100, 180)).save(slide / "huge.png", compress_level=1)
+    # Decompression bombs: headers that claim 100 Mpx (above the 89 Mpx limit) and 2.5 Gpx, in a few bytes.
+    (slide / "bomb_100mpx.png").write_bytes(png_header_claiming(10_000, 10_000))
+    (slide / "bomb_2gpx.png").write_bytes(png_header_claiming(50_000, 50_000))
+    os.symlink("self_loop.png", slide / "self_loop.png")  # a link to itself (ELOOP)
     odd = data / "EGFR_negative" / "Patiënt Ø 7"  # spaces and non-ASCII letters in folder and tile names
     odd.mkdir()
     Image.new("RGB", (32, 32), (190, 90, 170)).save(odd / "tuile à x0_y0.png")
@@ -46,12 +61,16 @@ def test_malformed_tiles_and_odd_names_are_embedded_or_skipped_by_name(tmp_path,
     code = main(["--data_dir", str(data), "--features_dir", str(tmp_path / "features"), *CLI])
     out = capsys.readouterr().out
     assert code == 0  # the run finished: there were embeddable slides
-    assert "error page.jpg" in out and "noise.png" in out and "cut.jpg" in out and "EGFR_negative__P_empty" in out
+    skipped = ["error page.jpg", "noise.png", "cut.jpg", "cut.png", "empty.png", "bomb_100mpx.png", "bomb_2gpx.png",
+               "self_loop.png"]
+    assert all(f"EGFR_positive__P1/{name}" in out for name in skipped) and "EGFR_negative__P_empty" in out
+    assert "pixel limit" in out  # the bombs are refused from their headers, before any pixel is decoded
 
     (cache_dir,) = (tmp_path / "features").iterdir()
     bag = read_bag(cache_dir / "EGFR_positive__P1.h5")
     assert sorted(bag.tile_names) == ["huge.png", "one_pixel.png", "tile_x0_y32.png", "tile_x32_y32.png"]
-    assert bag.attrs["n_skipped"] == 3 and np.isfinite(bag.features).all()
+    assert bag.attrs["n_skipped"] == len(skipped) and np.isfinite(bag.features).all()
+    assert sorted(t["name"] for t in json.loads(bag.attrs["skipped_tiles"])) == sorted(skipped)
     assert read_bag(cache_dir / "EGFR_negative__P2.h5").features.shape[0] == 2  # the loop was not followed
     assert read_bag(cache_dir / "EGFR_negative__Patiënt Ø 7.h5").tile_names == ["tuile à x0_y0.png"]
     rows = {row.slide_id: row for row in read_manifest(cache_dir)}
@@ -59,6 +78,92 @@ def test_malformed_tiles_and_odd_names_are_embedded_or_skipped_by_name(tmp_path,
     assert "no image tiles" in rows["EGFR_negative__P_empty"].error
     for path in cache_dir.glob("*.h5"):
         validate_bag(path, feature_dim=512)
+
+
+def test_tiles_of_every_image_mode_are_embedded_as_their_rgb_equivalents(tmp_path, capsys):
+    """16-bit PNG, CMYK JPEG, RGBA, grayscale and palette tiles go through a whole run, and each gets the
+    features of an 8-bit RGB PNG holding the colours it stands for (a twin tile in another slide)."""
+    from feature_extraction.tiles import decode_rgb
+
+    data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P_modes": 0}, "EGFR_negative": {"P_rgb": 0}})
+    modes, twins = data / "EGFR_positive" / "P_modes", data / "EGFR_negative" / "P_rgb"
+    modes.mkdir()
+    twins.mkdir()
+    rng = np.random.default_rng(3)
+    rgb = (rng.integers(0, 90, (48, 48, 3)) + np.array([150, 80, 150])).astype(np.uint8)
+    gray = rng.integers(0, 256, (48, 48)).astype(np.uint8)
+    expected = {}
+
+    Image.fromarray(gray.astype(np.uint16) * 257).save(modes / "gray16_x0_y0.png")  # 16-bit grayscale PNG
+    expected["gray16_x0_y0.png"] = np.repeat(gray[..., None], 3, -1)
+    Image.fromarray(gray, "L").save(modes / "gray_x48_y0.png")
+    expected["gray_x48_y0.png"] = np.repeat(gray[..., None], 3, -1)
+    palette = rng.integers(0, 256, (256, 3)).astype(np.uint8)
+    indices = rng.integers(0, 256, (48, 48)).astype(np.uint8)
+    paletted = Image.fromarray(indices, "P")
+    paletted.putpalette(palette.tobytes())
+    paletted.save(modes / "palette_x96_y0.png")
+    expected["palette_x96_y0.png"] = palette[indices]
+    alpha = np.where(rng.random((48, 48)) < 0.3, 0, 255).astype(np.uint8)  # transparent holes: white
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(modes / "rgba_x144_y0.png")
+    expected["rgba_x144_y0.png"] = np.where(alpha[..., None] == 255, rgb, 255).astype(np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(modes / "cmyk_x192_y0.jpg", quality=95)
+    cmyk = np.asarray(decode_rgb(modes / "cmyk_x192_y0.jpg"))  # JPEG is lossy: its own decode, checked close
+    assert np.abs(cmyk.astype(int) - rgb).mean() < 8
+    expected["cmyk_x192_y0.jpg"] = cmyk
+    for name, pixels in expected.items():
+        assert np.array_equal(np.asarray(decode_rgb(modes / name)), pixels), name
+        Image.fromarray(pixels).save(twins / f"{Path(name).stem}.png")
+
+    assert main(["--data_dir", str(data), "--features_dir", str(tmp_path / "features"), *CLI]) == 0
+    assert "skipped" not in capsys.readouterr().out
+    (cache_dir,) = (tmp_path / "features").iterdir()
+    odd, plain = read_bag(cache_dir / "EGFR_positive__P_modes.h5"), read_bag(cache_dir / "EGFR_negative__P_rgb.h5")
+    assert sorted(odd.tile_names) == sorted(expected) and odd.attrs["n_skipped"] == 0
+    assert not np.allclose(odd.features[0], odd.features[1])  # distinct tiles, distinct features
+    twin_rows = {Path(name).stem: row for name, row in zip(plain.tile_names, plain.features)}
+    for name, row in zip(odd.tile_names, odd.features):
+        np.testing.assert_allclose(row, twin_rows[Path(name).stem], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+class _CreatesAFileWhenUnpickled:
+    """A pickle payload that runs code when loaded: ``open(marker, "w")`` creates the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(tmp_path):
+    import torch
+
+    from clam.checkpoints import model_from_checkpoint
+    from clam.model import build_model
+    from clam.train import load_checkpoint
+
+    marker = tmp_path / "the payload ran"
+    model = build_model(in_dim=8)
+    torch.save({"model_state_dict": model.state_dict(), "epoch": 1, "payload": _CreatesAFileWhenUnpickled(marker)},
+               tmp_path / "evil.pt")
+    with pytest.raises(PipelineError, match="would run code"):
+        load_checkpoint(checkpoint_path=tmp_path / "evil.pt", model=model, device="cpu")
+    with pytest.raises(PipelineError, match="would run code"):
+        model_from_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()  # refused without running it
+
+    torch.load(tmp_path / "evil.pt", weights_only=False)["payload"].close()  # what an unguarded load would do
+    assert marker.exists()
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels, followed by one scanline of data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (3 * width + 1)))
+            + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("fault", ["no features", "inf"])
@@ -81,7 +186,18 @@ def test_a_data_dir_that_does_not_exist_is_named(tmp_path, capsys):
     assert main(["--data_dir", str(missing), "--features_dir", str(tmp_path / "f"), *CLI]) != 0
     err = capsys.readouterr().err
     assert str(missing) in err and "does not exist" in err
+    assert "Pass --data_dir" in err and "EGFR_positive/<patient>/<tiles>" in err  # what to do, and the layout
     assert not (tmp_path / "f").exists()
+
+
+def test_a_missing_class_folder_is_named_with_the_layout_it_expects(tmp_path, capsys):
+    data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P1": 1}})
+    (data / "EGFR_negative").rmdir()
+    assert main(["--data_dir", str(data), "--features_dir", str(tmp_path / "f"), *CLI]) == 2
+    err = capsys.readouterr().err
+    assert f"class folder {data / 'EGFR_negative'} is missing" in err
+    assert "EGFR_negative/<patient>/<tiles>" in err and "(optional)" in err and "Traceback" not in err
+    assert not (tmp_path / "f").exists()  # refused before anything was created
 
 
 def test_a_features_dir_that_cannot_be_created_is_named(tmp_path, capsys):
@@ -93,18 +209,125 @@ def test_a_features_dir_that_cannot_be_created_is_named(tmp_path, capsys):
     assert str(features) in err and "writable --features_dir" in err
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
-def test_a_read_only_features_dir_is_named(tmp_path, capsys):
+def simulate_read_only_file_system(monkeypatch, root: Path) -> None:
+    """From now on, in this process, every write under ``root`` fails with EROFS as on a read-only
+    mount: creating folders, opening files to write (Python, os.open, HDF5), renaming, removing,
+    linking and touching. Reads are untouched. Root ignores permission bits, so ``chmod`` alone
+    cannot make a read-only folder when the tests run as root; this can."""
+    import builtins
+    import io
+
+    import h5py
+
+    top = os.path.realpath(root)
+
+    def inside(path) -> bool:
+        if isinstance(path, int):
+            return False
+        real = os.path.realpath(os.fsdecode(path))
+        return real == top or real.startswith(top + os.sep)
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+    real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+    def open_(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and inside(file):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND) and inside(path):
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if inside(path) and not os.path.lexists(path):
+            refuse(path)
+        return real_mkdir(path, *args, **kwargs)  # an existing one: FileExistsError, as the kernel says
+
+    def refusing(real, *paths_at):
+        def call(*args, **kwargs):
+            for i in paths_at:
+                if i < len(args) and inside(args[i]):
+                    refuse(args[i])
+            return real(*args, **kwargs)
+        return call
+
+    class ReadOnlyH5File(h5py.File):
+        def __init__(self, name, mode="r", *args, **kwargs):
+            if mode != "r" and inside(name):
+                refuse(name)
+            super().__init__(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    for name, paths_at in [("replace", (0, 1)), ("rename", (0, 1)), ("unlink", (0,)), ("remove", (0,)),
+                           ("rmdir", (0,)), ("utime", (0,)), ("link", (1,)), ("symlink", (1,))]:
+        monkeypatch.setattr(os, name, refusing(getattr(os, name), *paths_at))
+    monkeypatch.setattr(h5py, "File", ReadOnlyH5File)
+
+
+@pytest.mark.parametrize("how", ["read-only file system (simulated EROFS)", "chmod 555 (not as root)"])
+def test_a_read_only_features_dir_is_named(tmp_path, capsys, monkeypatch, how):
     data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P1": 1}, "EGFR_negative": {"P2": 1}})
     features = tmp_path / "features"
     features.mkdir()
-    features.chmod(0o555)
+    if how.startswith("chmod"):
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            pytest.skip("root ignores file permissions; the simulated read-only file system covers root")
+        features.chmod(0o555)
+    else:
+        simulate_read_only_file_system(monkeypatch, features)
     try:
         code = main(["--data_dir", str(data), "--features_dir", str(features), *CLI])
     finally:
+        monkeypatch.undo()
         features.chmod(0o755)
     err = capsys.readouterr().err
-    assert code == 2 and str(features) in err and "writable --features_dir" in err
+    assert code == 2  # nothing can be done: no bag can be written
+    assert str(features) in err and "writable --features_dir" in err and "Traceback" not in err
+    assert not list(features.iterdir())
+
+
+def test_a_read_only_features_dir_holding_the_complete_cache_is_reused_and_missing_bags_are_named(
+        tmp_path, capsys, monkeypatch):
+    data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P1": 1}, "EGFR_negative": {"P2": 1}})
+    features = tmp_path / "features"
+    args = ["--data_dir", str(data), "--features_dir", str(features), *CLI]
+    assert main(args) == 0
+    (cache_dir,) = features.iterdir()
+    before = {p: p.read_bytes() for p in cache_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    simulate_read_only_file_system(monkeypatch, features)
+    assert main(args) == 0  # every bag is there: a shared read-only cache is usable as it is
+    out = capsys.readouterr().out
+    assert "0 embedded" in out and "2 reused" in out
+    assert {p: p.read_bytes() for p in cache_dir.rglob("*") if p.is_file()} == before
+
+    write_cohort(tmp_path / "train", {"EGFR_positive": {"P3": 1}}, seed=1)  # a new slide: it needs a bag
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(cache_dir) in err and "writable --features_dir" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in cache_dir.rglob("*") if p.is_file()} == before
+
+
+def test_clam_train_trains_from_a_complete_cache_on_a_read_only_features_dir(tmp_path, monkeypatch):
+    from clam.train import main as train_main
+    from tests.random_data import cohort_slides, write_cohort_folders, write_random_cache
+
+    slides = cohort_slides(8, "train", seed=1)
+    write_cohort_folders(tmp_path / "train", slides)
+    write_random_cache(tmp_path / "features", slides, feature_dim=16)
+    monkeypatch.setenv("CLAM_PROJECT_ROOT", str(tmp_path))
+    simulate_read_only_file_system(monkeypatch, tmp_path / "features")
+    assert train_main(["--no_progress", "--num_epochs", "1", "--output_dir", str(tmp_path / "runs")]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "best_model.pt").is_file()
 
 
 def test_a_full_disk_mid_write_keeps_earlier_bags_and_leaves_no_partial_file(tmp_path, monkeypatch):
@@ -220,3 +443,220 @@ def test_a_class_folder_of_loose_tiles_is_named(tmp_path, capsys):
     assert main(["--data_dir", str(data), "--features_dir", str(tmp_path / "f"), *CLI]) != 0
     message = capsys.readouterr().err
     assert str(data / "EGFR_positive") in message and "<patient>/<tiles>" in message
+
+
+# Runs `python -m feature_extraction.embed` (through runpy, as -m does) and stops for good at the
+# PAUSE_AT-th event of kind PAUSE_KIND, after writing PAUSE_MARKER, so that the parent kills it with
+# SIGKILL from outside at exactly that point. Kinds (counted per kind, so the point is the same on
+# every run whatever the threads do):
+#   tile      about to decode a tile (main thread)
+#   lock      a slide's lock just taken, nothing of the slide written yet (manifest lock not counted)
+#   half_bag  a bag's hidden temp .h5 holds its features but not yet coords, tile names, attrs (writer thread)
+#   full_bag  a bag's hidden temp .h5 complete and fsynced, not yet renamed to <slide_id>.h5
+#   manifest  manifest.csv complete under its hidden temp name, not yet renamed
+_PAUSED_EMBED = """
+import os, runpy, sys, threading, time
+import h5py
+from feature_extraction import bags, cache, tiles
+kind, at, marker = os.environ["PAUSE_KIND"], int(os.environ["PAUSE_AT"]), os.environ["PAUSE_MARKER"]
+seen, mutex = [0], threading.Lock()
+
+def event(name, detail):
+    if name != kind:
+        return
+    with mutex:
+        seen[0] += 1
+        hit = seen[0] == at
+    if hit:
+        with open(marker + ".part", "w", encoding="utf-8") as handle:
+            handle.write(str(detail))
+        real_replace(marker + ".part", marker)  # the parent sees the marker only once it is complete
+        while True:
+            time.sleep(1)  # the parent sends SIGKILL now
+
+real_load, real_acquire = tiles.TileRef.load, cache.SlideLocks.try_acquire
+real_create, real_replace = h5py.Group.create_dataset, os.replace
+
+def load(self):
+    event("tile", self.path)
+    return real_load(self)
+
+def try_acquire(self, slide_id):
+    taken = real_acquire(self, slide_id)
+    if taken and slide_id != cache.MANIFEST_LOCK:
+        event("lock", slide_id)
+    return taken
+
+def create_dataset(self, name, *args, **kwargs):
+    if name == bags.COORDS:
+        event("half_bag", self.file.filename)
+    return real_create(self, name, *args, **kwargs)
+
+def replace(src, dst, *args, **kwargs):
+    if str(dst).endswith(bags.BAG_SUFFIX):
+        event("full_bag", src)
+    elif os.path.basename(str(dst)) == cache.MANIFEST_CSV:
+        event("manifest", src)
+    return real_replace(src, dst, *args, **kwargs)
+
+tiles.TileRef.load, cache.SlideLocks.try_acquire = load, try_acquire
+h5py.Group.create_dataset, os.replace = create_dataset, replace
+sys.argv[0] = "feature_extraction.embed"
+runpy.run_module("feature_extraction.embed", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_minus_9_at_seeded_random_points_then_rerun_gives_the_bags_of_an_uninterrupted_run(tmp_path, tiny_cohort):
+    data = tiny_cohort.split_dirs["train"]
+    slides = discover_slides(data, "train")
+    n_tiles = {s.slide_id: len(list(s.path.glob("*.png"))) for s in slides}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    reference = embed_cohort(data, features_dir=tmp_path / "clean", batch_size=1, **FAST)  # uninterrupted
+    rng = np.random.default_rng(6)  # fixed: the same kill points on every run
+
+    def embed(features: Path) -> list[str]:
+        return [sys.executable, "-m", "feature_extraction.embed", "--data_dir", str(data),
+                "--features_dir", str(features), "--batch_size", "1", *CLI]
+
+    def bags_on_disk(features: Path) -> dict[str, tuple[int, int]]:
+        """slide_id -> (inode, mtime) of every bag; each file under a bag's name must be complete."""
+        found = {}
+        for path in features.glob("*/*.h5"):
+            if not path.name.startswith("."):
+                validate_bag(path, feature_dim=512)
+                found[path.stem] = (path.stat().st_ino, path.stat().st_mtime_ns)
+        return found
+
+    def rerun_and_check(features: Path, before: dict[str, tuple[int, int]]) -> None:
+        rerun = subprocess.run(embed(features), env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        n_missing = len(slides) - len(before)
+        assert f"{n_missing} embedded" in rerun.stdout and f"{len(before)} reused" in rerun.stdout, rerun.stdout
+        after = bags_on_disk(features)
+        assert {k: after[k] for k in before} == before  # the complete bags were reused, not rewritten
+        (cache_dir,) = features.iterdir()
+        assert [row.slide_id for row in read_manifest(cache_dir)] == sorted(s.slide_id for s in slides)
+        assert not [p for p in cache_dir.rglob("*") if p.suffix in (".tmp", ".lock")]
+        assert_same_bags(reference.cache_dir, cache_dir)  # equal (exactly so on a CPU)
+
+    # 1. A plain run killed at a random moment of its embedding: a seeded fraction of the time the
+    #    uninterrupted run took, counted from the first slide lock (the kill may land anywhere: decoding,
+    #    the backbone, HDF5 writes, renames; if the run is faster than that, it finishes instead).
+    features = tmp_path / "timed"
+    process = subprocess.Popen(embed(features), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and not list(features.glob("*/.locks/*__*.lock")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    delay = float(rng.uniform(0.0, 1.0)) * reference.embed_seconds
+    try:
+        process.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+    assert process.wait() in (0, -signal.SIGKILL)
+    before = bags_on_disk(features)
+    print(f"killed {delay:.2f} s into the embedding: {len(before)} of {len(slides)} bags complete")
+    rerun_and_check(features, before)
+
+    # 2. Three kills at events of three different kinds, each at a random occurrence among those the
+    #    remaining work reaches (so each lands mid-run and leaves work for the next run), then one
+    #    while the manifest is replaced (the last write of a run); then a plain rerun.
+    features = tmp_path / "paused"
+    points = [(str(kind), 0) for kind in rng.choice(["tile", "lock", "half_bag", "full_bag"], 3, replace=False)]
+    done: dict[str, tuple[int, int]] = {}
+    for kind, at in [*points, ("manifest", 1)]:
+        missing = [s.slide_id for s in slides if s.slide_id not in done]
+        if kind != "manifest":
+            at = int(rng.integers(1, (sum(n_tiles[s] for s in missing) if kind == "tile" else len(missing)) + 1))
+        marker = tmp_path / f"paused_{kind}_{at}"
+        process = subprocess.Popen([sys.executable, "-c", _PAUSED_EMBED, *embed(features)[3:]], env={
+            **env, "PAUSE_KIND": kind, "PAUSE_AT": str(at), "PAUSE_MARKER": str(marker)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        stderr = process.communicate()[1]
+        assert marker.exists(), f"never reached {kind} #{at}:\n{stderr}"
+        assert process.returncode == -signal.SIGKILL
+        if kind in ("half_bag", "full_bag", "manifest"):
+            left = Path(marker.read_text(encoding="utf-8"))  # the hidden temp file it was writing
+            assert left.name.startswith(".") and left.name.endswith(".tmp") and left.exists()
+        now = bags_on_disk(features)
+        assert {k: now.get(k) for k in done} == done  # no complete bag lost or rewritten
+        done = now
+        print(f"killed at {kind} #{at}: {len(done)} of {len(slides)} bags complete")
+    assert len(done) == len(slides)  # the run killed at the manifest had written every bag
+    rerun_and_check(features, done)
+
+
+def test_loose_tiles_beside_patient_folders_are_named_once_and_the_run_goes_on(tmp_path, capsys, caplog):
+    data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P1": 2}, "EGFR_negative": {"P2": 2}})
+    class_dir = data / "EGFR_positive"
+    for name in ("tile_x0_y0.png", "tile_x32_y0.jpg", "tile_x64_y0.png"):
+        Image.new("RGB", (32, 32), (200, 120, 180)).save(class_dir / name)
+    (class_dir / "notes.txt").write_text("not an image: not counted")
+
+    with caplog.at_level("WARNING", logger="feature_extraction.layout"):
+        discover_slides(data, "train")  # clam.train lists the cohort, then the embedding it starts lists it again
+        code = main(["--data_dir", str(data), "--features_dir", str(tmp_path / "features"), *CLI])
+    assert code == 0  # the run goes on
+    (warning,) = [r for r in caplog.records if r.name == "feature_extraction.layout"]  # said once
+    message = warning.getMessage()
+    assert warning.levelname == "WARNING" and str(class_dir) in message and "3 loose image files" in message
+    assert "NOT embedded" in message and "Move them into the folder of the patient" in message
+    assert f"{class_dir}/<patient>/<tiles>" in message
+    (cache_dir,) = (tmp_path / "features").iterdir()
+    assert sorted(p.stem for p in cache_dir.glob("*.h5")) == ["EGFR_negative__P2", "EGFR_positive__P1"]
+    assert read_bag(cache_dir / "EGFR_positive__P1.h5").features.shape[0] == 2  # the loose tiles are in no bag
+
+
+def test_the_loose_tile_warning_reaches_stderr_of_the_command(tmp_path):
+    data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P1": 1}, "EGFR_negative": {"P2": 1}})
+    Image.new("RGB", (32, 32), (200, 120, 180)).save(data / "EGFR_negative" / "stray.png")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    code = "import sys; from feature_extraction.layout import discover_slides; discover_slides(sys.argv[1])"
+    listed = subprocess.run([sys.executable, "-c", code, str(data)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stderr.count("loose image file") == 1 and str(data / "EGFR_negative") in listed.stderr
+
+
+@pytest.mark.parametrize("fault, says", [
+    ("truncated", "truncated or corrupt"), ("no features", "no 'features'"), ("NaN", "NaN"), ("Inf", "Inf"),
+    ("wrong dimension", "feature dimension 8, expected 16"), ("another cache key", "cache key 'otherkey'"),
+])
+def test_a_broken_bag_stops_clam_train_by_name_before_training(tmp_path, monkeypatch, capsys, fault, says):
+    import h5py  # only to forge a broken file
+
+    from clam.train import main as train_main
+    from tests.random_data import cohort_slides, write_cohort_folders, write_random_cache
+
+    slides = cohort_slides(8, "train", seed=1)
+    write_cohort_folders(tmp_path / "train", slides)
+    cache_dir = write_random_cache(tmp_path / "features", slides, feature_dim=16)
+    monkeypatch.setenv("CLAM_PROJECT_ROOT", str(tmp_path))
+    victim = cache_dir / f"{slides[-1].slide_id}.h5"
+    bag = read_bag(victim)
+    features, attrs = bag.features.copy(), dict(bag.attrs)
+    if fault == "truncated":
+        victim.write_bytes(victim.read_bytes()[:300])
+    elif fault == "no features":
+        with h5py.File(victim, "a") as h5:
+            del h5["features"]
+    else:
+        if fault == "NaN":
+            features[1, 2] = np.nan
+        elif fault == "Inf":
+            features[1, 2] = -np.inf
+        elif fault == "wrong dimension":
+            features = features[:, :8]
+        else:
+            attrs["cache_key"] = "otherkey"
+        attrs.pop("feature_dim", None), attrs.pop("n_instances", None), attrs.pop("format_version", None)
+        write_bag(victim, features, bag.coords, bag.tile_names, attrs)
+
+    assert train_main(["--no_progress", "--num_epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(victim) in err and says in err and "Traceback" not in err
+    assert not (tmp_path / "clam" / "checkpoints").exists()  # refused before training: no run folder
