@@ -470,6 +470,8 @@ class _Embedding:
         self.outcome[slide.slide_id] = "failed"
 
     def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
         self.writer.shutdown(wait=True)
         self.locks.release_all()
 

@@ -19,6 +19,7 @@ import importlib.util
 import math
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -190,6 +191,9 @@ class TorchRunner:
             return lambda: features.cpu().numpy()
         return lambda: features.numpy()
 
+    def close(self) -> None:
+        pass
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -197,7 +201,11 @@ class TorchRunner:
 
 
 class OnnxRunner:
-    """ONNX Runtime on the CPU, fp32, the exported ``NormalizedBackbone`` graph."""
+    """ONNX Runtime on the CPU, fp32, the exported ``NormalizedBackbone`` graph.
+
+    ``start`` hands the batch to one runner thread and returns at once (ONNX Runtime releases
+    the GIL), so the caller's bookkeeping for the previous batch (gathering rows, queueing bag
+    writes, the progress bar) overlaps the forward pass instead of adding to it."""
 
     name = "onnxruntime"
 
@@ -215,10 +223,18 @@ class OnnxRunner:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
 
     def start(self, tiles: torch.Tensor) -> Result:
-        features = self.session.run(None, {self.input_name: np.ascontiguousarray(tiles.numpy())})[0]
-        return lambda: features
+        """Queue the forward pass of (N, H, W, 3) uint8 ``tiles``; call the result for (N, D) float32."""
+        future = self._thread.submit(self._run, np.ascontiguousarray(tiles.numpy()))
+        return future.result
+
+    def _run(self, tiles: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: tiles})[0]
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
 
 
 def build_runner(backbone: LoadedBackbone, plan: ComputePlan, features_dir: Path,
