@@ -53,6 +53,7 @@ LOCK_REFRESH_SECONDS = 60.0
 _SLIDE_TEMPORARY = re.compile(rf"^\.(.+)\.(?:{re.escape(BAG_SUFFIX[1:])}|spill)\.\d+\.tmp$")
 MANIFEST_LOCK = "manifest.csv"  # held (in LOCK_DIR) while manifest.csv is replaced; slide ids all hold "__"
 MANIFEST_LOCK_WAIT_SECONDS = 60.0
+_FAILURE_TEMPORARY = re.compile(r"^\.(.+)\.json\.\d+\.tmp$")  # in .failed/: atomic.temp_path_for of a record
 _MANIFEST_TEMPORARY = re.compile(r"^\.manifest\.csv\.\d+\.tmp$")  # atomic.temp_path_for of manifest.csv
 
 
@@ -288,7 +289,8 @@ def current_bag_attrs(cache_dir: Path, slide_id: str, cache_key: str, tiles_dige
 
 
 def write_failure(cache_dir: Path, record: dict[str, Any]) -> None:
-    """Record that ``record['slide_id']`` produced no bag (and why)."""
+    """Record that ``record['slide_id']`` produced no bag (and why). Call only while holding
+    the slide's lock: ``SlideLocks.sweep`` removes the temporary file of a killed writer."""
     path = cache_dir / FAILED_DIR / f"{record['slide_id']}.json"
     try:
         atomic_write_json(path, record)
@@ -394,14 +396,17 @@ class SlideLocks:
         return path.exists() and not self._is_stale(path)
 
     def sweep(self, cache_dir: Path) -> None:
-        """Remove stale locks, and the temporary files of slides (and of the manifest) that no live
-        process holds the lock of: a kill left them. Other temporary files (failure records) go
-        once older than the stale age."""
+        """Remove stale locks, and the temporary files of slides (bags, spills, failure records)
+        and of the manifest that no live process holds the lock of: a kill left them. Any
+        other temporary file goes once older than the stale age."""
         for lock in sorted(self.directory.glob("*.lock")):
             self._break_if_stale(lock)
-        for path in [*Path(cache_dir).glob(".*.tmp"), *(Path(cache_dir) / FAILED_DIR).glob(".*.tmp")]:
-            owner = None
-            if path.parent == Path(cache_dir):
+        failed = Path(cache_dir) / FAILED_DIR
+        for path in [*Path(cache_dir).glob(".*.tmp"), *failed.glob(".*.tmp")]:
+            if path.parent == failed:
+                match = _FAILURE_TEMPORARY.match(path.name)
+                owner = match.group(1) if match else None
+            else:
                 match = _SLIDE_TEMPORARY.match(path.name)
                 owner = match.group(1) if match else MANIFEST_LOCK if _MANIFEST_TEMPORARY.match(path.name) else None
             with contextlib.suppress(OSError):

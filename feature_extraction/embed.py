@@ -162,7 +162,8 @@ def embed_cohort(
         try:
             listings.append(list_slide_tiles(slide, max_tiles, seed, wsi, plan_cache=features_dir / PLAN_CACHE_FOLDER))
         except PipelineError as error:  # e.g. an unreadable whole-slide file: this slide fails, the run goes on
-            job.record_failure(SlideTiles(slide, (), 0, (), ""), str(error))
+            # recorded in the pass, under the slide's lock and by one rank only, like any slide without tiles
+            listings.append(SlideTiles(slide, (), 0, (), "", reason=str(error)))
     listings = [listings[i] for i in _shard_order(len(listings), rank, world)]
     try:
         job.run(listings)
@@ -359,7 +360,7 @@ class _Embedding:
             remove_stale_temporaries(self.cache_dir, slide_id)
             if not listing.tiles:
                 # A whole slide without tissue or resolution, or unreadable, says why (wsi.py).
-                self.record_failure(listing, getattr(listing, "reason", "") or f"no image tiles in {listing.slide.path}"
+                self.record_failure(listing, listing.reason or f"no image tiles in {listing.slide.path}"
                                      + (f" ({len(listing.ignored)} non-image files ignored)" if listing.ignored else ""))
                 self.locks.release(slide_id)
                 continue

@@ -77,7 +77,8 @@ class SlideTiles:
     ``tiles`` is the ``max_tiles`` subset (all tiles when the slide has fewer), in listing
     order; ``n_available`` counts every tile found; ``ignored`` names the non-image files;
     ``tiles_digest`` changes whenever a tile is added, removed, resized or rewritten;
-    ``attrs`` are extra bag attributes from the slide reader (e.g. a whole slide's resolution)."""
+    ``attrs`` are extra bag attributes from the slide reader (e.g. a whole slide's resolution);
+    ``reason`` says why a slide that has no tiles has none (unreadable, no tissue, ...)."""
 
     slide: SlideSource
     tiles: tuple[TileRef, ...]
@@ -85,6 +86,7 @@ class SlideTiles:
     ignored: tuple[str, ...]
     tiles_digest: str
     attrs: Mapping[str, Any] = field(default_factory=dict)
+    reason: str = ""
 
 
 def list_slide_tiles(slide: SlideSource, max_tiles: int = 100, seed: int = 0, wsi=None,

@@ -549,7 +549,6 @@ class WsiSlideTiles(SlideTiles):
     and, for a skipped slide (no tiles), the reason naming it."""
 
     plan: SlidePlan | None = None
-    reason: str = ""
 
 
 # --------------------------------------------------------------------------- the plan cache

@@ -154,13 +154,16 @@ def test_sweep_removes_what_a_killed_run_left_and_spares_live_work(tmp_path):
     (cache_dir / ".S2.h5.777.tmp").write_bytes(b"being written")
     (cache_dir / ".locks" / "manifest.csv.lock").write_text("another-node 778 0\n")  # being replaced elsewhere
     (cache_dir / ".manifest.csv.778.tmp").write_text("new")
-    old = cache_dir / ".failed" / ".S3.json.5.tmp"
-    old.write_text("{}")
-    os.utime(old, (time.time() - cache.LOCK_STALE_SECONDS - 1,) * 2)
+    (cache_dir / ".failed" / f".S1.json.{dead.pid}.tmp").write_text("{")  # a failure record, killed mid-write
+    (cache_dir / ".failed" / ".S2.json.777.tmp").write_text("{")  # being written under a live lock
+    (cache_dir / ".failed" / ".S3.json.5.tmp").write_text("{")  # fresh, and no lock: nobody is writing it
+    odd = cache_dir / ".failed" / ".notes.tmp"  # no owner can be told from the name: goes once old
+    odd.write_text("?")
+    os.utime(odd, (time.time() - cache.LOCK_STALE_SECONDS - 1,) * 2)
 
     locks.sweep(cache_dir)
     left = sorted(p.name for p in cache_dir.rglob("*") if p.is_file() and p.name != "cache.json")
-    assert left == [".S2.h5.777.tmp", ".manifest.csv.778.tmp", "S2.lock", "manifest.csv.lock"]
+    assert left == [".S2.h5.777.tmp", ".S2.json.777.tmp", ".manifest.csv.778.tmp", "S2.lock", "manifest.csv.lock"]
 
 
 def test_the_manifest_is_replaced_under_a_lock_and_a_killed_writers_temp_file_is_swept(tmp_path, monkeypatch):
