@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -244,21 +245,35 @@ def _embed_missing(
     max_tiles, seed = int(loaded.cache.get("max_tiles", 0)), int(loaded.cache.get("seed", 0))
     log(f"feature cache: {len(missing)} of {len(slide_ids)} slides of {data_dir} are not in {cache_dir}; "
         f"embedding them first with the checkpoint's {backbone} / {weights} (max_tiles {max_tiles}, seed {seed}).")
-    from feature_extraction.embed import embed_cohort  # stage 1 is loaded only when it is needed
+    from feature_extraction.embed import CacheKeyMismatch, embed_cohort  # stage 1 is loaded only when needed
+    from feature_extraction.wsi import WsiConfig
 
-    report = embed_cohort(
-        data_dir, config.split, features_dir=cache_dir.parent, backbone=backbone, weights=weights,
-        max_tiles=max_tiles, seed=seed, num_workers=config.num_workers, device=config.device,
-        progress=config.progress,
-    )
-    if report.cache_key != loaded.cache_key:
+    tiling = loaded.cache.get("wsi_tiling") or ""  # whole slides are tiled as they were for training
+    try:
+        report = embed_cohort(
+            data_dir, config.split, features_dir=cache_dir.parent, backbone=backbone, weights=weights,
+            max_tiles=max_tiles, seed=seed, num_workers=config.num_workers, device=config.device,
+            progress=config.progress, wsi=WsiConfig.from_dict(json.loads(tiling)) if tiling else None,
+            expected_cache_key=loaded.cache_key,  # refused before a tile is embedded
+        )
+    except CacheKeyMismatch as mismatch:
         raise PipelineError(
             f"embedding {data_dir} with the checkpoint's backbone {backbone!r} and weights {weights!r} now gives "
-            f"cache key {report.cache_key!r} (in {report.cache_dir}), but {loaded.path} was trained on "
-            f"{loaded.cache_key!r}: the weights or the transform changed since training. Its predictions on these "
-            "features would be meaningless; use the weights the model was trained with, or retrain."
-        )
+            f"cache key {mismatch.config.cache_key!r}, but {loaded.path} was trained on {loaded.cache_key!r}: "
+            f"{_key_difference(mismatch.config, loaded.cache)}. Its predictions on these features would be "
+            "meaningless; use the weights the model was trained with, or retrain. Nothing was embedded."
+        ) from None
     return Path(report.cache_dir)
+
+
+def _key_difference(config, trained: dict) -> str:
+    """Which recorded fields of the training cache differ from ``config`` (an ExtractionConfig)."""
+    now = {k: v for k, v in asdict(config).items() if k != "weights"}
+    changed = [k for k, v in now.items() if k in trained and str(trained[k]) != str(v)]
+    if not changed:
+        return "the weights or the transform changed since training"
+    return "changed since training: " + ", ".join(
+        f"{k} {str(trained[k])[:40]!r} -> {str(now[k])[:40]!r}" for k in changed)
 
 
 def _check_cache_key(cache_dir: Path, loaded: LoadedModel) -> None:

@@ -103,6 +103,14 @@ class EmbedReport:
         return self.n_tiles_embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
 
+class CacheKeyMismatch(PipelineError):
+    """The configuration of an ``embed_cohort`` call does not give the cache key it was asked for."""
+
+    def __init__(self, config: ExtractionConfig) -> None:
+        super().__init__(f"this configuration gives cache key {config.cache_key!r}, not the one expected")
+        self.config = config
+
+
 def embed_cohort(
     data_dir: str | Path,
     split: str = "train",
@@ -120,14 +128,17 @@ def embed_cohort(
     overwrite: bool = False,
     progress: bool = True,
     wsi: WsiConfig | None = None,
+    expected_cache_key: str | None = None,
 ) -> EmbedReport:
     """Embed the slides of ``data_dir`` (layout of ``split``) into the cache of this
     configuration under ``features_dir``; reuse every bag that is already current.
 
     ``max_tiles <= 0`` embeds every tile. ``wsi`` says how whole-slide images are tiled
     (docs/wsi.md; default settings when None). ``overwrite`` re-embeds this cohort's slides even
-    when their bags are current. Raises PipelineError for an unusable input or set-up (bad
-    folder, missing weights); unreadable tiles and slides are skipped and reported."""
+    when their bags are current. ``expected_cache_key``: raise CacheKeyMismatch, before any
+    tile is embedded, if this configuration's cache key is another (a model trained on one
+    cache being evaluated on slides embedded anew). Raises PipelineError for an unusable input
+    or set-up (bad folder, missing weights); unreadable tiles and slides are skipped and reported."""
     started = time.time()
     slides = discover_slides(data_dir, split)
     if not slides:
@@ -150,6 +161,8 @@ def embed_cohort(
         wsi_tiling=(json.dumps((wsi or WsiConfig()).as_dict(), sort_keys=True)
                     if any(slide.kind == "wsi" for slide in slides) else ""),
     )
+    if expected_cache_key is not None and config.cache_key != expected_cache_key:
+        raise CacheKeyMismatch(config)
     features_dir = Path(features_dir) if features_dir is not None else default_features_dir()
     cache_dir = open_cache(features_dir, config)
     log(f"{describe(loaded)}\ncache {cache_dir}")

@@ -33,9 +33,9 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -101,6 +101,15 @@ class WsiConfig:
         out = asdict(self)
         out["saturation_range"] = list(self.saturation_range)
         return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "WsiConfig":
+        """The inverse of ``as_dict`` (e.g. the tiling a feature cache records); unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in values.items() if k in known}
+        if "saturation_range" in kept:
+            kept["saturation_range"] = tuple(kept["saturation_range"])
+        return cls(**kept)
 
 
 @dataclass(frozen=True)

@@ -366,14 +366,16 @@ def test_slides_embedded_to_another_key_than_the_checkpoints_are_refused(tiny_co
     root, run_dir = trained_on_tiny_cohort
     checkpoint = read_checkpoint(run_dir / BEST_NAME)
     # As if the model had been trained on other weights: the key embedding gives now is not its key.
-    checkpoint["cache"] = {**checkpoint["cache"], "cache_key": "0" * 64,
+    checkpoint["cache"] = {**checkpoint["cache"], "cache_key": "0" * 64, "weights_digest": "f" * 64,
                            "cache_dir": str(tmp_path / "features" / "gone")}
     save_checkpoint(tmp_path / "run_1" / BEST_NAME, checkpoint)
     config = EvaluateConfig(data_dir=tiny_cohort.split_dirs["test"], checkpoint=tmp_path / "run_1" / BEST_NAME,
                             features_dir=tmp_path / "features", num_workers=0, device="cpu", progress=False)
-    with pytest.raises(PipelineError, match="was trained on"):
+    with pytest.raises(PipelineError, match="was trained on") as refused:
         evaluate(config, log=lambda _: None)
+    assert "weights_digest 'ffff" in str(refused.value) and "Nothing was embedded" in str(refused.value)
     assert not list((tmp_path / "run_1").glob("eval_*"))
+    assert not list(tmp_path.rglob("*.h5"))  # refused before a tile was embedded, not after the whole split
 
 
 def test_slides_that_failed_embedding_are_reported_not_reembedded(tmp_path):

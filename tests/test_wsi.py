@@ -581,3 +581,11 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     other = embed_cohort(data, "train", features_dir=tmp_path / "features",
                          **{**fast, "wsi": WsiConfig(tile_size=64, min_tissue=0.9)})
     assert other.cache_key != report.cache_key and other.n_embedded == 2
+
+
+def test_the_tiling_a_cache_records_reads_back_as_the_same_settings():
+    from feature_extraction.wsi import WsiConfig
+
+    tiling = WsiConfig(tile_size=224, tile_mpp=1.0, min_tissue=0.25, slide_mpp=0.25, saturation_range=(10, 40))
+    recorded = json.loads(json.dumps(tiling.as_dict()))  # as cache.json and checkpoints keep it
+    assert WsiConfig.from_dict({**recorded, "a_later_field": 1}) == tiling
