@@ -16,6 +16,7 @@ then rename) so a file under its final name is always complete.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ COORDS = "coords"
 TILE_NAMES = "tile_names"
 COORD_SENTINEL = -1  # coords value of a tile whose name carries no position
 BAG_SUFFIX = ".h5"
+IN_MEMORY_BAG_BYTES = 256 * 2**20  # bags with up to this much feature data are built in memory, then written
 
 
 @dataclass
@@ -67,16 +69,30 @@ def write_bag(
             f"features {features.shape}, coords {coords.shape} and {len(tile_names)} tile names disagree"
         )
     with atomic_output(path) as tmp:
-        # Contiguous, uncompressed: features barely compress and chunking slows reads (MEASUREMENTS.md).
-        with h5py.File(tmp, "w") as h5:
-            h5.create_dataset(FEATURES, data=features)
-            h5.create_dataset(COORDS, data=coords)
-            h5.create_dataset(TILE_NAMES, data=list(tile_names), dtype=h5py.string_dtype("utf-8"))
-            h5.attrs["format_version"] = FORMAT_VERSION
-            h5.attrs["feature_dim"] = int(features.shape[1])
-            h5.attrs["n_instances"] = int(features.shape[0])
-            for key, value in attrs.items():
-                h5.attrs[key] = _to_attr(value)
+        if features.nbytes <= IN_MEMORY_BAG_BYTES:
+            # Built in memory, then written with one plain write: a full disk or a failing device
+            # raises an ordinary OSError here, instead of an HDF5 flush failing inside close()
+            # and again, noisily, each time h5py's objects are collected.
+            image = io.BytesIO()
+            with h5py.File(image, "w") as h5:
+                _fill_bag(h5, features, coords, tile_names, attrs)
+            Path(tmp).write_bytes(image.getbuffer())
+        else:  # a bag too large to hold twice in memory is written in place
+            with h5py.File(tmp, "w") as h5:
+                _fill_bag(h5, features, coords, tile_names, attrs)
+
+
+def _fill_bag(h5: h5py.File, features: np.ndarray, coords: np.ndarray, tile_names: Sequence[str],
+              attrs: Mapping[str, Any]) -> None:
+    # Contiguous, uncompressed: features barely compress and chunking slows reads (MEASUREMENTS.md).
+    h5.create_dataset(FEATURES, data=features)
+    h5.create_dataset(COORDS, data=coords)
+    h5.create_dataset(TILE_NAMES, data=list(tile_names), dtype=h5py.string_dtype("utf-8"))
+    h5.attrs["format_version"] = FORMAT_VERSION
+    h5.attrs["feature_dim"] = int(features.shape[1])
+    h5.attrs["n_instances"] = int(features.shape[0])
+    for key, value in attrs.items():
+        h5.attrs[key] = _to_attr(value)
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:

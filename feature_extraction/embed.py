@@ -441,8 +441,8 @@ class _Embedding:
                 write_bag(path, features, np.array([[t.x, t.y] for t in tiles], np.int64).reshape(-1, 2),
                           [t.name for t in tiles], self._attrs(listing, skipped))
             except OSError as error:
-                raise PipelineError(f"cannot write bag {path} ({error}); check free space and permissions, "
-                                    "then rerun to resume") from error
+                raise PipelineError(f"cannot write bag {path} ({_os_error_text(error)}); check free space and "
+                                    "permissions, then rerun to resume") from error
             clear_failure(self.cache_dir, slide.slide_id)
             return "embedded"
         finally:
@@ -488,6 +488,13 @@ class _Embedding:
             self.runner.close()
         self.writer.shutdown(wait=True)
         self.locks.release_all()
+
+
+def _os_error_text(error: OSError) -> str:
+    """``[Errno 28] No space left on device`` rather than a library's multi-line report."""
+    if error.errno:
+        return f"[Errno {error.errno}] {os.strerror(error.errno)}"
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _compact(features: np.ndarray, rows: list[int]) -> np.ndarray:

@@ -9,9 +9,11 @@ are referenced from docs/reliability.md, not repeated."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -451,12 +453,11 @@ def test_a_class_folder_of_loose_tiles_is_named(tmp_path, capsys):
 # every run whatever the threads do):
 #   tile      about to decode a tile (main thread)
 #   lock      a slide's lock just taken, nothing of the slide written yet (manifest lock not counted)
-#   half_bag  a bag's hidden temp .h5 holds its features but not yet coords, tile names, attrs (writer thread)
+#   half_bag  a bag's hidden temp .h5 holds the first half of its bytes (writer thread)
 #   full_bag  a bag's hidden temp .h5 complete and fsynced, not yet renamed to <slide_id>.h5
 #   manifest  manifest.csv complete under its hidden temp name, not yet renamed
 _PAUSED_EMBED = """
-import os, runpy, sys, threading, time
-import h5py
+import os, pathlib, runpy, sys, threading, time
 from feature_extraction import bags, cache, tiles
 kind, at, marker = os.environ["PAUSE_KIND"], int(os.environ["PAUSE_AT"]), os.environ["PAUSE_MARKER"]
 seen, mutex = [0], threading.Lock()
@@ -475,7 +476,7 @@ def event(name, detail):
             time.sleep(1)  # the parent sends SIGKILL now
 
 real_load, real_acquire = tiles.TileRef.load, cache.SlideLocks.try_acquire
-real_create, real_replace = h5py.Group.create_dataset, os.replace
+real_write_bytes, real_replace = pathlib.Path.write_bytes, os.replace
 
 def load(self):
     event("tile", self.path)
@@ -487,10 +488,13 @@ def try_acquire(self, slide_id):
         event("lock", slide_id)
     return taken
 
-def create_dataset(self, name, *args, **kwargs):
-    if name == bags.COORDS:
-        event("half_bag", self.file.filename)
-    return real_create(self, name, *args, **kwargs)
+def write_bytes(self, data):
+    if self.name.startswith(".") and bags.BAG_SUFFIX + "." in self.name and self.name.endswith(".tmp"):
+        view = memoryview(data)
+        with open(self, "wb") as handle:  # as a kill mid-write would leave it
+            handle.write(view[: len(view) // 2])
+        event("half_bag", self)
+    return real_write_bytes(self, data)
 
 def replace(src, dst, *args, **kwargs):
     if str(dst).endswith(bags.BAG_SUFFIX):
@@ -500,7 +504,7 @@ def replace(src, dst, *args, **kwargs):
     return real_replace(src, dst, *args, **kwargs)
 
 tiles.TileRef.load, cache.SlideLocks.try_acquire = load, try_acquire
-h5py.Group.create_dataset, os.replace = create_dataset, replace
+pathlib.Path.write_bytes, os.replace = write_bytes, replace
 sys.argv[0] = "feature_extraction.embed"
 runpy.run_module("feature_extraction.embed", run_name="__main__", alter_sys=True)
 """
@@ -660,3 +664,69 @@ def test_a_broken_bag_stops_clam_train_by_name_before_training(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert str(victim) in err and says in err and "Traceback" not in err
     assert not (tmp_path / "clam" / "checkpoints").exists()  # refused before training: no run folder
+
+
+# ------------------------------------------------------------ real file systems (root with mount rights)
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "4m"):
+    """A real tmpfs of ``size`` mounted at ``path`` (skips the test where mounting is not allowed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True) if shutil.which("mount") else None
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root with mount rights; the simulated file systems cover the rest")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount(path: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True)
+
+
+def test_a_real_read_only_mount_is_reused_when_complete_and_named_when_a_bag_is_missing(tmp_path, capsys):
+    data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P1": 1}, "EGFR_negative": {"P2": 1}})
+    with tmpfs(tmp_path / "features") as features:
+        args = ["--data_dir", str(data), "--features_dir", str(features), *CLI]
+        assert main(args) == 0
+        (cache_dir,) = features.iterdir()
+        before = {p: p.read_bytes() for p in cache_dir.rglob("*") if p.is_file()}
+        remount(features, "ro")
+        capsys.readouterr()
+        assert main(args) == 0  # every bag is there: a read-only shared cache is used as it is
+        assert "0 embedded" in capsys.readouterr().out
+        write_cohort(tmp_path / "train", {"EGFR_positive": {"P3": 1}}, seed=1)  # a new slide needs a bag
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert str(cache_dir) in err and "writable --features_dir" in err and "Traceback" not in err
+        assert {p: p.read_bytes() for p in cache_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_really_full_disk_keeps_earlier_bags_and_a_rerun_with_space_resumes(tmp_path, capsys):
+    data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P1": 2}, "EGFR_negative": {"P2": 2}})
+    with tmpfs(tmp_path / "features", size="2m") as features:
+        args = ["--data_dir", str(data), "--features_dir", str(features), *CLI]
+        assert main(args) == 0
+        (cache_dir,) = features.iterdir()
+        first = {p.name: p.read_bytes() for p in cache_dir.glob("*.h5")}
+        write_cohort(tmp_path / "train", {"EGFR_positive": {f"P{i}": 24 for i in range(3, 6)}}, seed=1)
+        filler = features / "filler"
+        stat = os.statvfs(features)
+        filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 24 * 1024))  # 24 KiB left: a lock, not a bag
+        capsys.readouterr()
+
+        assert main(args) != 0
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and str(cache_dir) in err, err
+        assert "No space left on device" in err and "free space" in err, err
+        assert {p.name: p.read_bytes() for p in cache_dir.glob("*.h5")} == first  # earlier bags untouched
+        for path in cache_dir.glob("*.h5"):
+            validate_bag(path, feature_dim=512)  # nothing under a bag's name is half written
+
+        filler.unlink()
+        assert main(args) == 0  # space again: the rerun embeds what is missing, reuses the rest
+        assert "3 embedded" in capsys.readouterr().out
+        assert len(list(cache_dir.glob("*.h5"))) == 5
+        assert not list(cache_dir.rglob("*.tmp"))
