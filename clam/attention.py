@@ -251,7 +251,8 @@ def plot_topk(
 
 
 def plot_heatmap(
-    path: str | Path, slide: SlideAttention, data_dir: Path | None, top_k: int = DEFAULT_TOP_K
+    path: str | Path, slide: SlideAttention, data_dir: Path | None, top_k: int = DEFAULT_TOP_K,
+    notes: list[str] | None = None,
 ) -> str | None:
     """The slide (left) and the attention laid over it (right).
 
@@ -261,7 +262,7 @@ def plot_heatmap(
     the map is drawn as for tile folders: the slide reassembled from its tiles. Colour is the
     tile's attention percentile within the slide (1 = highest), as CLAM draws it; the
     ``top_k`` highest and lowest tiles are outlined. Returns None when written, else the
-    reason it was not (no tile carries coordinates)."""
+    reason it was not (no tile carries coordinates); a fallback is also appended to ``notes``."""
     known = (slide.coords[:, 0] != COORD_SENTINEL) & (slide.coords[:, 1] != COORD_SENTINEL)
     if not known.any():
         return "tile names carry no coordinates, so the slide cannot be reassembled"
@@ -272,6 +273,8 @@ def plot_heatmap(
         if isinstance(found, str):
             log.warning("heatmap of %s: %s; drawn without the slide thumbnail, as for tile folders.",
                         slide.slide_id, found)
+            if notes is not None:
+                notes.append(f"heatmap drawn without the slide thumbnail: {found}")
         else:
             thumbnail = found
     if thumbnail is not None:
@@ -352,7 +355,8 @@ def explain_slide(
     stem = slide.slide_id
     write_attention_csv(out_dir / f"{stem}.csv", slide)
     plot_topk(out_dir / f"{stem}_topk.png", slide, data_dir, top_k)
-    reason = plot_heatmap(out_dir / f"{stem}_heatmap.png", slide, data_dir, top_k)
+    notes: list[str] = []
+    reason = plot_heatmap(out_dir / f"{stem}_heatmap.png", slide, data_dir, top_k, notes)
     return {
         "slide_id": slide.slide_id,
         "patient_id": slide.patient_id,
@@ -364,7 +368,7 @@ def explain_slide(
         "scores_csv": f"{stem}.csv",
         "topk_png": f"{stem}_topk.png",
         "heatmap_png": "" if reason else f"{stem}_heatmap.png",
-        "note": reason or "",
+        "note": "; ".join([reason] if reason else notes),
     }
 
 

@@ -459,6 +459,10 @@ def test_wsi_heatmap_falls_back_when_the_slide_cannot_be_opened(tmp_path, cmu_sv
     assert (tmp_path / "no_openslide.png").is_file()
     assert all(ax.get_title() != "slide (thumbnail)" for ax in figures[-1].axes)
 
+    row = attention.explain_slide(tmp_path / "maps", slide, tmp_path / "data")  # the index says so too
+    assert row["heatmap_png"] and row["note"].startswith("heatmap drawn without the slide thumbnail")
+    assert "needs OpenSlide" in row["note"]
+
 
 # --------------------------------------------------------------------------- the tile CLI
 
