@@ -26,7 +26,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -135,17 +134,14 @@ def limit_rate(backbone, plan, features_dir: Path, n_tiles: int) -> float:
     if plan.device == "cpu" and runner.name == "torch":
         torch.set_num_threads(plan.compute_threads)
     try:
-        depth = getattr(runner, "depth", 1)  # batches the runner computes at once, as embed keeps them busy
-        for warm in [runner.start(batch) for _ in range(depth)]:  # warm-up (cudnn autotuning, ORT allocations)
-            warm()
-        started, done, pending = time.perf_counter(), 0, deque()
-        while done < n_tiles:
-            pending.append(runner.start(batch))
-            done += plan.batch_size
-            while len(pending) > depth:
-                pending.popleft()()
-        while pending:
-            pending.popleft()()
+        runner.start(batch)()  # warm-up (cudnn autotuning, ORT allocations)
+        started, done, pending = time.perf_counter(), 0, None
+        while done < n_tiles:  # one batch computing while the last is collected, as embed does
+            result = runner.start(batch)
+            if pending is not None:
+                pending()
+            pending, done = result, done + plan.batch_size
+        pending()
         return done / (time.perf_counter() - started)
     finally:
         torch.set_num_threads(previous)

@@ -574,16 +574,18 @@ def _plan_cache_file(cache_dir: Path, key: dict[str, Any]) -> Path:
     return cache_dir / f"{digest}.json"
 
 
+# The plain-valued fields of a SlidePlan, stored as they are; arrays and the rest are handled by name.
+_PLAN_ARRAYS = {"coords": (np.int64, (-1, 2)), "tissue_fraction": (np.float32, (-1,))}
+_PLAN_VALUES = tuple(f.name for f in fields(SlidePlan)
+                     if f.name not in (*_PLAN_ARRAYS, "path", "config", "mask", "dimensions"))
+
+
 def _plan_to_json(plan: SlidePlan, key: dict[str, Any]) -> str:
     return json.dumps({
         **key,
-        "coords": plan.coords.tolist(),
-        "tissue_fraction": [float(v) for v in plan.tissue_fraction],
-        "tile_size": plan.tile_size, "size_level0": plan.size_level0, "level": plan.level,
-        "level_downsample": plan.level_downsample, "read_size": plan.read_size,
-        "level0_mpp": plan.level0_mpp, "mpp_source": plan.mpp_source,
-        "level0_magnification": plan.level0_magnification, "dimensions": list(plan.dimensions),
-        "mask_scale": plan.mask_scale, "saturation_threshold": plan.saturation_threshold,
+        **{name: getattr(plan, name).tolist() for name in _PLAN_ARRAYS},
+        **{name: getattr(plan, name) for name in _PLAN_VALUES},
+        "dimensions": list(plan.dimensions),
     }, separators=(",", ":"))
 
 
@@ -593,17 +595,12 @@ def _plan_from_json(text: str, path: Path, key: dict[str, Any], config: WsiConfi
         data = json.loads(text)
         if any(data.get(name) != value for name, value in key.items()):
             return None
-        coords = np.asarray(data["coords"], dtype=np.int64).reshape(-1, 2)
-        return SlidePlan(
-            path=path, coords=coords,
-            tissue_fraction=np.asarray(data["tissue_fraction"], dtype=np.float32).reshape(len(coords)),
-            tile_size=int(data["tile_size"]), size_level0=int(data["size_level0"]), level=int(data["level"]),
-            level_downsample=float(data["level_downsample"]), read_size=int(data["read_size"]),
-            level0_mpp=float(data["level0_mpp"]), mpp_source=str(data["mpp_source"]),
-            level0_magnification=float(data["level0_magnification"]),
-            dimensions=(int(data["dimensions"][0]), int(data["dimensions"][1])), config=config, mask=None,
-            mask_scale=float(data["mask_scale"]), saturation_threshold=int(data["saturation_threshold"]),
-        )
+        arrays = {name: np.asarray(data[name], dtype=dtype).reshape(shape)
+                  for name, (dtype, shape) in _PLAN_ARRAYS.items()}
+        if len(arrays["coords"]) != len(arrays["tissue_fraction"]):
+            return None
+        return SlidePlan(path=path, config=config, mask=None, dimensions=tuple(data["dimensions"][:2]),
+                         **arrays, **{name: data[name] for name in _PLAN_VALUES})
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
 

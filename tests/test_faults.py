@@ -13,12 +13,14 @@ import contextlib
 import errno
 import json
 import os
+import pickletools
 import shutil
 import signal
 import struct
 import subprocess
 import sys
 import time
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -155,7 +157,14 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(
         model_from_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()  # refused without running it
 
-    torch.load(tmp_path / "evil.pt", weights_only=False)["payload"].close()  # what an unguarded load would do
+    # The file does carry the payload: its pickle calls io.open, which is what an unguarded load
+    # would run (read here with pickletools, which never executes anything) ...
+    with zipfile.ZipFile(tmp_path / "evil.pt") as archive:
+        pickled = next(archive.read(name) for name in archive.namelist() if name.endswith("data.pkl"))
+    assert ("GLOBAL", "io open") in [(op.name, arg) for op, arg, _ in pickletools.genops(pickled)]
+    # ... and running that call is what creates the marker.
+    call, args = _CreatesAFileWhenUnpickled(marker).__reduce__()
+    call(*args).close()
     assert marker.exists()
 
 
