@@ -6,16 +6,29 @@
         checkpoint_epoch_N.pt              after every epoch N = 1, 2, ...
         best_model.pt                      the epoch with the lowest validation loss
 
-A checkpoint holds ``model_state_dict``, ``optimizer_state_dict``, ``epoch``, ``loss``, ``args``
-and, to rebuild the model and resume, ``model_config``, ``cache``, ``rng_state``, ``metrics``,
-``history``, ``best`` and ``format_version``. Only tensors and plain Python values are stored,
-so ``torch.load(..., weights_only=True)`` reads them without running any pickled code. Every
-file is written under a temporary name and renamed into place.
+A checkpoint (``clam.train.save_epoch``) holds the specification's ``model_state_dict``,
+``optimizer_state_dict``, ``epoch``, ``loss`` and ``args`` and, to rebuild the model, evaluate it
+and resume bit-exactly, ``model_config``, ``cache``, ``class_names``, ``metrics`` (the last
+epoch's), ``history``, ``run_state``, ``rng_state``, ``versions`` and ``format_version``. Only
+tensors and plain Python values are stored, so ``torch.load(..., weights_only=True)`` reads them
+without running any pickled code. Every file is written under a temporary name and renamed
+into place.
+
+A bare CLAM state dict, as mahmoodlab/CLAM writes it (``s_0_checkpoint.pt``: ``model.state_dict()``
+alone), also loads, with ``weights_only=True`` too: ``load_checkpoint`` puts its weights into the
+model it is given (there is no optimizer state, epoch or loss: it returns epoch 0 and loss nan),
+and ``model_from_checkpoint`` rebuilds the model from its tensor shapes (``clam_state_dict``).
+The layouts of CLAM's history load: ``module.`` prefixes of DataParallel (around the model or
+around ``attention_net``), the gated attention at ``attention_net.2`` (older CLAM without dropout)
+or ``attention_net.3``, and ``instance_loss_fn`` buffers (dropped, as CLAM's own eval does).
+CLAM trained without gated attention (``Attn_Net``) is refused: this model has the gated one only.
 """
 
 from __future__ import annotations
 
+import math
 import pickle
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,13 +38,16 @@ import torch
 from feature_extraction.atomic import atomic_output
 from feature_extraction.errors import PipelineError
 
-from clam.model import CLAM_SB, ModelConfig, model_from_config
+from clam.model import CLAM_SB, MODEL_SIZES, ModelConfig, model_from_config
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 BEST_NAME = "best_model.pt"
 RUN_PREFIX = "run_"
 CHECKPOINT_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "loss", "args")
+# ``checkpoint_format`` of the dictionary read_model_file returns for a bare CLAM state dict
+# (checkpoints of clam.train have no such key).
+CLAM_STATE_DICT = "clam_state_dict"
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -98,14 +114,11 @@ def _check_plain(value: Any, where: str) -> None:
         raise TypeError(f"{where} is a {type(value).__name__}; store only tensors and plain values")
 
 
-def read_checkpoint(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint's dictionary, tensors on ``device``. Never unpickles code (weights_only=True);
-    a file that would need it, a missing file or a corrupt one raise PipelineError."""
-    path = Path(checkpoint_path)
+def _load_file(path: Path, device: str | torch.device) -> Any:
     if not path.is_file():
         raise PipelineError(f"checkpoint {path} does not exist.")
     try:
-        checkpoint = torch.load(path, map_location=resolve_device(device), weights_only=True)
+        return torch.load(path, map_location=resolve_device(device), weights_only=True)
     except pickle.UnpicklingError as error:
         raise PipelineError(
             f"checkpoint {path} holds Python objects that would run code when loaded; it is refused "
@@ -115,9 +128,117 @@ def read_checkpoint(checkpoint_path: str | Path, device: str | torch.device = "c
     except (RuntimeError, EOFError, OSError) as error:
         raise PipelineError(f"checkpoint {path} cannot be read ({error}); it is truncated or not a "
                             "PyTorch checkpoint.") from error
+
+
+def read_checkpoint(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The training checkpoint's dictionary, tensors on ``device``. Never unpickles code
+    (weights_only=True); a file that would need it, a missing file, a corrupt one or one that is
+    not a training checkpoint (a bare state dict: see ``read_model_file``) raise PipelineError."""
+    path = Path(checkpoint_path)
+    checkpoint = _load_file(path, device)
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
-        raise PipelineError(f"checkpoint {path} is not a training checkpoint: it has no 'model_state_dict'.")
+        hint = (" It is a bare state dict (e.g. CLAM's s_0_checkpoint.pt): it can be evaluated "
+                "(python -m clam.evaluate --checkpoint) or loaded with load_checkpoint(), not resumed."
+                if is_state_dict(checkpoint) else "")
+        raise PipelineError(f"checkpoint {path} is not a training checkpoint: it has no 'model_state_dict'.{hint}")
     return checkpoint
+
+
+def read_model_file(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A training checkpoint's dictionary (``read_checkpoint``), or, for a bare CLAM state dict,
+    ``{"model_state_dict": <its weights under this model's names>, "model_config": <inferred from
+    the tensor shapes>, "checkpoint_format": "clam_state_dict"}`` (no epoch, loss, cache or class names)."""
+    path = Path(checkpoint_path)
+    loaded = _load_file(path, device)
+    if isinstance(loaded, dict) and "model_state_dict" in loaded:
+        return loaded
+    if not is_state_dict(loaded):
+        raise PipelineError(f"checkpoint {path} is neither a training checkpoint (no 'model_state_dict') nor "
+                            "a bare state dict of tensors.")
+    state_dict, config = clam_state_dict(loaded, path)
+    return {"model_state_dict": state_dict, "model_config": config.to_dict(), "checkpoint_format": CLAM_STATE_DICT}
+
+
+def is_state_dict(value: Any) -> bool:
+    """A non-empty dict of tensors under string keys (what ``torch.save(model.state_dict())`` writes)."""
+    return (isinstance(value, dict) and bool(value)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()))
+
+
+_ATTENTION = re.compile(r"^attention_net\.(\d+)\.attention_[abc]\.")
+_UNGATED = re.compile(r"^attention_net\.\d+\.module\.")
+
+
+def clam_state_dict(state_dict: dict[str, torch.Tensor], source: str | Path = "the state dict"
+                    ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """A mahmoodlab/CLAM ``CLAM_SB``/``CLAM_MB`` state dict under this model's names, and the model
+    configuration its tensor shapes give.
+
+    in_dim: the first Linear's input width; model_size: the attention hidden width (256 small,
+    384 big); model_type: ``classifiers.weight`` (SB) or ``classifiers.<c>.weight`` (MB);
+    n_classes: the number of instance classifiers (else of bag classifiers). Dropout, k_sample,
+    the instance loss and subtyping are not in the weights and play no part at inference: they
+    get the defaults (dropout 0). Raises PipelineError, naming the keys, when it is not such a
+    state dict (another architecture, CLAM without gated attention, another size)."""
+    keys: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if "instance_loss_fn" in key:  # the instance loss's own buffers (SmoothTop1SVM); CLAM's eval drops them
+            continue
+        while key.startswith("module."):  # DataParallel around the whole model
+            key = key[len("module."):]
+        if key.startswith("attention_net.module."):  # CLAM's relocate(): DataParallel around attention_net
+            key = "attention_net." + key[len("attention_net.module."):]
+        keys[key] = tensor
+    if any(_UNGATED.match(k) for k in keys):
+        raise PipelineError(f"{source} is a CLAM model without gated attention (Attn_Net: keys "
+                            f"'attention_net.N.module.*'); this project's CLAM has gated attention only.")
+    indices = {int(m.group(1)) for k in keys if (m := _ATTENTION.match(k))}
+    fc = keys.get("attention_net.0.weight")
+    hidden = next((t for k, t in keys.items() if re.match(r"^attention_net\.\d+\.attention_a\.0\.weight$", k)), None)
+    if len(indices) != 1 or not indices <= {2, 3} or fc is None or hidden is None or fc.dim() != 2:
+        sample = ", ".join(sorted(keys)[:6])
+        raise PipelineError(
+            f"{source} is not a CLAM_SB/CLAM_MB state dict: it needs 'attention_net.0.weight' and the gated "
+            f"attention at 'attention_net.2' or '.3' ('attention_a.0', 'attention_b.0', 'attention_c'); found "
+            f"{len(keys)} keys: {sample}{', ...' if len(keys) > 6 else ''}")
+    index = indices.pop()
+    if index == 2:  # older CLAM without dropout: Linear, ReLU, attention; here a Dropout always sits at 2
+        keys = {re.sub(r"^attention_net\.2\.", "attention_net.3.", k): t for k, t in keys.items()}
+    width, in_dim = fc.shape
+    sizes = {shape: name for name, shape in MODEL_SIZES.items()}
+    model_size = sizes.get((int(width), int(hidden.shape[0])))
+    if model_size is None:
+        raise PipelineError(
+            f"{source}: CLAM of widths {int(in_dim)} -> {int(width)} -> attention {int(hidden.shape[0])} is not one of "
+            f"CLAM's sizes ({', '.join(f'{n}: {w} -> {h}' for n, (w, h) in MODEL_SIZES.items())}).")
+    instance = {int(m.group(1)) for k in keys if (m := re.match(r"^instance_classifiers\.(\d+)\.weight$", k))}
+    multi = {int(m.group(1)) for k in keys if (m := re.match(r"^classifiers\.(\d+)\.weight$", k))}
+    model_type = "clam_mb" if multi else "clam_sb"
+    if instance:
+        n_classes = len(instance)
+    elif multi:
+        n_classes = len(multi)
+    else:
+        n_classes = int(keys["classifiers.weight"].shape[0]) if "classifiers.weight" in keys else 0
+    settings: dict[str, Any] = {"model_type": model_type, "in_dim": int(in_dim), "n_classes": n_classes,
+                                "model_size": model_size, "dropout": 0.0}
+    if "feature_norm" in getattr(ModelConfig, "__dataclass_fields__", {}):
+        # CLAM feeds raw features; this project's own weights saved bare carry the standardisation buffers.
+        settings["feature_norm"] = "standard" if "feature_norm.mean" in keys else "none"
+    try:
+        config = ModelConfig(**settings)
+    except ValueError as error:
+        raise PipelineError(f"{source}: the weights give no valid CLAM configuration ({error}).") from error
+    expected = model_from_config(config).state_dict()
+    missing, unexpected = sorted(set(expected) - set(keys)), sorted(set(keys) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(keys) if expected[k].shape != keys[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{what}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+                           for what, names in (("missing", missing), ("unexpected", unexpected),
+                                               ("other shape", wrong)) if names)
+        raise PipelineError(f"{source} looks like CLAM ({_describe(config)}) but its keys do not fit that "
+                            f"model: {detail}.")
+    return {k: keys[k] for k in expected}, config
 
 
 def load_checkpoint(
@@ -129,9 +250,11 @@ def load_checkpoint(
     """Load a checkpoint into ``model`` (moved to ``device``) and, if given, ``optimizer``.
 
     Returns (model, optimizer, epoch, loss). ``device``: "cpu", "cuda", "mps", "auto" or a
-    torch.device. Raises PipelineError when the file is unsafe, unreadable, or does not fit the model."""
+    torch.device. A bare CLAM state dict (``s_0_checkpoint.pt``) loads its weights into ``model``
+    and leaves ``optimizer`` untouched (it holds no optimizer state); the epoch is then 0 and the
+    loss nan. Raises PipelineError when the file is unsafe, unreadable, or does not fit the model."""
     device = resolve_device(device)
-    checkpoint = read_checkpoint(checkpoint_path, device)
+    checkpoint = read_model_file(checkpoint_path, device)
     try:
         model.load_state_dict(checkpoint["model_state_dict"])
     except RuntimeError as error:
@@ -141,7 +264,7 @@ def load_checkpoint(
             f"Build the model with clam.checkpoints.model_from_checkpoint(). Detail: {_first_lines(error)}"
         ) from error
     model.to(device)
-    if optimizer is not None:
+    if optimizer is not None and checkpoint.get("checkpoint_format") != CLAM_STATE_DICT:
         if "optimizer_state_dict" not in checkpoint:
             raise PipelineError(f"checkpoint {checkpoint_path} holds no optimizer state; pass optimizer=None.")
         try:
@@ -149,13 +272,14 @@ def load_checkpoint(
         except (ValueError, KeyError) as error:
             raise PipelineError(f"checkpoint {checkpoint_path}: the optimizer state does not fit this "
                                 f"optimizer ({error}).") from error
-    return model, optimizer, int(checkpoint.get("epoch", 0)), float(checkpoint.get("loss", float("nan")))
+    return model, optimizer, int(checkpoint.get("epoch", 0)), float(checkpoint.get("loss", math.nan))
 
 
 def model_from_checkpoint(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> tuple[CLAM_SB, dict[str, Any]]:
     """Rebuild the model a checkpoint was saved from, load its weights, put it in eval mode on
-    ``device``. Returns (model, checkpoint dictionary)."""
-    checkpoint = read_checkpoint(checkpoint_path, device)
+    ``device``. Returns (model, checkpoint dictionary); for a bare CLAM state dict the model's
+    configuration comes from the tensor shapes and the dictionary is ``read_model_file``'s."""
+    checkpoint = read_model_file(checkpoint_path, device)
     if "model_config" not in checkpoint:
         raise PipelineError(f"checkpoint {checkpoint_path} has no 'model_config': it was not written by "
                             "clam.train. Build the model yourself and use load_checkpoint().")

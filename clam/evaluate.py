@@ -17,6 +17,16 @@ Writes into ``<run folder>/eval_<timestamp>/`` (or ``--output_dir``):
 Bags come from the feature cache the checkpoint was trained on: slides of ``--data_dir`` that
 it lacks are embedded first with the checkpoint's backbone, weights and tile subset, and a
 cache with another key is refused. Every instance of every bag is used (no subsampling).
+
+Leakage: the evaluated slides are matched, by slide id and by patient id, against the
+``split.csv`` of the checkpoint's run folder. Slides (or other slides of patients) the run
+trained or validated on are reported in a ``WARNING:`` line, in the summary and in
+metrics.json (``leakage``): such metrics are optimistic. A ``test`` set in split.csv (held out
+by the run) is not leakage. Without a split file the check is skipped, with a note.
+
+``--checkpoint`` may also be a bare CLAM state dict (mahmoodlab/CLAM's ``s_0_checkpoint.pt``):
+the model is rebuilt from its tensor shapes (``clam.checkpoints.clam_state_dict``); it records
+no feature cache, so its bags come from ``--labels_csv`` and ``--features_dir``.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from feature_extraction.errors import PipelineError, cli_main
 from feature_extraction.layout import SPLITS, default_data_dir, default_features_dir, discover_slides, project_root
 
 from clam import attention as attention_maps
-from clam.checkpoints import BEST_NAME, RUN_PREFIX, model_from_checkpoint, resolve_device
+from clam.checkpoints import BEST_NAME, CLAM_STATE_DICT, RUN_PREFIX, model_from_checkpoint, resolve_device
 from clam.data import (
     BagDataset,
     BagRecord,
@@ -56,9 +66,14 @@ from clam.data import (
     validate_records,
 )
 from clam.metrics import DEFAULT_N_BOOTSTRAP, default_class_names, roc_band, summarize
+from clam.splits import SPLIT_FILE
 
 ALL = "all"
 NONE = "none"
+# Sets of a run's split.csv whose slides the run learnt from (train) or chose its best epoch and
+# stopped on (val): evaluating on them is leakage. Any other set (a held-out "test") is not.
+LEAKAGE_SETS = ("train", "val")
+N_LEAKAGE_EXAMPLES = 5
 
 
 def default_runs_dir() -> Path:
@@ -107,6 +122,11 @@ class LoadedModel:
     @property
     def args(self) -> dict[str, Any]:
         return dict(self.checkpoint.get("args") or {})
+
+    @property
+    def is_clam_state_dict(self) -> bool:
+        """Weights of mahmoodlab/CLAM (a bare state dict): no cache, class names, epoch or split."""
+        return self.checkpoint.get("checkpoint_format") == CLAM_STATE_DICT
 
 
 @dataclass(frozen=True)
@@ -187,7 +207,14 @@ def cohort_bags(config: EvaluateConfig, loaded: LoadedModel, log: Callable[[str]
             raise PipelineError("--labels_csv needs --features_dir: the folder holding <slide_id>.h5 bags.")
         records = records_from_labels_csv(config.labels_csv, config.features_dir)
         cache_dir = Path(config.features_dir)
-        return _validated(records, cache_dir, loaded, {}, config.progress)
+        return _validated(records, cache_dir, loaded, {}, config.progress, log)
+    if loaded.is_clam_state_dict:
+        raise PipelineError(
+            f"checkpoint {loaded.path} is a bare CLAM state dict (weights only, as mahmoodlab/CLAM saves them): it "
+            "records no feature cache, so the slides of a data folder cannot be embedded to match it. Pass "
+            "--labels_csv (slide_id,label[,patient_id]) and --features_dir (the folder of <slide_id>.h5 bags made "
+            "with the feature extractor it was trained with)."
+        )
     data_dir = Path(config.data_dir or default_data_dir(config.split))
     slides = discover_slides(data_dir, config.split)
     if not slides:
@@ -288,15 +315,129 @@ def _check_cache_key(cache_dir: Path, loaded: LoadedModel) -> None:
 
 
 def _validated(records: Sequence[BagRecord], cache_dir: Path, loaded: LoadedModel, cache_config: dict,
-               progress: bool) -> Cohort:
+               progress: bool, log: Callable[[str], None] = print) -> Cohort:
     expected = {"cache_key": loaded.cache_key, "feature_dim": loaded.feature_dim}
     bagset = validate_records(records, cache_dir, loaded.n_classes, {**cache_config, **expected}, progress)
-    if loaded.cache_key is None and bagset.cache_key is not None:
+    if loaded.is_clam_state_dict:
+        # Nothing records which extractor CLAM's features came from: only the dimension is checked.
+        log(f"note: {loaded.path} records no feature extractor; the bags in {cache_dir} have the feature dimension "
+            f"it expects ({loaded.feature_dim}), but make sure they come from the extractor it was trained with "
+            "(CLAM's default: ResNet50 truncated after layer 3, ImageNet weights, 1024 features).")
+    elif loaded.cache_key is None and bagset.cache_key is not None:
         raise PipelineError(
             f"the bags in {cache_dir} come from feature cache {bagset.cache_key!r}, but {loaded.path} was trained "
             "on bags without a cache key (a labels CSV of foreign bags). Evaluate it on bags of the same origin."
         )
     return Cohort(bagset.records, Path(cache_dir), bagset.cache_key)
+
+
+# ---------------------------------------------------------------- leakage
+
+
+def run_split_sets(checkpoint_path: Path) -> tuple[Path | None, list[dict[str, str]] | None, str | None]:
+    """(split file, its rows as dicts with slide_id, patient_id, set, why not) for a checkpoint.
+
+    The split file is ``split.csv`` of the checkpoint's run folder; for a cross-validation fold
+    folder ``fold_K`` without one, the parent's ``splits.csv`` gives it (fold K validated, the
+    others trained). Rows are None, with the reason, when there is none or it cannot be read."""
+    from clam.crossval import FOLD_PREFIX, SPLITS_FILE  # crossval imports this module
+
+    run_dir = Path(checkpoint_path).parent
+    path = run_dir / SPLIT_FILE
+    parent_file = run_dir.parent / SPLITS_FILE
+    fold = run_dir.name[len(FOLD_PREFIX):] if run_dir.name.startswith(FOLD_PREFIX) else ""
+    if path.is_file():
+        column = "set"
+    elif fold.isdigit() and parent_file.is_file():
+        path, column = parent_file, "fold"
+    else:
+        path = None
+    if path is not None:
+        try:
+            rows = _csv_rows(path, ("slide_id", column))
+            if column == "fold":  # the parent's folds: fold K validated this model, the others trained it
+                for row in rows:
+                    row["set"] = "val" if int(row["fold"]) == int(fold) else "train"
+        except (OSError, ValueError, csv.Error, UnicodeDecodeError) as error:
+            return path, None, f"the split file {path} cannot be read ({error})"
+        return path, [{"slide_id": r["slide_id"], "patient_id": r.get("patient_id") or "", "set": r["set"]}
+                      for r in rows], None
+    return None, None, (f"there is no {SPLIT_FILE} next to {checkpoint_path} (a checkpoint copied out of its run "
+                        "folder, or weights trained elsewhere), so which slides it was trained on is unknown")
+
+
+def _csv_rows(path: Path, needed: Sequence[str]) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in needed if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} has no column {', '.join(missing)}")
+        return [{k: (v or "").strip() for k, v in row.items() if k} for row in reader]
+
+
+def check_leakage(checkpoint_path: Path, records: Sequence[BagRecord]) -> dict[str, Any]:
+    """Which of ``records`` the checkpoint's run trained (``train``) or validated (``val``) on, by
+    slide id and by patient id (another slide of a patient it saw is leakage too).
+
+    Returns metrics.json's ``leakage``: ``checked``, ``split_file``, ``n_slides`` and
+    ``n_patients`` (evaluated slides and patients affected, over train and val), ``by_set`` (per
+    set of the split file that overlaps, and always train and val: ``n_slides``,
+    ``n_slides_same_id``, ``n_patients``, ``counts_as_leakage``, example ``slide_ids`` and ``patient_ids``)
+    and ``message`` (a ``WARNING:`` line, a note when not checked, None when clean)."""
+    split_file, rows, reason = run_split_sets(Path(checkpoint_path))
+    n_eval_patients = len({r.patient_id for r in records})
+    result: dict[str, Any] = {"checked": rows is not None, "split_file": str(split_file) if split_file else None,
+                              "leakage_sets": list(LEAKAGE_SETS), "n_evaluated_slides": len(records),
+                              "n_evaluated_patients": n_eval_patients, "n_slides": None, "n_patients": None,
+                              "by_set": {}, "reason": reason, "message": None}
+    if rows is None:
+        result["message"] = (f"note: not checked for leakage: {reason}. Make sure the evaluated slides were not "
+                             "used to train or validate it.")
+        return result
+    slides_by_set: dict[str, set[str]] = {}
+    patients_by_set: dict[str, set[str]] = {}
+    for row in rows:
+        slides_by_set.setdefault(row["set"], set()).add(row["slide_id"])
+        if row["patient_id"]:
+            patients_by_set.setdefault(row["set"], set()).add(row["patient_id"])
+    leaked: dict[str, BagRecord] = {}
+    for name in sorted(set(slides_by_set) | set(LEAKAGE_SETS), key=lambda n: (n not in LEAKAGE_SETS, n)):
+        same_id = [r for r in records if r.slide_id in slides_by_set.get(name, ())]
+        hit = [r for r in records if r.slide_id in slides_by_set.get(name, ()) or
+               r.patient_id in patients_by_set.get(name, ())]
+        if name not in LEAKAGE_SETS and not hit:
+            continue
+        patients = sorted({r.patient_id for r in hit})
+        result["by_set"][name] = {
+            "counts_as_leakage": name in LEAKAGE_SETS,
+            "n_slides": len(hit),
+            "n_slides_same_id": len(same_id),
+            "n_patients": len(patients),
+            "slide_ids": sorted(r.slide_id for r in hit)[:N_LEAKAGE_EXAMPLES],
+            "patient_ids": patients[:N_LEAKAGE_EXAMPLES],
+        }
+        if name in LEAKAGE_SETS:
+            leaked.update((r.slide_id, r) for r in hit)
+    result["n_slides"] = len(leaked)
+    result["n_patients"] = len({r.patient_id for r in leaked.values()})
+    if leaked:
+        result["message"] = _leakage_message(result)
+    return result
+
+
+def _leakage_message(leakage: dict[str, Any]) -> str:
+    parts = []
+    for name, title in (("train", "training set"), ("val", "validation set (chose the best epoch)")):
+        found = leakage["by_set"][name]
+        if found["n_slides"]:
+            by_patient = found["n_slides"] - found["n_slides_same_id"]
+            extra = f", {by_patient} of them only by patient id (another slide of that patient)" if by_patient else ""
+            parts.append(f"{found['n_slides']} slides / {found['n_patients']} patients in its {title}{extra}")
+    examples = sorted({s for name in LEAKAGE_SETS for s in leakage["by_set"][name]["slide_ids"]})[:N_LEAKAGE_EXAMPLES]
+    return (f"WARNING: leakage: {leakage['n_slides']} of the {leakage['n_evaluated_slides']} evaluated slides "
+            f"({leakage['n_patients']} of {leakage['n_evaluated_patients']} patients) were used by this model's run "
+            f"({leakage['split_file']}): {'; '.join(parts)}; e.g. {', '.join(examples)}. These metrics are optimistic, "
+            "not a held-out estimate: evaluate on slides the run never saw (e.g. the external test cohort).")
 
 
 # ---------------------------------------------------------------- inference
@@ -365,7 +506,14 @@ def evaluate(config: EvaluateConfig, log: Callable[[str], None] = print) -> Eval
     if config.checkpoint is not None and is_crossval_run(Path(config.checkpoint)):
         return evaluate_folds(config, log)  # every fold's best model and their ensemble
     loaded = load_model(config.checkpoint, config.device)
+    if loaded.is_clam_state_dict:
+        settings = loaded.checkpoint["model_config"]
+        log(f"{loaded.path} is a bare CLAM state dict; model from its tensor shapes: "
+            + ", ".join(f"{k} {settings[k]}" for k in ("model_type", "model_size", "in_dim", "n_classes")))
     cohort = cohort_bags(config, loaded, log)
+    leakage = check_leakage(loaded.path, cohort.records)
+    if leakage["message"]:
+        log(leakage["message"])
     selected = _attention_selection(config.attention, cohort)
     output_dir = _output_dir(config, loaded)
     attention_dir = output_dir / "attention"
@@ -398,7 +546,7 @@ def evaluate(config: EvaluateConfig, log: Callable[[str], None] = print) -> Eval
     write_table(output_dir / "predictions_patient.csv", patients)
     metrics: dict[str, Any] = {}
     if config.metrics:
-        metrics = _metrics(config, loaded, cohort, slides, patients)
+        metrics = _metrics(config, loaded, cohort, slides, patients, leakage)
         atomic_write_json(output_dir / "metrics.json", metrics)
         plot_roc(output_dir / "roc.png", {"per slide": slides, "per patient": patients}, metrics,
                  config.n_bootstrap, config.seed)
@@ -473,7 +621,7 @@ def _output_dir(config: EvaluateConfig, loaded: LoadedModel) -> Path:
 
 
 def _metrics(config: EvaluateConfig, loaded: LoadedModel, cohort: Cohort, slides: list[dict],
-             patients: list[dict]) -> dict[str, Any]:
+             patients: list[dict], leakage: dict[str, Any] | None = None) -> dict[str, Any]:
     names = list(loaded.class_names)
     columns = [probability_column(n) for n in names]
 
@@ -484,6 +632,7 @@ def _metrics(config: EvaluateConfig, loaded: LoadedModel, cohort: Cohort, slides
 
     return {
         "checkpoint": str(loaded.path),
+        "checkpoint_format": loaded.checkpoint.get("checkpoint_format") or "clam.train",
         "epoch": loaded.checkpoint.get("epoch"),
         "model_config": loaded.checkpoint.get("model_config"),
         "cache_key": cohort.cache_key,
@@ -498,6 +647,7 @@ def _metrics(config: EvaluateConfig, loaded: LoadedModel, cohort: Cohort, slides
         "per_slide": level(slides),
         "per_patient": level(patients),
         "left_out": cohort.left_out,
+        "leakage": leakage,
         "created": datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -615,6 +765,10 @@ def summary_table(metrics: dict[str, Any]) -> str:
     if metrics.get("left_out"):
         lines.append(f"note: {len(metrics['left_out'])} slides without a bag were not evaluated "
                      "(metrics.json: left_out)")
+    leakage = metrics.get("leakage") or {}
+    if leakage.get("n_slides"):
+        lines.append(f"WARNING: {leakage['n_slides']} of these slides ({leakage['n_patients']} patients) were used to "
+                     "train or validate this model: the metrics are optimistic (metrics.json: leakage)")
     return "\n".join(lines)
 
 

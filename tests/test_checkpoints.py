@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 
 import pytest
@@ -128,3 +129,106 @@ def test_devices_resolve_or_explain():
             resolve_device("cuda")
     with pytest.raises(PipelineError, match="unknown device"):
         resolve_device("tpu9")
+
+
+# ---------------------------------------------------------------- weights of mahmoodlab/CLAM
+
+
+def _wrap_in_data_parallel(state_dict, where):
+    # What nn.DataParallel adds: around the whole model, or (CLAM's relocate()) around attention_net.
+    if where == "model":
+        return {f"module.{k}": v for k, v in state_dict.items()}
+    return {k.replace("attention_net.", "attention_net.module.", 1): v for k, v in state_dict.items()}
+
+
+CLAM_LAYOUTS = {
+    # name: (ReferenceCLAM arguments, DataParallel wrapping, expected model_type, model_size, n_classes)
+    "sb_small": (dict(), None, "clam_sb", "small", 2),
+    "sb_big_without_dropout": (dict(size="big", dropout=False), None, "clam_sb", "big", 2),
+    "mb_three_classes": (dict(n_classes=3, multi_branch=True), None, "clam_mb", "small", 3),
+    "old_sb_without_dropout": (dict(dropout=False, old_layout=True), None, "clam_sb", "small", 2),
+    "old_mb_big_with_dropout": (dict(size="big", multi_branch=True, old_layout=True), None, "clam_mb", "big", 2),
+    "data_parallel_model": (dict(with_loss_buffers=True), "model", "clam_sb", "small", 2),
+    "data_parallel_attention_net": (dict(old_layout=True, dropout=False), "attention_net", "clam_sb", "small", 2),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(CLAM_LAYOUTS))
+def test_clam_state_dicts_load_and_predict_as_clam(tmp_path, layout):
+    from clam_reference import clam_state_dict
+
+    arguments, wrapped, model_type, model_size, n_classes = CLAM_LAYOUTS[layout]
+    reference, state_dict = clam_state_dict(embed_dim=24, **arguments)
+    if wrapped:
+        state_dict = _wrap_in_data_parallel(state_dict, wrapped)
+    path = tmp_path / "s_0_checkpoint.pt"
+    torch.save(state_dict, path)  # what CLAM's training writes: the bare state dict
+    features = torch.randn(9, 24)
+    expected = reference(features)
+
+    rebuilt, checkpoint = model_from_checkpoint(path, "cpu")  # settings from the tensor shapes
+    config = rebuilt.config
+    assert (config.model_type, config.model_size, config.in_dim, config.n_classes) == (model_type, model_size, 24,
+                                                                                       n_classes)
+    assert getattr(config, "feature_norm", "none") == "none"  # CLAM feeds raw features
+    assert checkpoint["checkpoint_format"] == "clam_state_dict" and "epoch" not in checkpoint
+    torch.testing.assert_close(rebuilt(features).probs[0], expected, rtol=1e-5, atol=1e-6)
+
+    # load_checkpoint, signature and return tuple unchanged; the optimizer is left as it was.
+    model = build_model(model_type, in_dim=24, n_classes=n_classes, model_size=model_size, dropout=0.5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = optimizer.state_dict()
+    loaded, loaded_optimizer, epoch, loss = load_checkpoint(checkpoint_path=path, model=model, optimizer=optimizer,
+                                                            device="cpu")
+    assert loaded is model and loaded_optimizer is optimizer and optimizer.state_dict() == before
+    assert epoch == 0 and math.isnan(loss)
+    torch.testing.assert_close(loaded.eval()(features).probs[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_clam_state_dict_that_does_not_fit_the_model_is_explained(tmp_path):
+    from clam_reference import clam_state_dict
+
+    _, state_dict = clam_state_dict(embed_dim=24, multi_branch=True)
+    torch.save(state_dict, tmp_path / "s_0_checkpoint.pt")
+    with pytest.raises(PipelineError, match="does not fit this model: it was saved from model_type=clam_mb.*in_dim=24"):
+        load_checkpoint(checkpoint_path=tmp_path / "s_0_checkpoint.pt", model=build_model("clam_sb", in_dim=24))
+
+
+def test_clam_without_gated_attention_and_other_models_are_refused(tmp_path):
+    from clam_reference import clam_state_dict
+
+    _, ungated = clam_state_dict(embed_dim=24, gate=False)
+    torch.save(ungated, tmp_path / "ungated.pt")
+    with pytest.raises(PipelineError, match="without gated attention"):
+        model_from_checkpoint(tmp_path / "ungated.pt")
+    torch.save({"fc.0.weight": torch.zeros(4, 8), "classifier.weight": torch.zeros(2, 4)}, tmp_path / "mil.pt")
+    with pytest.raises(PipelineError, match="not a CLAM_SB/CLAM_MB state dict.*fc.0.weight"):
+        model_from_checkpoint(tmp_path / "mil.pt")
+    _, state_dict = clam_state_dict(embed_dim=24)
+    state_dict["attention_net.0.weight"] = torch.zeros(768, 24)  # a fork with another embedding width
+    torch.save(state_dict, tmp_path / "wide.pt")
+    with pytest.raises(PipelineError, match="not one of CLAM's sizes"):
+        model_from_checkpoint(tmp_path / "wide.pt")
+
+
+def test_a_clam_state_dict_cannot_be_resumed(tmp_path):
+    from clam_reference import clam_state_dict
+
+    torch.save(clam_state_dict(embed_dim=24)[1], tmp_path / "s_0_checkpoint.pt")
+    with pytest.raises(PipelineError, match="bare state dict.*not resumed"):
+        read_checkpoint(tmp_path / "s_0_checkpoint.pt")
+
+
+def test_this_projects_weights_saved_bare_keep_their_feature_standardisation(tmp_path):
+    from clam.model import ModelConfig
+
+    if "feature_norm" not in ModelConfig.__dataclass_fields__:
+        pytest.skip("this ModelConfig has no feature_norm")
+    torch.manual_seed(0)
+    model = build_model("clam_sb", in_dim=8, feature_norm="standard").eval()
+    model.feature_norm.set_statistics(torch.arange(8.0), torch.full((8,), 2.0))
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    rebuilt, _ = model_from_checkpoint(tmp_path / "bare.pt")
+    assert rebuilt.config.feature_norm == "standard"
+    features = torch.randn(1, 5, 8)
+    torch.testing.assert_close(rebuilt(features).probs, model(features).probs)

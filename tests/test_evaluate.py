@@ -392,3 +392,162 @@ def test_slides_that_failed_embedding_are_reported_not_reembedded(tmp_path):
                                      attention="none", progress=False), log=lambda _: None)
     assert len(result.slides) == len(embedded)
     assert list(result.metrics["left_out"]) == [failed.slide_id]
+
+
+# ---------------------------------------------------------------- leakage
+
+
+def write_split_csv(run_dir: Path, rows: list[tuple[str, str, int, str]]) -> None:
+    """A run's split.csv (clam.splits' columns): (slide_id, patient_id, label, set) per row."""
+    from clam.splits import SPLIT_COLUMNS, SPLIT_FILE
+
+    with open(run_dir / SPLIT_FILE, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(SPLIT_COLUMNS)
+        writer.writerows(rows)
+
+
+def evaluate_quietly(checkpoint: Path, data_dir: Path, **kwargs):
+    lines: list[str] = []
+    config = EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0, n_bootstrap=20,
+                            attention="none", progress=False, **kwargs)
+    return evaluate(config, log=lines.append), lines
+
+
+def test_slides_and_patients_the_run_trained_or_validated_on_are_leakage(test_cohort, tmp_path):
+    root, data_dir, cache_dir, slides = test_cohort
+    checkpoint = make_checkpoint(tmp_path / "run_1", cache_dir)
+    by_id = {s.slide_id: s for s in slides}
+    # P000 has a plain and a _cnn slide: only the plain one was in training; the _cnn one is the same patient.
+    train = ["EGFR_negative__P000", "EGFR_positive__P003"]
+    val = ["EGFR_positive__P001", "EGFR_positive_cnn__P001"]
+    write_split_csv(checkpoint.parent, [(s, by_id[s].patient_id, by_id[s].label, "train") for s in train]
+                    + [(s, by_id[s].patient_id, by_id[s].label, "val") for s in val]
+                    + [("EGFR_negative__X999", "X999", 0, "train")])  # not in this cohort
+    result, lines = evaluate_quietly(checkpoint, data_dir)
+    leakage = json.loads((result.output_dir / "metrics.json").read_text())["leakage"]
+    assert leakage["checked"] and leakage["split_file"] == str(checkpoint.parent / "split.csv")
+    assert (leakage["n_slides"], leakage["n_patients"]) == (5, 3)
+    assert leakage["n_evaluated_slides"] == len(slides)
+    assert leakage["by_set"]["train"] == {
+        "counts_as_leakage": True, "n_slides": 3, "n_slides_same_id": 2, "n_patients": 2,
+        "slide_ids": ["EGFR_negative__P000", "EGFR_negative_cnn__P000", "EGFR_positive__P003"],
+        "patient_ids": ["P000", "P003"]}
+    assert leakage["by_set"]["val"]["n_slides"] == 2 and leakage["by_set"]["val"]["patient_ids"] == ["P001"]
+    warnings = [part for line in lines for part in line.splitlines() if part.startswith("WARNING:")]
+    assert len(warnings) == 2  # when found, and under the summary table
+    assert f"5 of the {len(slides)} evaluated slides (3 of 10 patients)" in warnings[0]
+    assert "optimistic" in warnings[0]
+    assert "training set" in warnings[0] and "validation set" in warnings[0]
+    assert "1 of them only by patient id" in warnings[0]
+    assert "optimistic" in warnings[1] and "metrics.json: leakage" in warnings[1]
+
+
+def test_an_external_cohort_and_a_held_out_test_set_are_not_leakage(test_cohort, tmp_path):
+    root, data_dir, cache_dir, slides = test_cohort
+    checkpoint = make_checkpoint(tmp_path / "run_1", cache_dir)
+    # The run trained on other patients; some of the evaluated slides are its held-out "test" set.
+    write_split_csv(checkpoint.parent, [(f"EGFR_positive__T{i}", f"T{i}", 1, "train") for i in range(4)]
+                    + [("EGFR_negative__V0", "V0", 0, "val")]
+                    + [(s.slide_id, s.patient_id, s.label, "test") for s in slides[:3]])
+    result, lines = evaluate_quietly(checkpoint, data_dir)
+    leakage = result.metrics["leakage"]
+    assert leakage["checked"] and leakage["n_slides"] == 0 and leakage["n_patients"] == 0
+    assert leakage["message"] is None
+    assert leakage["by_set"]["train"]["n_slides"] == 0 and leakage["by_set"]["val"]["n_slides"] == 0
+    held_out = leakage["by_set"]["test"]
+    assert held_out["counts_as_leakage"] is False and held_out["n_slides_same_id"] == 3
+    assert not any("WARNING" in line or "leakage" in line for line in lines)
+
+
+def test_a_checkpoint_without_its_split_file_is_evaluated_with_one_note(test_cohort, tmp_path):
+    root, data_dir, cache_dir, _ = test_cohort
+    checkpoint = make_checkpoint(tmp_path / "copied", cache_dir)
+    result, lines = evaluate_quietly(checkpoint, data_dir)
+    leakage = result.metrics["leakage"]
+    assert leakage["checked"] is False and leakage["n_slides"] is None and "split.csv" in leakage["reason"]
+    assert len([line for line in lines if "not checked for leakage" in line]) == 1
+    assert not any(line.startswith("WARNING") for line in lines)
+    (checkpoint.parent / "split.csv").write_text("slide_id,patient_id\nEGFR_negative__P000,P000\n")  # no set
+    result, lines = evaluate_quietly(checkpoint, data_dir)
+    assert result.metrics["leakage"]["checked"] is False and "cannot be read" in result.metrics["leakage"]["reason"]
+
+
+def test_a_fold_without_split_csv_takes_its_split_from_the_parents_splits_csv(test_cohort, tmp_path):
+    root, data_dir, cache_dir, slides = test_cohort
+    parent = tmp_path / "run_cv"
+    checkpoint = make_checkpoint(parent / "fold_2", cache_dir)
+    with open(parent / "splits.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide_id", "patient_id", "label", "fold"])
+        writer.writerow(["EGFR_negative__P000", "P000", 0, 1])  # fold 1 trains fold 2's model
+        writer.writerow(["EGFR_positive__P001", "P001", 1, 2])  # fold 2 validates it
+    result, _ = evaluate_quietly(checkpoint, data_dir)
+    leakage = result.metrics["leakage"]
+    assert leakage["split_file"] == str(parent / "splits.csv")
+    assert leakage["by_set"]["train"]["patient_ids"] == ["P000"] and leakage["by_set"]["val"]["patient_ids"] == ["P001"]
+    assert leakage["n_slides"] == 4  # both patients have a plain and a _cnn slide
+
+
+def test_the_command_line_warns_about_leakage(test_cohort, tmp_path, capsys):
+    root, data_dir, cache_dir, slides = test_cohort
+    checkpoint = make_checkpoint(tmp_path / "run_1", cache_dir)
+    write_split_csv(checkpoint.parent, [(s.slide_id, s.patient_id, s.label, "train") for s in slides])
+    code = evaluate_cli.main(["--checkpoint", str(checkpoint), "--data_dir", str(data_dir), "--split", "train",
+                              "--num_workers", "0", "--n_bootstrap", "20", "--attention", "none",
+                              "--output_dir", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"WARNING: leakage: {len(slides)} of the {len(slides)} evaluated slides" in printed
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["leakage"]["n_slides"] == len(slides)
+
+
+# ---------------------------------------------------------------- weights of mahmoodlab/CLAM
+
+
+@pytest.mark.parametrize("multi_branch", [False, True])
+def test_a_bare_clam_state_dict_is_evaluated_on_bags_of_a_labels_csv(tmp_path, capsys, multi_branch):
+    from clam_reference import clam_state_dict
+
+    from clam.checkpoints import load_checkpoint
+
+    rng = np.random.default_rng(4)
+    slides = [RandomSlide(f"S{i:02d}", f"P{i // 2:02d}", "", i // 2 % 2, "test", int(rng.integers(3, 15)))
+              for i in range(8)]
+    labels_csv = write_random_bag_folder(tmp_path / "bags", slides, feature_dim=FEATURE_DIM)
+    reference, state_dict = clam_state_dict(embed_dim=FEATURE_DIM, multi_branch=multi_branch)
+    clam_results = tmp_path / "clam_results"
+    clam_results.mkdir()
+    checkpoint = clam_results / "s_0_checkpoint.pt"
+    torch.save(state_dict, checkpoint)  # as CLAM's core_utils.train() saves it
+
+    # A cohort folder cannot be used: the weights record no feature cache. The message says what to pass.
+    code = evaluate_cli.main(["--checkpoint", str(checkpoint), "--data_dir", str(tmp_path / "none"),
+                              "--num_workers", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "bare CLAM state dict" in err and "--labels_csv" in err and "--features_dir" in err
+
+    code = evaluate_cli.main(["--checkpoint", str(checkpoint), "--labels_csv", str(labels_csv), "--features_dir",
+                              str(tmp_path / "bags"), "--num_workers", "0", "--n_bootstrap", "20",
+                              "--attention", "none", "--output_dir", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "bare CLAM state dict" in printed and "not checked for leakage" in printed
+    rows = {r["slide_id"]: r for r in read_csv(tmp_path / "out" / "predictions.csv")}
+    model = build_model("clam_mb" if multi_branch else "clam_sb", in_dim=FEATURE_DIM)
+    load_checkpoint(checkpoint_path=checkpoint, model=model, optimizer=None, device="cpu")
+    model.eval()
+    for slide in slides:
+        features = torch.from_numpy(read_bag(tmp_path / "bags" / f"{slide.slide_id}.h5").features)
+        written = np.array([float(rows[slide.slide_id][c]) for c in ("prob_EGFR_negative", "prob_EGFR_positive")])
+        with torch.no_grad():
+            direct = model(features).probs[0].numpy()  # the model loaded directly
+            clam = reference(features).numpy()  # CLAM's own forward pass
+        np.testing.assert_allclose(written, direct, atol=2e-6)
+        np.testing.assert_allclose(written, clam, atol=2e-6)
+        assert int(rows[slide.slide_id]["label"]) == slide.label
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["checkpoint_format"] == "clam_state_dict" and metrics["epoch"] is None
+    assert metrics["model_config"]["model_type"] == ("clam_mb" if multi_branch else "clam_sb")
+    assert metrics["leakage"]["checked"] is False
