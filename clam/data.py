@@ -6,6 +6,8 @@
 - ``BagDataset`` serves up to ``max_tiles`` instances per bag (a fresh draw every training
   epoch, a fixed draw for validation), from memory when the cache is small, else from disk.
 - ``collate_bags`` pads bags of different sizes into one batch with a mask.
+- ``feature_statistics`` streams the per-dimension mean and std of the training instances
+  (for the model's feature standardisation).
 
 Bags are opened only through ``feature_extraction.bags``.
 """
@@ -18,7 +20,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -347,15 +349,75 @@ class BagDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return self.instances(index, self.epoch if self.train else None), self.records[index].label, index
+
+    def instances(self, index: int, epoch: int | None) -> torch.Tensor:
+        """Bag ``index``'s draw of up to ``max_tiles`` instances for ``epoch`` (None: the fixed
+        draw validation uses), as a (n, D) float32 tensor."""
         record = self.records[index]
-        rows = instance_rows(record.n_instances, self.max_tiles, self.seed, record.slide_id,
-                             self.epoch if self.train else None)
+        rows = instance_rows(record.n_instances, self.max_tiles, self.seed, record.slide_id, epoch)
         if self.features is not None:
             bag = self.features[index]
-            features = bag if rows is None else bag[torch.from_numpy(rows)]
+            return bag if rows is None else bag[torch.from_numpy(rows)]
+        return torch.from_numpy(read_bag(record.path, rows=rows).features)
+
+    def all_instances(self) -> Iterator[np.ndarray]:
+        """Every instance of every bag, one (n, D) array per bag (streamed when not in memory)."""
+        for index, record in enumerate(self.records):
+            yield self.features[index].numpy() if self.features is not None else read_bag(record.path).features
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Per-dimension mean and std (population) of a set of instances. ``std`` is 1 where a
+    dimension is constant (``n_constant`` of them), so standardising never divides by zero."""
+
+    mean: np.ndarray  # (D,) float64
+    std: np.ndarray  # (D,) float64
+    n_instances: int
+    n_bags: int
+    n_constant: int
+
+    def describe(self) -> str:
+        return (f"{self.n_instances} instances of {self.n_bags} training bags: mean in [{self.mean.min():.3g}, "
+                f"{self.mean.max():.3g}], std in [{self.std.min():.3g}, {self.std.max():.3g}]"
+                + (f", {self.n_constant} constant dimensions left unscaled" if self.n_constant else ""))
+
+    def to_dict(self) -> dict:
+        return {"n_instances": self.n_instances, "n_bags": self.n_bags, "n_constant_dims": self.n_constant,
+                "mean_range": [float(self.mean.min()), float(self.mean.max())],
+                "std_range": [float(self.std.min()), float(self.std.max())]}
+
+
+CONSTANT_STD = 1e-6  # a dimension whose std is below this share of (|mean| + typical std) is constant
+
+
+def feature_statistics(bags: Iterable[np.ndarray]) -> FeatureStats:
+    """Mean and std per dimension over all instances of ``bags``, streamed one bag at a time
+    (Chan et al.'s pairwise update, in float64): memory is one bag, whatever the cache size."""
+    count, n_bags = 0, 0
+    mean = m2 = None
+    for bag in bags:
+        x = np.asarray(bag, dtype=np.float64)
+        if x.ndim != 2 or not len(x):
+            continue
+        n, bag_mean = len(x), x.mean(axis=0)
+        bag_m2 = ((x - bag_mean) ** 2).sum(axis=0)
+        if mean is None:
+            mean, m2 = bag_mean, bag_m2
         else:
-            features = torch.from_numpy(read_bag(record.path, rows=rows).features)
-        return features, record.label, index
+            delta = bag_mean - mean
+            total = count + n
+            mean = mean + delta * (n / total)
+            m2 = m2 + bag_m2 + delta**2 * (count * n / total)
+        count += n
+        n_bags += 1
+    if mean is None:
+        raise PipelineError("no instances to compute feature statistics from: the training bags are empty.")
+    std = np.sqrt(m2 / count)
+    typical = float(np.sqrt(np.mean(std**2)))
+    constant = std <= CONSTANT_STD * (np.abs(mean) + typical)
+    return FeatureStats(mean, np.where(constant, 1.0, std), count, n_bags, int(constant.sum()))
 
 
 @dataclass

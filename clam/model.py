@@ -1,5 +1,7 @@
 """CLAM-SB and CLAM-MB (Lu et al. 2021, Nat. Biomed. Eng.), batched over padded bags.
 
+    x = (x - mean) / std                                  per-dimension standardisation (feature_norm "standard";
+                                                          the training instances' statistics, stored as buffers)
     h = dropout(relu(W1 x))                              instance embeddings, (B, N, 512)
     a = attention_c(tanh(Wa h) * sigmoid(Wb h))          gated attention, one branch (SB) or one per class (MB)
     A = softmax over the bag's valid instances            (B, branches, N), 0 at padding
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MODEL_TYPES = ("clam_sb", "clam_mb")
+FEATURE_NORMS = ("standard", "none")
 MODEL_SIZES = {"small": (512, 256), "big": (512, 384)}  # (embedding width, attention hidden width)
 INSTANCE_LOSSES = ("ce", "svm")
 PACK_BELOW = 0.9  # run the instance layers on real instances only when padding exceeds 10%
@@ -43,6 +46,10 @@ class ModelConfig:
     k_sample: int = 8
     instance_loss: str = "ce"
     subtyping: bool = False
+    # "standard": features are standardised per dimension inside the model (FeatureNorm), with the
+    # training instances' mean and std stored as buffers. "none": raw features, as CLAM. The default
+    # here is "none" so a configuration (or checkpoint) from before this field rebuilds unchanged.
+    feature_norm: str = "none"
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -51,6 +58,8 @@ class ModelConfig:
             raise ValueError(f"model_size {self.model_size!r}: use one of {tuple(MODEL_SIZES)}")
         if self.instance_loss not in INSTANCE_LOSSES:
             raise ValueError(f"instance_loss {self.instance_loss!r}: use one of {INSTANCE_LOSSES}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm {self.feature_norm!r}: use one of {FEATURE_NORMS}")
         if self.n_classes < 2 or self.in_dim < 1 or self.k_sample < 1 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"invalid model configuration {self}")
 
@@ -85,6 +94,30 @@ class Dropout(nn.Dropout):
         return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
 
+class FeatureNorm(nn.Module):
+    """Per-dimension standardisation, ``(x - mean) / std``, with the training instances' statistics
+    as buffers: they travel in ``model_state_dict``, so every use of the model (training,
+    evaluation, attention maps, each cross-validation fold) applies the same transform.
+
+    Until ``set_statistics`` is called it is the identity (mean 0, std 1)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def set_statistics(self, mean, std) -> None:
+        mean = torch.as_tensor(mean, dtype=self.mean.dtype).reshape(self.mean.shape)
+        std = torch.as_tensor(std, dtype=self.std.dtype).reshape(self.std.shape)
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("feature statistics must be finite, with every std > 0")
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
 class GatedAttention(nn.Module):
     """Gated attention (Ilse et al. 2018): scores (..., N, K) for K branches; returns (scores, h) like CLAM."""
 
@@ -106,6 +139,7 @@ class CLAM_SB(nn.Module):
         self.config = config
         width, hidden = MODEL_SIZES[config.model_size]
         self.n_branches = config.n_classes if config.model_type == "clam_mb" else 1
+        self.feature_norm = FeatureNorm(config.in_dim) if config.feature_norm == "standard" else None
         self.attention_net = nn.Sequential(
             nn.Linear(config.in_dim, width),
             nn.ReLU(),
@@ -133,6 +167,8 @@ class CLAM_SB(nn.Module):
         labels (B,) long. The instance loss is computed only in training mode with labels."""
         if features.dim() == 2:
             features = features.unsqueeze(0)
+        if self.feature_norm is not None:
+            features = self.feature_norm(features)  # padding rows become finite junk; the mask hides them
         scores, h = self._instance_layers(features, mask)  # (B, N, K), (B, N, width)
         attention_raw = scores.transpose(1, 2)  # (B, K, N)
         if mask is not None:
@@ -239,10 +275,12 @@ def build_model(
     k_sample: int = 8,
     instance_loss: str = "ce",
     subtyping: bool = False,
+    feature_norm: str = "none",
 ) -> CLAM_SB:
     """A CLAM-SB or CLAM-MB model; raises ValueError on an invalid configuration."""
     return model_from_config(
-        ModelConfig(model_type, in_dim, n_classes, model_size, dropout, k_sample, instance_loss, subtyping)
+        ModelConfig(model_type, in_dim, n_classes, model_size, dropout, k_sample, instance_loss, subtyping,
+                    feature_norm)
     )
 
 

@@ -44,6 +44,7 @@ from clam.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
+from clam.baselines import comparison, describe as describe_baseline, fit_baseline, pool_bags
 from clam.data import (
     BagDataset,
     BagSet,
@@ -51,6 +52,7 @@ from clam.data import (
     class_counts,
     collate_bags,
     epoch_order,
+    feature_statistics,
     inverse_frequency_weights,
     is_cache_dir,
     plan_loading,
@@ -60,8 +62,16 @@ from clam.data import (
     resolve_cache,
     validate_records,
 )
-from clam.metrics import epoch_metrics
-from clam.model import INSTANCE_LOSSES, MODEL_SIZES, MODEL_TYPES, ModelConfig, clam_loss, model_from_config
+from clam.metrics import epoch_metrics, roc_auc
+from clam.model import (
+    FEATURE_NORMS,
+    INSTANCE_LOSSES,
+    MODEL_SIZES,
+    MODEL_TYPES,
+    ModelConfig,
+    clam_loss,
+    model_from_config,
+)
 from clam.splits import SPLIT_FILE, TrainValSplit, read_split, train_val_split, write_split
 
 __all__ = ["TrainConfig", "train", "main", "load_checkpoint", "model_from_checkpoint"]
@@ -107,10 +117,11 @@ class TrainConfig:
     progress: bool = True
     folds: int = 0  # K >= 2: patient-level K-fold cross-validation (clam.crossval); 0: one run
     splits: str | None = None  # a cross-validation splits file to reuse (clam.crossval)
+    feature_norm: str = "standard"  # per-dimension standardisation with the training instances' statistics
 
     def model_config(self, in_dim: int) -> ModelConfig:
         return ModelConfig(self.model_type, in_dim, self.n_classes, self.model_size, self.dropout,
-                           self.k_sample, self.inst_loss, self.subtyping)
+                           self.k_sample, self.inst_loss, self.subtyping, self.feature_norm)
 
 
 def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Callable[[str], None] = print,
@@ -141,7 +152,9 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
     val_set = BagDataset(split.val, config.max_tiles, config.seed, False, plan.in_memory, config.progress)
 
     torch.manual_seed(config.seed)
-    model = model_from_config(config.model_config(bags.feature_dim)).to(device)
+    model = model_from_config(config.model_config(bags.feature_dim))
+    feature_norm = standardise_features(model, train_set, config, log)
+    model = model.to(device)
     optimizer = make_optimizer(model, config, device)
     counts = class_counts(split.train, config.n_classes)
     class_weights = inverse_frequency_weights(counts) if config.balance == "loss" else None
@@ -151,7 +164,10 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
         set_rng_state(resumed["rng_state"])
         state = RunState.from_checkpoint(resumed)
         log(f"resuming {run_dir} after epoch {state.epoch}")
+    baseline = fit_run_baseline(train_set, val_set, config)
     run_info = _run_info(config, bags, split, plan, model, counts, class_weights, run_dir)
+    run_info["feature_norm"] = feature_norm
+    run_info["baseline"] = {k: v for k, v in baseline.items() if k != "params"}
     log(f"run folder: {run_dir}\n{_describe_run(run_info)}")
 
     weights_tensor = torch.tensor(class_weights, device=device) if class_weights else None
@@ -169,11 +185,16 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
             val_loader = make_loader(val_set, config, plan, device, epoch, train=False)
             val_metrics = evaluate(model, val_loader, config, device, f"epoch {epoch} val")
         state.record(epoch, train_metrics, val_metrics, time.perf_counter() - started, config.patience)
-        save_epoch(run_dir, model, optimizer, config, state, run_info)
+        save_epoch(run_dir, model, optimizer, config, state, run_info, baseline)
         log(state.summary_line(config.num_epochs))
     state.status = "stopped early" if state.epoch < config.num_epochs else "finished"
+    verdict = compare_with_baseline(state, run_info["baseline"], len(val_set))
+    run_info["baseline"].update(verdict)
     write_config(run_dir, config, state, run_info)
-    log(f"done: best epoch {state.best_epoch} (loss {state.best_loss:.4f}) -> {run_dir / BEST_NAME}")
+    log(f"done: best epoch {state.best_epoch} (loss {state.best_loss:.4f}) -> {run_dir / BEST_NAME}\n"
+        f"{verdict['line']}")
+    if verdict["warning"]:
+        log(f"warning: {verdict['warning']}")
     return run_dir
 
 
@@ -206,6 +227,54 @@ def load_bags(config: TrainConfig, log: Callable[[str], None] = print) -> BagSet
     return validate_records(records, cache_dir, config.n_classes, read_cache_config(cache_dir), config.progress)
 
 
+def standardise_features(model, train_set: BagDataset, config: TrainConfig,
+                         log: Callable[[str], None] = print) -> dict[str, Any]:
+    """With ``--feature_norm standard``, set the model's FeatureNorm to the per-dimension mean and
+    std of every instance of the training bags (never validation or test bags); returns what
+    config.json records. On --resume the checkpoint's own statistics are loaded afterwards."""
+    if config.feature_norm != "standard":
+        return {"method": "none", "description": "raw features, as CLAM"}
+    stats = feature_statistics(train_set.all_instances())
+    model.feature_norm.set_statistics(stats.mean, stats.std)
+    log(f"feature standardisation: mean and std per dimension from {stats.describe()}")
+    return {"method": "standard", "description": "(x - mean) / std per dimension, training instances' statistics "
+                                                 "(stored in the model as feature_norm.mean / feature_norm.std)",
+            **stats.to_dict()}
+
+
+def fit_run_baseline(train_set: BagDataset, val_set: BagDataset, config: TrainConfig, pool: str = "mean") -> dict[str, Any]:
+    """The pooled logistic-regression baseline on the same bags (the validation draw of each bag):
+    fitted on the training bags, scored on the validation bags. ``params`` goes into checkpoints."""
+    def pooled(dataset: BagDataset):
+        return pool_bags(dataset.instances(i, None) for i in range(len(dataset)))
+
+    started = time.perf_counter()
+    train_labels = [r.label for r in train_set.records]
+    fitted = fit_baseline(pooled(train_set), train_labels, config.n_classes, pool, config.seed)
+    result: dict[str, Any] = {"method": describe_baseline(pool), "train_auc": None, "val_auc": None,
+                              "n_val_bags": len(val_set)}
+    if fitted is None:
+        return {**result, "note": "the training bags hold one class only: no baseline"}
+    result["train_auc"] = roc_auc(train_labels, fitted.probs(pooled(train_set)), config.n_classes)[0]
+    if len(val_set):
+        val_labels = [r.label for r in val_set.records]
+        result["val_auc"] = roc_auc(val_labels, fitted.probs(pooled(val_set)), config.n_classes)[0]
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return {**result, "params": fitted.to_dict()}
+
+
+def compare_with_baseline(state: "RunState", baseline: dict[str, Any], n_val: int) -> dict[str, Any]:
+    """CLAM's validation AUC at its best epoch beside the baseline's, and a warning when CLAM is clearly worse."""
+    best = next((row for row in state.history if row["epoch"] == state.best_epoch), {})
+    clam_auc, base_auc = best.get("val_auc"), baseline.get("val_auc")
+    if not n_val:
+        line = "no validation set: CLAM and the baseline are not compared"
+    else:
+        line = (f"validation AUC: CLAM {_fmt(clam_auc)} (best epoch {state.best_epoch}) | "
+                f"baseline {_fmt(base_auc)} ({baseline['method']})")
+    return {"clam_val_auc": clam_auc, "line": line, "warning": comparison(clam_auc, base_auc, n_val)}
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # CLAM's optimiser (Adam with L2 weight decay). The fused kernel updates all parameters in one
     # call: same arithmetic, far less per-step overhead at --batch_size 1.
@@ -221,6 +290,7 @@ def _check_config(config: TrainConfig) -> None:
         (config.inst_loss in INSTANCE_LOSSES, f"--inst_loss {config.inst_loss}: use one of {INSTANCE_LOSSES}"),
         (config.balance in BALANCE_CHOICES, f"--balance {config.balance}: use one of {BALANCE_CHOICES}"),
         (config.in_memory in ("auto", "yes", "no"), f"--in_memory {config.in_memory}: use auto, yes or no"),
+        (config.feature_norm in FEATURE_NORMS, f"--feature_norm {config.feature_norm}: use one of {FEATURE_NORMS}"),
         (config.n_classes >= 2, "--n_classes must be at least 2"),
         (config.num_epochs >= 1 and config.batch_size >= 1, "--num_epochs and --batch_size must be at least 1"),
         (config.k_sample >= 1, "--k_sample must be at least 1"),
@@ -242,6 +312,8 @@ def _config_for_resume(config: TrainConfig, checkpoint: dict, explicit: frozense
         raise PipelineError(f"checkpoint {config.resume} has no training arguments; it cannot be resumed.")
     known = {f.name for f in fields(TrainConfig)}
     merged = {k: v for k, v in saved.items() if k in known}
+    # A run from before --feature_norm existed trained on raw features.
+    merged.setdefault("feature_norm", (checkpoint.get("model_config") or {}).get("feature_norm", "none"))
     conflicts = [f"--{name} (run: {saved.get(name)!r}, given: {getattr(config, name)!r})"
                  for name in sorted(explicit - RESUME_OVERRIDES) if name in merged and merged[name] != getattr(config, name)]
     if conflicts:
@@ -376,7 +448,8 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def save_epoch(run_dir: Path, model, optimizer, config: TrainConfig, state: RunState, run_info: dict) -> None:
+def save_epoch(run_dir: Path, model, optimizer, config: TrainConfig, state: RunState, run_info: dict,
+               baseline: dict | None = None) -> None:
     """checkpoint_epoch_N.pt, best_model.pt when this epoch is the best, then config.json."""
     checkpoint = {
         "model_state_dict": model.state_dict(),
@@ -393,6 +466,7 @@ def save_epoch(run_dir: Path, model, optimizer, config: TrainConfig, state: RunS
         "rng_state": rng_state(),
         "versions": run_info["versions"],
         "format_version": 1,
+        "baseline": baseline or {},
     }
     save_checkpoint(run_dir / checkpoint_name(state.epoch), checkpoint)
     if state.is_best:
@@ -528,6 +602,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
         help="also train the other classes' instance classifiers to reject their top instances (CLAM's --subtyping)")
     add(extra, "--weight_decay", type=float, help="Adam weight decay")
     add(extra, "--val_fraction", type=float, help="fraction of each class's patients held out for validation (0: none)")
+    add(extra, "--feature_norm", choices=FEATURE_NORMS,
+        help="standard: standardise each feature dimension with the training instances' mean and std (stored "
+             "in the model, applied wherever it is used); none: raw features, as CLAM")
     add(extra, "--balance", choices=BALANCE_CHOICES, help="class imbalance: weighted loss, balanced sampling, or none")
     add(extra, "--seed", type=int, help="seed of the split, the model initialisation and the tile draws")
     add(extra, "--device", help="auto, cpu, cuda, cuda:N or mps")
