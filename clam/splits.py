@@ -25,8 +25,16 @@ SPLIT_COLUMNS = ("slide_id", "patient_id", "label", "set")
 
 @dataclass(frozen=True)
 class TrainValSplit:
+    """Patient-disjoint parts of one run: ``train`` fits the model, ``val`` picks the best epoch and
+    drives early stopping, ``test`` (a cross-validation fold's held-out patients) is never seen
+    by training or selection: the run records it in split.csv and ignores it otherwise."""
+
     train: tuple[BagRecord, ...]
     val: tuple[BagRecord, ...]
+    test: tuple[BagRecord, ...] = ()
+
+    def parts(self) -> tuple[tuple[str, tuple[BagRecord, ...]], ...]:
+        return (("train", self.train), ("val", self.val), ("test", self.test))
 
 
 def patient_labels(records: Sequence[BagRecord]) -> dict[str, int]:
@@ -61,9 +69,11 @@ def assign_patient_folds(labels: Mapping[str, int], n_folds: int, seed: int) -> 
     return folds
 
 
-def train_val_split(records: Sequence[BagRecord], val_fraction: float, seed: int) -> TrainValSplit:
+def train_val_split(records: Sequence[BagRecord], val_fraction: float, seed: int,
+                    test: Sequence[BagRecord] = ()) -> TrainValSplit:
     """Put round(val_fraction x patients) of each label's patients (at least one when the label has
-    two or more, never all) and all their bags in validation; ``val_fraction`` 0 means none."""
+    two or more, never all) and all their bags in validation; ``val_fraction`` 0 means none.
+    ``test`` (bags held out before this split) is passed through unchanged."""
     if not 0.0 <= val_fraction < 1.0:
         raise PipelineError(f"--val_fraction {val_fraction}: use a value in [0, 1).")
     val_patients: set[str] = set()
@@ -74,6 +84,7 @@ def train_val_split(records: Sequence[BagRecord], val_fraction: float, seed: int
     return TrainValSplit(
         train=tuple(r for r in records if r.patient_id not in val_patients),
         val=tuple(r for r in records if r.patient_id in val_patients),
+        test=tuple(test),
     )
 
 
@@ -81,7 +92,7 @@ def write_split(path: Path, split: TrainValSplit) -> None:
     with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(SPLIT_COLUMNS)
-        for name, records in (("train", split.train), ("val", split.val)):
+        for name, records in split.parts():
             for r in records:
                 writer.writerow([r.slide_id, r.patient_id, r.label, name])
 
@@ -98,7 +109,4 @@ def read_split(path: Path, records: Sequence[BagRecord]) -> TrainValSplit:
     if unknown:
         raise PipelineError(f"split file {path} does not list {len(unknown)} of the bags, e.g. {unknown[0]}; "
                             "the cohort changed since this run started. Start a new run instead of resuming.")
-    return TrainValSplit(
-        train=tuple(r for r in records if sides[r.slide_id] == "train"),
-        val=tuple(r for r in records if sides[r.slide_id] == "val"),
-    )
+    return TrainValSplit(*(tuple(r for r in records if sides[r.slide_id] == name) for name in ("train", "val", "test")))

@@ -523,6 +523,8 @@ def _run_info(config, bags: BagSet, split, plan, model, counts, class_weights, r
             "n_val_patients": len({r.patient_id for r in split.val}),
             "train_class_counts": counts,
             "val_class_counts": class_counts(split.val, config.n_classes),
+            "n_test_bags": len(split.test),  # a cross-validation fold's held-out part: never used here
+            "n_test_patients": len({r.patient_id for r in split.test}),
             "split_file": SPLIT_FILE,
         },
         "imbalance": {"method": config.balance, "description": imbalance, "class_weights": class_weights},
