@@ -355,9 +355,9 @@ def run_split_sets(checkpoint_path: Path) -> tuple[Path | None, list[dict[str, s
     if path is not None:
         try:
             rows = _csv_rows(path, ("slide_id", column))
-            if column == "fold":  # the parent's folds: fold K validated this model, the others trained it
-                for row in rows:
-                    row["set"] = "val" if int(row["fold"]) == int(fold) else "train"
+            if column == "fold":  # the parent's folds: its fold_K column names each part; an older
+                for row in rows:  # two-part file means fold K validated this model, the others trained it
+                    row["set"] = row.get(f"{FOLD_PREFIX}{fold}") or ("val" if int(row["fold"]) == int(fold) else "train")
         except (OSError, ValueError, csv.Error, UnicodeDecodeError) as error:
             return path, None, f"the split file {path} cannot be read ({error})"
         return path, [{"slide_id": r["slide_id"], "patient_id": r.get("patient_id") or "", "set": r["set"]}
