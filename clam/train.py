@@ -78,7 +78,7 @@ __all__ = ["TrainConfig", "train", "main", "load_checkpoint", "model_from_checkp
 
 BALANCE_CHOICES = ("loss", "sampler", "none")
 VAL_BATCH_SIZE = 16
-# On --resume these may differ from the checkpoint's; everything else continues as it was.
+# On --resume these may be given anew, when typed (``explicit``); everything else continues as it was.
 RESUME_OVERRIDES = frozenset({"num_epochs", "patience", "device", "num_workers", "in_memory", "progress", "resume"})
 
 
@@ -134,6 +134,11 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
     if resumed is not None:
         config = _config_for_resume(config, resumed, explicit)
     _check_config(config)
+    if resumed is not None:
+        reason = _nothing_to_resume(config, RunState.from_checkpoint(resumed))
+        if reason:
+            log(reason)
+            return Path(config.resume).parent
     device = resolve_device(config.device)
     bags = load_bags(config, log)
     if resumed is not None:
@@ -305,8 +310,15 @@ def _check_config(config: TrainConfig) -> None:
 
 
 def _config_for_resume(config: TrainConfig, checkpoint: dict, explicit: frozenset[str]) -> TrainConfig:
-    """The checkpoint's arguments, with only RESUME_OVERRIDES taken from ``config``. An argument
-    the user typed (``explicit``) that would change the run is refused: it would be another run."""
+    """The checkpoint's arguments; of ``config``, only the RESUME_OVERRIDES the caller typed
+    (``explicit``) replace them, and ``resume`` itself. An argument in ``explicit`` that would
+    change the run is refused: it would be another run.
+
+    From the command line ``explicit`` is what the user typed (``parse_args``). A library caller
+    of ``train(config, explicit)`` names the fields of ``config`` that should override the
+    checkpoint the same way: with the default ``explicit=frozenset()`` the run continues exactly
+    as it was started (its own ``num_epochs``, ``patience``, device, ...), whatever else
+    ``config`` holds."""
     saved = checkpoint.get("args")
     if not isinstance(saved, dict):
         raise PipelineError(f"checkpoint {config.resume} has no training arguments; it cannot be resumed.")
@@ -319,8 +331,23 @@ def _config_for_resume(config: TrainConfig, checkpoint: dict, explicit: frozense
     if conflicts:
         raise PipelineError(f"--resume continues a run as it was started; these arguments differ: {', '.join(conflicts)}. "
                             "Start a new run to change them.")
-    merged.update({name: getattr(config, name) for name in RESUME_OVERRIDES})
+    merged.update({name: getattr(config, name) for name in RESUME_OVERRIDES & explicit})
+    merged["resume"] = config.resume
     return TrainConfig(**merged)
+
+
+def _nothing_to_resume(config: TrainConfig, state: "RunState") -> str | None:
+    """Why resuming ``config.resume`` would train no epoch (None: it trains). Such a resume writes nothing."""
+    if state.epoch >= config.num_epochs:
+        more = "" if state.epoch > config.num_epochs else " already"
+        return (f"nothing to train: {Path(config.resume).name} is at epoch {state.epoch} and the run{more} ends at "
+                f"--num_epochs {config.num_epochs}. Pass --num_epochs larger than {state.epoch} to train more epochs; "
+                "the run folder is left as it is.")
+    if config.patience is not None and state.epochs_since_best >= config.patience:
+        return (f"nothing to train: the run stopped early at epoch {state.epoch} (no lower loss for "
+                f"{state.epochs_since_best} epochs, --patience {config.patience}). Pass a larger --patience to train "
+                "more epochs; the run folder is left as it is.")
+    return None
 
 
 def make_split(bags: BagSet, config: TrainConfig) -> TrainValSplit:

@@ -144,7 +144,9 @@ def test_resume_ends_where_the_uninterrupted_run_ends(project, tmp_path):
     config = quick(tmp_path, num_epochs=3, batch_size=2, max_tiles=10)
     whole = train(config)
     first = train(TrainConfig(**{**config.__dict__, "num_epochs": 1}))
-    resumed = train(TrainConfig(**{**config.__dict__, "resume": str(first / "checkpoint_epoch_1.pt")}))
+    # A library resume overrides only the names in ``explicit``: here the longer run.
+    resumed = train(TrainConfig(**{**config.__dict__, "resume": str(first / "checkpoint_epoch_1.pt")}),
+                    explicit=frozenset({"num_epochs"}))
     assert resumed == first  # continues in its own run folder
     a, b = final_state(whole, 3), final_state(resumed, 3)
     for key, value in a["model_state_dict"].items():
@@ -153,6 +155,50 @@ def test_resume_ends_where_the_uninterrupted_run_ends(project, tmp_path):
     assert [row["train_loss"] for row in a["history"]] == [row["train_loss"] for row in b["history"]]
     assert torch.equal(a["optimizer_state_dict"]["state"][0]["exp_avg"], b["optimizer_state_dict"]["state"][0]["exp_avg"])
     assert json.loads((resumed / "config.json").read_text())["epoch"] == 3
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of ``folder`` (hidden ones too): its bytes and mtime."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_bare_resume_continues_the_run_as_it_was_started(project, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    args = ["--num_epochs", "3", "--patience", "5", "--max_tiles", "10", "--output_dir", str(runs), "--no_progress"]
+    assert main(args) == 0
+    (whole,) = runs.iterdir()
+    # The same run interrupted after epoch 1: its folder as it was then.
+    cut = tmp_path / "cut" / whole.name
+    cut.mkdir(parents=True)
+    for name in ("split.csv", "checkpoint_epoch_1.pt"):
+        shutil.copy2(whole / name, cut / name)
+    capsys.readouterr()
+
+    assert main(["--resume", str(cut / "checkpoint_epoch_1.pt")]) == 0  # nothing else typed
+    assert "epoch 3/3" in capsys.readouterr().out
+    assert sorted(p.name for p in cut.glob("checkpoint_epoch_*.pt")) == [f"checkpoint_epoch_{n}.pt" for n in (1, 2, 3)]
+    args_saved = final_state(cut, 3)["args"]
+    assert (args_saved["num_epochs"], args_saved["patience"], args_saved["progress"]) == (3, 5, False)
+    a, b = final_state(whole, 3), final_state(cut, 3)
+    for key, value in a["model_state_dict"].items():
+        assert torch.equal(value, b["model_state_dict"][key]), key  # bit-identical to the uninterrupted run
+    assert [row["val_loss"] for row in a["history"]] == [row["val_loss"] for row in b["history"]]
+    config = json.loads((cut / "config.json").read_text())
+    assert config["status"] == "finished" and config["args"]["num_epochs"] == 3 and config["args"]["patience"] == 5
+
+    # A larger --num_epochs extends the run; the other arguments stay the run's.
+    assert main(["--resume", str(cut / "checkpoint_epoch_3.pt"), "--num_epochs", "4"]) == 0
+    assert "epoch 4/4" in capsys.readouterr().out
+    assert final_state(cut, 4)["args"]["num_epochs"] == 4 and final_state(cut, 4)["args"]["patience"] == 5
+
+    # A smaller one (or the run's own end again): said, exit 0, and nothing in the run folder changes.
+    before = snapshot(cut)
+    assert main(["--resume", str(cut / "checkpoint_epoch_4.pt"), "--num_epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "epoch 4" in out and "--num_epochs 2" in out
+    assert main(["--resume", str(cut / "checkpoint_epoch_4.pt")]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert snapshot(cut) == before
 
 
 def test_resume_refuses_to_change_the_run(project, tmp_path, capsys):
