@@ -76,6 +76,9 @@ class ClamOutput:
     attention: torch.Tensor  # (B, K, N), softmax over each bag's valid instances, 0 at padding
     attention_raw: torch.Tensor  # (B, K, N), before the softmax, 0 at padding
     instance_loss: torch.Tensor | None  # scalar mean over bags; None without labels or in eval mode
+    # (2,): correct and all predictions of the instance classifiers on the top and bottom k_sample
+    # instances (CLAM's clustering accuracy); computed with instance_loss, else None.
+    instance_hits: torch.Tensor | None = None
 
 
 class Dropout(nn.Dropout):
@@ -162,9 +165,11 @@ class CLAM_SB(nn.Module):
         features: torch.Tensor,
         mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        instance_eval: bool | None = None,
     ) -> ClamOutput:
         """features (B, N, D) float; mask (B, N) bool, True for real instances (None: all real);
-        labels (B,) long. The instance loss is computed only in training mode with labels."""
+        labels (B,) long. The instance loss (and accuracy) is computed with labels in training mode,
+        or in any mode with ``instance_eval=True`` (CLAM's validation); ``instance_eval=False`` never."""
         if features.dim() == 2:
             features = features.unsqueeze(0)
         if self.feature_norm is not None:
@@ -180,10 +185,10 @@ class CLAM_SB(nn.Module):
             masked_raw = attention_raw
             attention = torch.softmax(attention_raw, dim=-1)
         logits = self._bag_logits(torch.bmm(attention, h))
-        instance_loss = None
-        if labels is not None and self.training:
-            instance_loss = self._instance_loss(masked_raw, h, labels, mask)
-        return ClamOutput(logits, torch.softmax(logits, dim=-1), attention, attention_raw, instance_loss)
+        instance_loss = hits = None
+        if labels is not None and (self.training if instance_eval is None else instance_eval):
+            instance_loss, hits = self._instance_loss(masked_raw, h, labels, mask)
+        return ClamOutput(logits, torch.softmax(logits, dim=-1), attention, attention_raw, instance_loss, hits)
 
     def _instance_layers(self, features: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-instance layers (fc and attention scores). When much of the batch is padding,
@@ -195,8 +200,9 @@ class CLAM_SB(nn.Module):
 
     def _instance_loss(
         self, masked_raw: torch.Tensor, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over bags of CLAM's instance loss; ``masked_raw`` (B, K, N) is -inf at padding.
+        Also (correct, all) predictions of the instance classifiers on the instances the loss uses.
 
         All classes and bags at once: the instance classifiers score every instance in one
         small matmul, and the top and bottom instances of each branch are picked from those
@@ -205,7 +211,7 @@ class CLAM_SB(nn.Module):
         n_classes, k_sample = self.config.n_classes, self.config.k_sample
         k_max = min(k_sample, n // 2)  # disjoint top and bottom sets
         if k_max == 0:
-            return h.new_zeros(())
+            return h.new_zeros(()), h.new_zeros(2)
         top = masked_raw.topk(k_max, dim=-1).indices  # (B, K, k)
         low_scores = masked_raw if mask is None else masked_raw.masked_fill(~mask[:, None, :], float("inf"))
         bottom = low_scores.topk(k_max, dim=-1, largest=False).indices
@@ -231,7 +237,24 @@ class CLAM_SB(nn.Module):
             # Out of the class: another class's top instances must not look like that class.
             out_loss = (self._per_instance_loss(top_logits, 0) * rank_weight).sum(dim=-1)
             per_bag = (per_bag + (out_loss * (1 - in_class)).sum(dim=1)) / n_classes
-        return per_bag.mean()
+        return per_bag.mean(), self._instance_hits(top_logits, bottom_logits, rank_weight, in_class)
+
+    def _instance_hits(self, top_logits: torch.Tensor, bottom_logits: torch.Tensor, rank_weight: torch.Tensor,
+                       in_class: torch.Tensor) -> torch.Tensor:
+        """(correct, all) predictions, as CLAM's inst_eval counts them: the bag's class's classifier
+        on its top (target 1) and bottom (target 0) instances; with subtyping also the other
+        classes' classifiers on their top instances (target 0)."""
+        with torch.no_grad():
+            used = rank_weight > 0  # (B, 1, k): the ranks a bag has
+            top_one = top_logits[..., 1] > top_logits[..., 0]  # (B, C, k) predicted "in the class"
+            bottom_one = bottom_logits[..., 1] > bottom_logits[..., 0]
+            n_used = used.sum(dim=-1).to(in_class.dtype)  # (B, 1)
+            right = ((top_one & used).sum(dim=-1) + (~bottom_one & used).sum(dim=-1)).to(in_class.dtype)
+            hits = torch.stack([(right * in_class).sum(), (2 * n_used * in_class).sum()])
+            if self.config.subtyping:
+                out = (~top_one & used).sum(dim=-1).to(in_class.dtype)
+                hits = hits + torch.stack([(out * (1 - in_class)).sum(), (n_used * (1 - in_class)).sum()])
+        return hits
 
     def _per_instance_loss(self, logits: torch.Tensor, target: int) -> torch.Tensor:
         """(..., 2) logits, one target for all -> (...) losses."""

@@ -166,12 +166,15 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
     state = RunState()
     if resumed is not None:
         load_checkpoint(config.resume, model, optimizer, device)
+        for group in optimizer.param_groups:  # the saved groups carry the saving torch's kernel choice
+            group["fused"], group["foreach"] = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
         set_rng_state(resumed["rng_state"])
         state = RunState.from_checkpoint(resumed)
         log(f"resuming {run_dir} after epoch {state.epoch}")
     baseline = fit_run_baseline(train_set, val_set, config)
     run_info = _run_info(config, bags, split, plan, model, counts, class_weights, run_dir)
     run_info["feature_norm"] = feature_norm
+    run_info["optimizer"] = {"name": "Adam", "fused": _is_fused(optimizer)}
     run_info["baseline"] = {k: v for k, v in baseline.items() if k != "params"}
     log(f"run folder: {run_dir}\n{_describe_run(run_info)}")
 
@@ -280,11 +283,39 @@ def compare_with_baseline(state: "RunState", baseline: dict[str, Any], n_val: in
     return {"clam_val_auc": clam_auc, "line": line, "warning": comparison(clam_auc, base_auc, n_val)}
 
 
+FUSED_CPU_TORCH = (2, 4)  # fused Adam on a CPU needs torch 2.4 or later
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    # CLAM's optimiser (Adam with L2 weight decay). The fused kernel updates all parameters in one
-    # call: same arithmetic, far less per-step overhead at --batch_size 1.
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
+    """CLAM's optimiser (Adam with L2 weight decay). The fused kernel updates all parameters in one
+    call (same arithmetic, far less per-step overhead at --batch_size 1) where this torch has it
+    for ``device``; otherwise, or when torch refuses it, the default Adam."""
+    params = list(model.parameters())  # twice, when the fused attempt is refused
+    kwargs = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
+    if _fused_possible(device):
+        try:
+            return torch.optim.Adam(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):  # an older torch, or no fused kernel for this device
+            pass
+    return torch.optim.Adam(params, **kwargs)
+
+
+def _fused_possible(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _torch_version() >= FUSED_CPU_TORCH
+
+
+def _torch_version() -> tuple[int, int]:
+    try:
+        major, minor = str(torch.__version__).split("+")[0].split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (0, 0)
+
+
+def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(optimizer.defaults.get("fused"))
 
 
 def _check_config(config: TrainConfig) -> None:
@@ -380,6 +411,7 @@ def train_one_epoch(model, optimizer, loader: DataLoader, config: TrainConfig, d
     model.train()
     losses: dict[str, list[torch.Tensor]] = {"loss": [], "bag_loss": [], "instance_loss": []}
     sizes, probs, labels = [], [], []
+    hits = torch.zeros(2, device=device)
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not config.progress):
         batch = batch.to(device)
         output = model(batch.features, batch.mask, batch.labels)
@@ -391,27 +423,42 @@ def train_one_epoch(model, optimizer, loader: DataLoader, config: TrainConfig, d
         # (CLAM calls .item() on each bag's losses).
         for name, value in zip(losses, (total, bag_loss, output.instance_loss)):
             losses[name].append(value.detach())
+        hits += output.instance_hits
         sizes.append(len(batch.labels))
         probs.append(output.probs.detach())
         labels.append(batch.labels)
     weights = torch.tensor(sizes, device=device, dtype=torch.float32) / sum(sizes)
     means = {name: float((torch.stack(values) * weights).sum()) for name, values in losses.items()}
-    return {**means, **_classification(labels, probs, config)}
+    return {**means, "inst_acc": _accuracy(hits), **_classification(labels, probs, config)}
 
 
 @torch.inference_mode()
 def evaluate(model, loader: DataLoader, config: TrainConfig, device: torch.device, desc: str = "val") -> dict[str, Any]:
-    """Validation metrics; ``loss`` is the unweighted bag cross-entropy, as in CLAM's validation."""
+    """Validation metrics. ``loss`` (the monitored one) is the unweighted bag cross-entropy, as in
+    CLAM's validation; as there, the instance loss and the instance classifiers' accuracy on the
+    top and bottom ``k_sample`` instances (``inst_acc``) are computed in eval mode with the labels."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
+    instance_sum = torch.zeros((), device=device)
+    hits = torch.zeros(2, device=device)
     probs, labels = [], []
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not config.progress):
         batch = batch.to(device)
-        output = model(batch.features, batch.mask)
+        output = model(batch.features, batch.mask, batch.labels, instance_eval=True)
         loss_sum += torch.nn.functional.cross_entropy(output.logits, batch.labels, reduction="sum")
+        instance_sum += output.instance_loss * len(batch.labels)
+        hits += output.instance_hits
         probs.append(output.probs)
         labels.append(batch.labels)
-    return {"loss": float(loss_sum) / len(loader.dataset), **_classification(labels, probs, config)}
+    n = len(loader.dataset)
+    return {"loss": float(loss_sum) / n, "instance_loss": float(instance_sum) / n, "inst_acc": _accuracy(hits),
+            **_classification(labels, probs, config)}
+
+
+def _accuracy(hits: torch.Tensor) -> float | None:
+    """correct / all from (correct, all); None when nothing was predicted (every bag of one instance)."""
+    correct, total = (float(v) for v in hits)
+    return correct / total if total else None
 
 
 def _classification(labels: list[torch.Tensor], probs: list[torch.Tensor], config: TrainConfig) -> dict[str, Any]:
@@ -466,7 +513,7 @@ class RunState:
         for side in ("train", "val"):
             if f"{side}_loss" in row:
                 parts.append(f"{side} loss {row[f'{side}_loss']:.4f} auc {_fmt(row[f'{side}_auc'])} "
-                             f"bacc {_fmt(row[f'{side}_balanced_accuracy'])}")
+                             f"bacc {_fmt(row[f'{side}_balanced_accuracy'])} inst acc {_fmt(row.get(f'{side}_inst_acc'))}")
         parts.append(f"{row['seconds']:.1f} s" + ("  * best" if row["best"] else ""))
         return " | ".join(parts)
 

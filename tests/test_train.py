@@ -210,6 +210,114 @@ def test_resume_refuses_to_change_the_run(project, tmp_path, capsys):
     assert (run / "checkpoint_epoch_2.pt").is_file()
 
 
+# ---------------------------------------------------------------- instance loss and accuracy
+
+
+def clam_instance_eval(model, bag: torch.Tensor, label: int) -> tuple[torch.Tensor, int, int]:
+    """mahmoodlab/CLAM's ``inst_eval`` for the bag's class (CLAM-SB, no subtyping), written out on
+    the model's (standardised) features: the instance loss and (correct, all) predictions."""
+    if model.feature_norm is not None:
+        bag = model.feature_norm(bag)
+    h = model.attention_net[:3](bag)
+    attention = torch.softmax(model.attention_net[3](h)[0].T, dim=1)  # (1, N)
+    k = min(model.config.k_sample, len(bag) // 2)
+    top = torch.topk(attention, k)[1][-1]
+    bottom = torch.topk(-attention, k, dim=1)[1][-1]
+    logits = model.instance_classifiers[label](torch.cat([h[top], h[bottom]]))
+    targets = torch.cat([torch.ones(k), torch.zeros(k)]).long()
+    predictions = torch.topk(logits, 1, dim=1)[1].squeeze(1)
+    return torch.nn.functional.cross_entropy(logits, targets), int((predictions == targets).sum()), 2 * k
+
+
+def test_the_model_computes_the_instance_loss_in_eval_mode_when_asked():
+    from clam.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("clam_sb", in_dim=12, k_sample=3, dropout=0.0)
+    bag, label = torch.randn(1, 11, 12), torch.tensor([1])
+    trained = model.train()(bag, None, label)
+    assert model.train()(bag, None, label, instance_eval=False).instance_loss is None
+    assert model.eval()(bag, None, label).instance_loss is None  # eval mode, as before: no instance loss
+    evaluated = model.eval()(bag, None, label, instance_eval=True)
+    torch.testing.assert_close(evaluated.instance_loss, trained.instance_loss)  # no dropout: the same loss
+    loss, correct, total = clam_instance_eval(model, bag[0], 1)
+    torch.testing.assert_close(evaluated.instance_loss, loss)
+    assert evaluated.instance_hits.tolist() == [correct, total] == trained.instance_hits.tolist()
+
+
+def test_validation_logs_the_instance_loss_and_accuracy_and_monitors_the_bag_loss(project, tmp_path):
+    from clam.data import BagDataset
+    from clam.splits import read_split
+    from clam.train import load_bags
+
+    config = quick(tmp_path, k_sample=2, val_fraction=0.3)
+    run = train(config)
+    history = json.loads((run / "config.json").read_text())["metrics"]
+    for row in history:
+        assert {"train_instance_loss", "train_inst_acc", "val_instance_loss", "val_inst_acc"} <= set(row)
+        assert 0.0 <= row["train_inst_acc"] <= 1.0 and 0.0 <= row["val_inst_acc"] <= 1.0
+
+    # The epoch-2 numbers, recomputed bag by bag with CLAM's validation code on the epoch-2 weights.
+    model, _ = model_from_checkpoint(run / "checkpoint_epoch_2.pt", "cpu")
+    split = read_split(run / "split.csv", load_bags(config, lambda _: None).records)
+    bags = BagDataset(split.val, 0, 0, False, in_memory=True, progress=False)
+    bag_losses, instance_losses, correct, total = [], [], 0, 0
+    with torch.inference_mode():
+        for i in range(len(bags)):
+            features, label, _ = bags[i]
+            logits = model(features).logits
+            bag_losses.append(torch.nn.functional.cross_entropy(logits, torch.tensor([label])))
+            loss, right, n = clam_instance_eval(model, features, label)
+            instance_losses.append(loss)
+            correct, total = correct + right, total + n
+    row = history[1]
+    assert row["val_loss"] == pytest.approx(float(torch.stack(bag_losses).mean()), rel=1e-5)  # plain bag CE
+    assert row["val_instance_loss"] == pytest.approx(float(torch.stack(instance_losses).mean()), rel=1e-5)
+    assert row["val_inst_acc"] == pytest.approx(correct / total)
+    assert json.loads((run / "config.json").read_text())["best_loss"] == min(r["val_loss"] for r in history)
+
+
+# ---------------------------------------------------------------- optimiser
+
+
+class _AdamWithoutFused(torch.optim.Adam):
+    """Adam as torch < 2.4 behaves on a CPU: ``fused=True`` is refused."""
+
+    def __init__(self, params, *args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                               "devices: ['cuda']")
+        super().__init__(params, *args, **kwargs)
+
+
+def test_adam_falls_back_from_fused_when_torch_refuses_it(project, tmp_path, monkeypatch):
+    from clam import train as train_module
+
+    model = torch.nn.Linear(3, 2)
+    config = quick(tmp_path)
+    assert train_module._is_fused(train_module.make_optimizer(model, config, torch.device("cpu")))  # this torch has it
+    monkeypatch.setattr(torch.optim, "Adam", _AdamWithoutFused)
+    optimizer = train_module.make_optimizer(model, config, torch.device("cpu"))
+    assert not train_module._is_fused(optimizer) and len(optimizer.param_groups[0]["params"]) == 2  # every parameter
+    run = train(config)  # a whole run on the fallback
+    assert json.loads((run / "config.json").read_text())["optimizer"] == {"name": "Adam", "fused": False}
+    # A torch older than 2.4 is not even asked for the fused kernel on a CPU.
+    asked = []
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, **kwargs: asked.append(kwargs) or _AdamWithoutFused(params, **kwargs))
+    monkeypatch.setattr(torch, "__version__", "2.2.2+cpu")
+    train_module.make_optimizer(model, config, torch.device("cpu"))
+    assert asked == [{"lr": 1e-4, "weight_decay": 1e-5}]
+
+
+def test_a_checkpoint_of_a_fused_run_resumes_on_the_fallback(project, tmp_path, monkeypatch):
+    run = train(quick(tmp_path, num_epochs=1))
+    assert torch.load(run / "checkpoint_epoch_1.pt", weights_only=True)["optimizer_state_dict"]["param_groups"][0]["fused"]
+    monkeypatch.setattr(torch.optim, "Adam", _AdamWithoutFused)  # e.g. resumed where torch is older
+    train(quick(tmp_path, num_epochs=2, resume=str(run / "checkpoint_epoch_1.pt")), explicit=frozenset({"num_epochs"}))
+    saved = torch.load(run / "checkpoint_epoch_2.pt", weights_only=True)["optimizer_state_dict"]["param_groups"][0]
+    assert not saved["fused"]
+
+
 # ---------------------------------------------------------------- variants and inputs
 
 
