@@ -34,10 +34,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from feature_extraction.atomic import atomic_output, atomic_write_json
-from feature_extraction.bags import read_bag
 from feature_extraction.errors import PipelineError
 
-from clam.baselines import PooledBaseline, pool_bags
 from clam.checkpoints import BEST_NAME, CONFIG_NAME, checkpoint_name, make_run_dir
 from clam.data import BagRecord
 from clam.metrics import DEFAULT_N_BOOTSTRAP, auc_with_ci, epoch_metrics, roc_auc, summarize
@@ -175,7 +173,7 @@ def cross_validate(config: TrainConfig, log: Callable[[str], None] = print,
 
     Folds come from ``config.splits`` if given, else ``config.folds`` seeded by ``config.seed``.
     Returns the parent run folder."""
-    from clam.evaluate import aggregate_patients, load_model, predict, probability_column
+    from clam.evaluate import aggregate_patients, baseline_column, load_model, predict, probability_column, saved_baseline
 
     if config.resume:
         raise PipelineError("--resume continues one fold's run: pass that fold's checkpoint without --folds/--splits.")
@@ -210,21 +208,19 @@ def cross_validate(config: TrainConfig, log: Callable[[str], None] = print,
         checkpoint = selected_checkpoint(fold_dir)
         loaded = load_model(checkpoint, config.device)
         names = loaded.class_names
-        baseline = _saved_baseline(loaded.checkpoint)
+        baseline = saved_baseline(loaded.checkpoint)
         fold_slides = []
         for p in predict(loaded, split.test, 0, False):
             row = {"slide_id": p.record.slide_id, "patient_id": p.record.patient_id, "fold": fold,
                    "label": p.record.label, **{probability_column(n): float(v) for n, v in zip(names, p.probs)}}
             # The baseline's probabilities on every instance of the bag, as CLAM's (empty: no baseline
             # for this fold, its training bags held one class).
-            probs = ([None] * len(names) if baseline is None else
-                     baseline.probs(pool_bags([read_bag(p.record.path).features], baseline.pool))[0])
-            row.update({f"baseline_{probability_column(n)}": None if v is None else float(v) for n, v in zip(names, probs)})
+            probs = [None] * len(names) if baseline is None else baseline.probs(p.pooled[baseline.pool][None])[0]
+            row.update({baseline_column(n): None if v is None else float(v) for n, v in zip(names, probs)})
             fold_slides.append(row)
         rows.append(_fold_row(fold, fold_dir, checkpoint, split, fold_slides, names, config.n_classes))
         slides += fold_slides
     patients = [{"fold": folds[row["patient_id"]], **row} for row in aggregate_patients(slides, names)]
-    _add_baseline_patients(patients, slides, names)
     _write_rows(parent / "oof_predictions_slide.csv", slides)
     _write_rows(parent / "oof_predictions.csv", patients)
     summary = summarize_folds(rows, patients, names, config.n_classes, n_bootstrap, config.seed)
@@ -245,26 +241,6 @@ def selected_checkpoint(fold_dir: Path) -> Path:
     if info["data"].get("n_val_bags"):
         return fold_dir / BEST_NAME
     return fold_dir / checkpoint_name(int(info["epoch"]))
-
-
-def _saved_baseline(checkpoint: dict[str, Any]) -> PooledBaseline | None:
-    params = (checkpoint.get("baseline") or {}).get("params")
-    return PooledBaseline.from_dict(params) if params else None
-
-
-def _add_baseline_patients(patients: list[dict[str, Any]], slides: Sequence[dict[str, Any]],
-                           names: Sequence[str]) -> None:
-    """The baseline's patient-level probabilities (mean over the patient's slides), beside CLAM's."""
-    from clam.evaluate import probability_column
-
-    columns = [f"baseline_{probability_column(n)}" for n in names]
-    by_patient: dict[str, list[dict[str, Any]]] = {}
-    for row in slides:
-        by_patient.setdefault(str(row["patient_id"]), []).append(row)
-    for patient in patients:
-        mine = by_patient[str(patient["patient_id"])]
-        patient.update({c: None if any(r[c] is None for r in mine) else float(np.mean([r[c] for r in mine]))
-                        for c in columns})
 
 
 def _fold_row(fold: int, fold_dir: Path, checkpoint: Path, split: TrainValSplit, slides: Sequence[dict[str, Any]],

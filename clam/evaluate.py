@@ -55,6 +55,7 @@ from feature_extraction.errors import PipelineError, cli_main
 from feature_extraction.layout import SPLITS, default_data_dir, default_features_dir, discover_slides, project_root
 
 from clam import attention as attention_maps
+from clam.baselines import PooledBaseline
 from clam.checkpoints import BEST_NAME, CLAM_STATE_DICT, RUN_PREFIX, model_from_checkpoint, resolve_device
 from clam.data import (
     BagDataset,
@@ -145,6 +146,7 @@ class SlidePrediction:
     probs: np.ndarray  # (C,)
     attention: np.ndarray  # (K, N), K = 1 (CLAM-SB) or C (CLAM-MB)
     attention_raw: np.ndarray  # (K, N)
+    pooled: dict[str, np.ndarray] = field(default_factory=dict)  # "mean" / "max" of the bag's raw features, (D,)
 
 
 @dataclass(frozen=True)
@@ -462,6 +464,7 @@ def predict(
                 probs=output.probs[0].float().cpu().numpy(),
                 attention=output.attention[0].float().cpu().numpy(),
                 attention_raw=output.attention_raw[0].float().cpu().numpy(),
+                pooled={"mean": features.double().mean(dim=0).numpy(), "max": features.double().amax(dim=0).numpy()},
             )
 
 
@@ -470,6 +473,8 @@ def aggregate_patients(slides: Sequence[dict[str, Any]], class_names: Sequence[s
 
     ``slides`` are rows of predictions.csv (as dicts); patients are listed in first-seen order."""
     columns = [probability_column(name) for name in class_names]
+    # The baseline's probabilities, where the rows carry them: averaged the same way (None when missing).
+    baseline_columns = [baseline_column(name) for name in class_names if slides and baseline_column(name) in slides[0]]
     patients: dict[str, list[dict[str, Any]]] = {}
     for row in slides:
         patients.setdefault(str(row["patient_id"]), []).append(row)
@@ -486,12 +491,18 @@ def aggregate_patients(slides: Sequence[dict[str, Any]], class_names: Sequence[s
             **{c: float(p) for c, p in zip(columns, probs)},
             "predicted": predicted,
             "predicted_name": class_names[predicted],
+            **{c: None if any(r[c] in (None, "") for r in rows) else float(np.mean([float(r[c]) for r in rows]))
+               for c in baseline_columns},
         })
     return out
 
 
 def probability_column(class_name: str) -> str:
     return f"prob_{class_name}"
+
+
+def baseline_column(class_name: str) -> str:
+    return f"baseline_prob_{class_name}"
 
 
 # ---------------------------------------------------------------- evaluation
@@ -521,10 +532,13 @@ def evaluate(config: EvaluateConfig, log: Callable[[str], None] = print) -> Eval
     log(f"evaluating {loaded.path} on {len(cohort.records)} slides ({cohort.cache_dir}) -> {output_dir}")
 
     names = loaded.class_names
+    baseline = saved_baseline(loaded.checkpoint)
     slides, index_rows = [], []
     for prediction in predict(loaded, cohort.records, config.num_workers, config.progress):
         record = prediction.record
         predicted = int(np.argmax(prediction.probs))
+        base = {} if baseline is None else {
+            baseline_column(n): float(p) for n, p in zip(names, baseline.probs(prediction.pooled[baseline.pool][None])[0])}
         slides.append({
             "slide_id": record.slide_id,
             "patient_id": record.patient_id,
@@ -535,6 +549,7 @@ def evaluate(config: EvaluateConfig, log: Callable[[str], None] = print) -> Eval
             "predicted": predicted,
             "predicted_name": names[predicted],
             "n_tiles": prediction.attention.shape[-1],
+            **base,
         })
         if record.slide_id in selected:
             index_rows.append(_explain(prediction, names, attention_dir, data_dir, config.top_k))
@@ -648,8 +663,36 @@ def _metrics(config: EvaluateConfig, loaded: LoadedModel, cohort: Cohort, slides
         "per_patient": level(patients),
         "left_out": cohort.left_out,
         "leakage": leakage,
+        "baseline": _baseline_metrics(config, loaded, slides, patients),
         "created": datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def saved_baseline(checkpoint: dict[str, Any]) -> PooledBaseline | None:
+    """The pooled logistic-regression baseline fitted beside the model (clam.baselines), if the
+    checkpoint holds one (checkpoints from before it, bare CLAM state dicts and one-class training
+    sets have none)."""
+    params = (checkpoint.get("baseline") or {}).get("params")
+    return PooledBaseline.from_dict(params) if params else None
+
+
+def _baseline_metrics(config: EvaluateConfig, loaded: LoadedModel, slides: list[dict],
+                      patients: list[dict]) -> dict[str, Any] | None:
+    """The baseline's metrics on the same slides and patients as CLAM's, with the same bootstrap."""
+    saved = loaded.checkpoint.get("baseline") or {}
+    names = list(loaded.class_names)
+    columns = [baseline_column(n) for n in names]
+    if not slides or columns[0] not in slides[0]:
+        return None
+
+    def level(rows: list[dict]) -> dict[str, Any]:
+        y_true = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+        probs = np.array([[float(r[c]) for c in columns] for r in rows], dtype=np.float64).reshape(-1, len(names))
+        return summarize(y_true, probs, loaded.n_classes, config.n_bootstrap, config.seed, names)
+
+    return {"method": saved.get("method"), "fitted_on": "the run's training bags (as the model)",
+            "instances": "every instance of each bag, pooled", "val_auc_at_training": saved.get("val_auc"),
+            "per_slide": level(slides), "per_patient": level(patients)}
 
 
 # ---------------------------------------------------------------- files and figures
@@ -761,6 +804,14 @@ def summary_table(metrics: dict[str, Any]) -> str:
                      f"{_fmt(m['f1']):>7}")
     notes = sorted({reason for level in ("per_slide", "per_patient")
                     for reason in metrics[level]["undefined"].values()})
+    baseline = metrics.get("baseline")
+    if baseline:
+        aucs = []
+        for level in ("per_slide", "per_patient"):
+            auc = baseline[level]["auc"]
+            aucs.append(f"{level[4:]} " + ("undefined" if auc["auc"] is None else f"{auc['auc']:.3f}" + (
+                f" [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]" if auc["ci_low"] is not None else "")))
+        lines.append(f"baseline, {baseline['method']}, same slides: AUC " + ", ".join(aucs))
     lines += [f"note: {note}" for note in notes]
     if metrics.get("left_out"):
         lines.append(f"note: {len(metrics['left_out'])} slides without a bag were not evaluated "

@@ -181,3 +181,31 @@ def test_a_clearly_worse_clam_ends_with_a_warning():
     assert "--feature_norm" in verdict["warning"]
     assert compare_with_baseline(state, baseline, n_val=9)["warning"] is None  # too few slides to tell
     assert comparison(0.9, 0.95, 20) is None and comparison(None, 0.95, 20) is None
+
+
+def test_evaluation_reports_the_baseline_beside_clam_on_the_external_cohort(tmp_path):
+    from clam.evaluate import EvaluateConfig, evaluate, summary_table
+    from clam.metrics import auc_with_ci
+
+    slides = cohort_slides(16, "train", seed=5) + cohort_slides(10, "test", with_cnn=False, seed=6)
+    cache = write_random_cache(tmp_path / "features", slides, feature_dim=16)
+    run = train(quick(tmp_path, cache), log=lambda m: None)
+    external = [s for s in slides if s.split == "test"]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label,patient_id\n" + "".join(f"{s.slide_id},{s.label},{s.patient_id}\n" for s in external))
+    result = evaluate(EvaluateConfig(checkpoint=run / "best_model.pt", labels_csv=labels, features_dir=cache,
+                                     output_dir=tmp_path / "eval", device="cpu", num_workers=0, n_bootstrap=50,
+                                     attention="none", progress=False), log=lambda m: None)
+    baseline = result.metrics["baseline"]
+    assert baseline["method"] == "logistic regression on mean-pooled features"
+    assert baseline["per_slide"]["n"] == len(external) and baseline["per_patient"]["auc"]["ci_low"] is not None
+    # The baseline's column is its fitted model applied to each bag's mean over every instance.
+    saved = PooledBaseline.from_dict(read_checkpoint(run / "best_model.pt")["baseline"]["params"])
+    expected = saved.probs(pool_bags(read_bag(cache / f"{s.slide_id}.h5").features for s in external))[:, 1]
+    got = [row["baseline_prob_EGFR_positive"] for row in result.slides]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    y = [s.label for s in external]
+    assert baseline["per_slide"]["auc"]["auc"] == pytest.approx(auc_with_ci(y, np.column_stack([1 - expected, expected]),
+                                                                             2, 0, 0).auc)
+    assert "baseline, logistic regression on mean-pooled features, same slides: AUC slide" in summary_table(result.metrics)
+    assert "baseline_prob_EGFR_positive" in (tmp_path / "eval" / "predictions_patient.csv").read_text()
