@@ -3,8 +3,11 @@
 - ``resolve_cache`` finds the cache folder for a cohort, embedding missing slides first.
 - ``records_from_cache`` / ``records_from_labels_csv`` list the bags as ``BagRecord``s.
 - ``validate_records`` checks every bag before training and refuses mixed caches.
-- ``BagDataset`` serves up to ``max_tiles`` instances per bag (a fresh draw every training
-  epoch, a fixed draw for validation), from memory when the cache is small, else from disk.
+- ``limit_tiles`` cuts bags holding more than ``--max_tiles`` tiles (a cache embedded with more)
+  to the seeded subset stage 1 would have embedded.
+- ``BagDataset`` serves each bag's instances, or with ``sample_tiles`` up to that many (a fresh
+  draw every training epoch, a fixed draw for validation), from memory when the cache is small,
+  else from disk.
 - ``collate_bags`` pads bags of different sizes into one batch with a mask.
 - ``feature_statistics`` streams the per-dimension mean and std of the training instances
   (for the model's feature standardisation).
@@ -26,18 +29,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from feature_extraction.bags import BAG_SUFFIX, read_bag, validate_bag
+from feature_extraction.bags import BAG_SUFFIX, read_bag, read_tile_names, validate_bag
 from feature_extraction.cache import CACHE_JSON, STATUS_OK, ManifestRow, read_cache_config, read_manifest
 from feature_extraction.errors import BagError, PipelineError
 from feature_extraction.layout import SPLIT_FOLDERS, SlideSource, discover_slides
-from feature_extraction.tiles import list_slide_tiles
+from feature_extraction.tiles import list_slide_tiles, select_subset
 
 IN_MEMORY_FRACTION = 0.25  # a cache up to this share of the free memory is read into memory once
 
 
 @dataclass(frozen=True)
 class BagRecord:
-    """One bag to train on. ``label`` is a class index; ``n_instances`` is 0 until validated."""
+    """One bag to train on. ``label`` is a class index; ``n_instances`` is 0 until validated.
+
+    ``rows``: the rows of the bag in use (sorted), when ``limit_tiles`` cut it to the ``--max_tiles``
+    subset; None: every row. ``n_instances`` counts the rows in use."""
 
     slide_id: str
     patient_id: str
@@ -45,6 +51,7 @@ class BagRecord:
     path: Path
     class_folder: str = ""
     n_instances: int = 0
+    rows: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -310,36 +317,57 @@ def _check_patient_labels(records: Iterable[BagRecord]) -> None:
                                 f"{first.label}, {record.slide_id}: {record.label}); fix the labels.")
 
 
+def limit_tiles(bags: BagSet, max_tiles: int, seed: int) -> tuple[BagSet, int]:
+    """Cut every bag holding more than ``max_tiles`` instances to the ``max_tiles`` tiles that
+    stage 1's subset rule (``tiles.select_subset``: sha256 rank of seed, slide id and tile name)
+    keeps among its tiles. For a bag of a cache embedded with more tiles and the same seed this is
+    exactly the subset an embedding with ``max_tiles`` holds (the rank is nested). Returns the
+    bags and how many were cut; ``max_tiles <= 0`` cuts none."""
+    if max_tiles <= 0 or all(r.n_instances <= max_tiles for r in bags.records):
+        return bags, 0
+    records, cut = [], 0
+    for record in bags.records:
+        if record.n_instances > max_tiles:
+            kept = select_subset(read_tile_names(record.path), record.slide_id, max_tiles, seed)
+            record = replace(record, rows=tuple(kept), n_instances=len(kept))
+            cut += 1
+        records.append(record)
+    return replace(bags, records=tuple(records)), cut
+
+
 # ---------------------------------------------------------------- serving bags
 
 
-def instance_rows(n: int, max_tiles: int, seed: int, slide_id: str, epoch: int | None) -> np.ndarray | None:
-    """Sorted rows of the up to ``max_tiles`` instances to use, or None for all of them.
+def instance_rows(n: int, sample_tiles: int, seed: int, slide_id: str, epoch: int | None) -> np.ndarray | None:
+    """Sorted rows (of ``n``) of the up to ``sample_tiles`` instances to use, or None for all of them.
 
     Training draws afresh each epoch (``epoch``); validation (``epoch=None``) always draws the
     same rows. Seeded by the slide id, not its position, so the draw does not depend on order."""
-    if max_tiles <= 0 or n <= max_tiles:
+    if sample_tiles <= 0 or n <= sample_tiles:
         return None
     salt = zlib.crc32(slide_id.encode("utf-8"))
     rng = np.random.default_rng([seed, salt] if epoch is None else [seed, salt, epoch])
-    return np.sort(rng.choice(n, size=max_tiles, replace=False))
+    return np.sort(rng.choice(n, size=sample_tiles, replace=False))
 
 
 class BagDataset(torch.utils.data.Dataset):
-    """Item ``i``: (features (n, D) float32 tensor, label, i). Training draws a fresh subset each
-    epoch (``set_epoch``); ``train=False`` draws a fixed one.
+    """Item ``i``: (features (n, D) float32 tensor, label, i): every instance of the bag (its
+    ``record.rows`` when cut to ``--max_tiles``), or with ``sample_tiles`` > 0 a draw of up to that
+    many: a fresh draw each training epoch (``set_epoch``), a fixed one with ``train=False``.
 
-    ``in_memory``: read every bag once, now; else read only the drawn rows on each access, so
-    memory is bounded by the batch whatever the size of the cache."""
+    ``in_memory``: read every bag once, now; else read only the rows in use on each access, so
+    memory is bounded by the batch whatever the size of the cache. ``max_tiles`` is the former
+    name of ``sample_tiles`` (it meant the per-epoch draw)."""
 
-    def __init__(self, records: Sequence[BagRecord], max_tiles: int, seed: int, train: bool,
-                 in_memory: bool, progress: bool = True) -> None:
+    def __init__(self, records: Sequence[BagRecord], sample_tiles: int = 0, seed: int = 0, train: bool = True,
+                 in_memory: bool = False, progress: bool = True, *, max_tiles: int | None = None) -> None:
         self.records = tuple(records)
-        self.max_tiles, self.seed, self.train = max_tiles, seed, train
+        self.sample_tiles = sample_tiles if max_tiles is None else max_tiles
+        self.seed, self.train = seed, train
         self.epoch = 1
         self.features: list[torch.Tensor] | None = None
         if in_memory:
-            self.features = [torch.from_numpy(read_bag(r.path).features)
+            self.features = [torch.from_numpy(self._read(r, None))
                              for r in tqdm(self.records, desc="reading bags", unit="bag", disable=not progress, leave=False)]
 
     def set_epoch(self, epoch: int) -> None:
@@ -352,19 +380,27 @@ class BagDataset(torch.utils.data.Dataset):
         return self.instances(index, self.epoch if self.train else None), self.records[index].label, index
 
     def instances(self, index: int, epoch: int | None) -> torch.Tensor:
-        """Bag ``index``'s draw of up to ``max_tiles`` instances for ``epoch`` (None: the fixed
-        draw validation uses), as a (n, D) float32 tensor."""
+        """Bag ``index``'s instances for ``epoch`` (None: the fixed draw validation uses; without
+        ``sample_tiles`` every instance in use), as a (n, D) float32 tensor."""
         record = self.records[index]
-        rows = instance_rows(record.n_instances, self.max_tiles, self.seed, record.slide_id, epoch)
+        draw = instance_rows(record.n_instances, self.sample_tiles, self.seed, record.slide_id, epoch)
         if self.features is not None:
             bag = self.features[index]
-            return bag if rows is None else bag[torch.from_numpy(rows)]
-        return torch.from_numpy(read_bag(record.path, rows=rows).features)
+            return bag if draw is None else bag[torch.from_numpy(draw)]
+        return torch.from_numpy(self._read(record, draw))
+
+    @staticmethod
+    def _read(record: BagRecord, draw: np.ndarray | None) -> np.ndarray:
+        """Rows ``draw`` (None: all) of the rows in use of the bag, read from its file."""
+        rows = draw
+        if record.rows is not None:
+            rows = np.asarray(record.rows, dtype=np.int64) if draw is None else np.asarray(record.rows)[draw]
+        return read_bag(record.path, rows=rows).features
 
     def all_instances(self) -> Iterator[np.ndarray]:
-        """Every instance of every bag, one (n, D) array per bag (streamed when not in memory)."""
+        """Every instance in use of every bag, one (n, D) array per bag (streamed when not in memory)."""
         for index, record in enumerate(self.records):
-            yield self.features[index].numpy() if self.features is not None else read_bag(record.path).features
+            yield self.features[index].numpy() if self.features is not None else self._read(record, None)
 
 
 @dataclass(frozen=True)

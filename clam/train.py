@@ -55,6 +55,7 @@ from clam.data import (
     feature_statistics,
     inverse_frequency_weights,
     is_cache_dir,
+    limit_tiles,
     plan_loading,
     read_cache_config,
     records_from_cache,
@@ -118,6 +119,9 @@ class TrainConfig:
     folds: int = 0  # K >= 2: patient-level K-fold cross-validation (clam.crossval); 0: one run
     splits: str | None = None  # a cross-validation splits file to reuse (clam.crossval)
     feature_norm: str = "standard"  # per-dimension standardisation with the training instances' statistics
+    # Instances drawn from each bag per training epoch (validation: one fixed draw); 0: every instance.
+    # ``max_tiles`` is the embedding's subset (which cache, and at most that many tiles per bag).
+    sample_tiles: int = 0
 
     def model_config(self, in_dim: int) -> ModelConfig:
         return ModelConfig(self.model_type, in_dim, self.n_classes, self.model_size, self.dropout,
@@ -140,7 +144,9 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
             log(reason)
             return Path(config.resume).parent
     device = resolve_device(config.device)
-    bags = load_bags(config, log)
+    # A checkpoint from before --sample_tiles drew max_tiles instances per epoch from whole bags.
+    legacy_draw = resumed is not None and "sample_tiles" not in resumed["args"]
+    bags = load_bags(config, log, limit=not legacy_draw)
     if resumed is not None:
         run_dir = Path(config.resume).parent
         remove_stale_temps(run_dir)  # a killed run's half-written checkpoint
@@ -153,8 +159,8 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
         write_split(run_dir / SPLIT_FILE, split)
     plan = plan_loading(bags.total_bytes, config.in_memory, config.num_workers, device)
     torch.set_num_threads(plan.torch_threads)
-    train_set = BagDataset(split.train, config.max_tiles, config.seed, True, plan.in_memory, config.progress)
-    val_set = BagDataset(split.val, config.max_tiles, config.seed, False, plan.in_memory, config.progress)
+    train_set = BagDataset(split.train, config.sample_tiles, config.seed, True, plan.in_memory, config.progress)
+    val_set = BagDataset(split.val, config.sample_tiles, config.seed, False, plan.in_memory, config.progress)
 
     torch.manual_seed(config.seed)
     model = model_from_config(config.model_config(bags.feature_dim))
@@ -213,9 +219,22 @@ def default_output_dir() -> Path:
     return project_root() / "clam" / "checkpoints"
 
 
-def load_bags(config: TrainConfig, log: Callable[[str], None] = print) -> BagSet:
+def load_bags(config: TrainConfig, log: Callable[[str], None] = print, limit: bool = True) -> BagSet:
     """The validated bags to train on: from a labels CSV and a folder of bags, or from the
-    feature cache of ``data_dir`` (embedding missing slides first)."""
+    feature cache of ``data_dir`` (embedding missing slides first). With ``limit``, a bag holding
+    more than ``--max_tiles`` tiles is cut to its ``--max_tiles`` subset (``clam.data.limit_tiles``)."""
+    bags = _validated_bags(config, log)
+    if not limit:
+        return bags
+    bags, cut = limit_tiles(bags, config.max_tiles, config.seed)
+    if cut:
+        log(f"--max_tiles {config.max_tiles}: {cut} of {len(bags.records)} bags hold more tiles (their cache was "
+            f"embedded with more); each is cut to its seeded {config.max_tiles}-tile subset, the one stage 1 embeds "
+            f"with --max_tiles {config.max_tiles}. --max_tiles 0 uses every tile.")
+    return bags
+
+
+def _validated_bags(config: TrainConfig, log: Callable[[str], None]) -> BagSet:
     if config.labels_csv:
         if not config.features_dir:
             raise PipelineError("--labels_csv needs --features_dir: the folder holding <slide_id>.h5 bags.")
@@ -357,6 +376,8 @@ def _config_for_resume(config: TrainConfig, checkpoint: dict, explicit: frozense
     merged = {k: v for k, v in saved.items() if k in known}
     # A run from before --feature_norm existed trained on raw features.
     merged.setdefault("feature_norm", (checkpoint.get("model_config") or {}).get("feature_norm", "none"))
+    # A run from before --sample_tiles drew --max_tiles instances of each bag every epoch.
+    merged.setdefault("sample_tiles", merged.get("max_tiles", 0))
     conflicts = [f"--{name} (run: {saved.get(name)!r}, given: {getattr(config, name)!r})"
                  for name in sorted(explicit - RESUME_OVERRIDES) if name in merged and merged[name] != getattr(config, name)]
     if conflicts:
@@ -398,8 +419,9 @@ def make_loader(dataset: BagDataset, config: TrainConfig, plan: LoaderPlan, devi
     order = (epoch_order(dataset.records, config.n_classes, config.seed, epoch, config.balance == "sampler")
              if train else None)
     # Validation runs forward only, so it batches bags (padded, same results) whatever --batch_size
-    # is, unless bags are unbounded (--max_tiles 0) and a padded batch could be huge.
-    batch_size = config.batch_size if train or config.max_tiles <= 0 else max(config.batch_size, VAL_BATCH_SIZE)
+    # is, unless bags are unbounded (--max_tiles 0 without --sample_tiles) and a padded batch could be huge.
+    bounded = config.max_tiles > 0 or config.sample_tiles > 0
+    batch_size = config.batch_size if train or not bounded else max(config.batch_size, VAL_BATCH_SIZE)
     return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate_bags,
                       num_workers=plan.num_workers, pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(config.seed))  # seeds worker processes only
@@ -652,7 +674,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                                  "for --split test, C-S-EGFR_positive/ and C-S-EGFR_negative/ "
                                  "(default: <project root>/train, or <project root>/test with --split test)")
     add(spec, "--split", choices=SPLITS, help="which class folders to read")
-    add(spec, "--max_tiles", type=int, help="maximum number of tiles (instances) per bag, drawn afresh each epoch; 0 = all")
+    add(spec, "--max_tiles", type=int,
+        help="maximum number of tiles per bag: the seeded subset stage 1 embeds, which picks the feature cache; "
+             "bags of a cache embedded with more are cut to that same subset; 0 = all tiles")
     add(spec, "--num_workers", type=int, help="data-loading worker processes (used when bags stream from disk)")
     add(spec, "--model_size", choices=tuple(MODEL_SIZES), help="small: attention hidden width 256; big: 384")
     add(spec, "--dropout", type=float, help="dropout rate")
@@ -681,6 +705,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     add(extra, "--feature_norm", choices=FEATURE_NORMS,
         help="standard: standardise each feature dimension with the training instances' mean and std (stored "
              "in the model, applied wherever it is used); none: raw features, as CLAM")
+    add(extra, "--sample_tiles", type=int,
+        help="instances drawn afresh from each bag every training epoch (validation: one fixed draw); "
+             "0 = off: every instance of the bag, in training and validation")
     add(extra, "--balance", choices=BALANCE_CHOICES, help="class imbalance: weighted loss, balanced sampling, or none")
     add(extra, "--seed", type=int, help="seed of the split, the model initialisation and the tile draws")
     add(extra, "--device", help="auto, cpu, cuda, cuda:N or mps")

@@ -124,6 +124,14 @@ def read_bag(path: str | Path, rows: np.ndarray | None = None) -> Bag:
         )
 
 
+def read_tile_names(path: str | Path) -> list[str]:
+    """The bag's tile names (``str(row)`` for a bag without them), without reading its features."""
+    with _open(path) as h5:
+        if TILE_NAMES in h5:
+            return _decode(h5[TILE_NAMES][()])
+        return [str(i) for i in range(h5[_features_name(h5, path)].shape[0])]
+
+
 @dataclass(frozen=True)
 class BagSummary:
     path: Path

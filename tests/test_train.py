@@ -7,8 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -277,6 +279,72 @@ def test_validation_logs_the_instance_loss_and_accuracy_and_monitors_the_bag_los
     assert json.loads((run / "config.json").read_text())["best_loss"] == min(r["val_loss"] for r in history)
 
 
+# ---------------------------------------------------------------- --max_tiles and --sample_tiles
+
+
+def test_max_tiles_cuts_bags_to_the_embedding_subset_and_sample_tiles_draws_per_epoch(project, tmp_path, capsys):
+    from feature_extraction.bags import read_bag
+    from feature_extraction.tiles import select_subset
+
+    from clam.data import BagDataset
+    from clam.train import load_bags
+
+    config = quick(tmp_path, max_tiles=10)
+    bags = load_bags(config, print)
+    assert "bags hold more tiles" in capsys.readouterr().out
+    big = [r for r in bags.records if r.rows is not None]
+    assert big and all(r.n_instances <= 10 for r in bags.records)
+    for record in bags.records:
+        bag = read_bag(record.path)
+        expected = select_subset(bag.tile_names, record.slide_id, 10, 0)  # what embed --max_tiles 10 keeps
+        assert record.n_instances == len(expected) and (record.rows is None) == (len(bag.tile_names) <= 10)
+        for in_memory in (True, False):
+            every = BagDataset([record], 0, 0, True, in_memory, progress=False)  # --sample_tiles 0 (the default)
+            for epoch in (1, 2):
+                every.set_epoch(epoch)
+                assert torch.equal(every[0][0], torch.from_numpy(bag.features[expected]))  # every epoch: all of them
+            assert torch.equal(BagDataset([record], 0, 0, False, in_memory, progress=False)[0][0], every[0][0])
+    # --sample_tiles 4: a fresh draw of 4 of the bag's 10 each training epoch, a fixed one for validation.
+    record = big[0]
+    features = read_bag(record.path).features[list(record.rows)]
+    rows_of = lambda x: sorted(next(i for i, f in enumerate(features) if np.array_equal(f, r)) for r in x.numpy())  # noqa: E731
+    drawn = BagDataset([record], 4, 0, True, False, progress=False)
+    draws = []
+    for epoch in (1, 2, 3):
+        drawn.set_epoch(epoch)
+        draws.append(rows_of(drawn[0][0]))
+    assert all(len(d) == 4 for d in draws) and len({tuple(d) for d in draws}) > 1
+    val = BagDataset([record], 4, 0, False, True, progress=False)
+    assert rows_of(val[0][0]) == rows_of(val[0][0]) and len(rows_of(val[0][0])) == 4
+
+    run = train(config)  # the feature statistics, the baseline and both sides use the cut bags
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["args"]["sample_tiles"] == 0 and saved["args"]["max_tiles"] == 10
+    n_train = saved["data"]["n_train_bags"]
+    assert saved["feature_norm"]["n_bags"] == n_train
+    train_ids = {line.split(",")[0] for line in (run / "split.csv").read_text().splitlines()[1:] if line.endswith(",train")}
+    assert saved["feature_norm"]["n_instances"] == sum(r.n_instances for r in bags.records if r.slide_id in train_ids)
+    assert saved["baseline"]["train_auc"] is not None
+
+
+def test_a_checkpoint_from_before_sample_tiles_resumes_drawing_max_tiles_per_epoch(project, tmp_path):
+    cache_dir = next((project / "features").iterdir())
+    # What such a run did: --max_tiles 10 drew 10 instances of each whole bag every epoch. Today that
+    # is --max_tiles 0 --sample_tiles 10 (the cache given as a folder, so --max_tiles picks nothing).
+    today = quick(tmp_path, features_dir=str(cache_dir), max_tiles=0, sample_tiles=10, num_epochs=3)
+    whole = train(today)
+    first = train(replace(today, num_epochs=1))
+    old = torch.load(first / "checkpoint_epoch_1.pt", weights_only=True)
+    old["args"] = {k: v for k, v in old["args"].items() if k != "sample_tiles"} | {"max_tiles": 10}
+    torch.save(old, first / "checkpoint_epoch_1.pt")
+
+    train(replace(today, resume=str(first / "checkpoint_epoch_1.pt")), explicit=frozenset({"num_epochs"}))
+    resumed = final_state(first, 3)
+    assert (resumed["args"]["max_tiles"], resumed["args"]["sample_tiles"]) == (10, 10)
+    for key, value in final_state(whole, 3)["model_state_dict"].items():
+        assert torch.equal(value, resumed["model_state_dict"][key]), key
+
+
 # ---------------------------------------------------------------- optimiser
 
 
@@ -413,7 +481,7 @@ def test_a_fresh_cohort_is_embedded_first_then_trained(tiny_cohort, tmp_path, ca
 
 
 def auc_on_test_split(checkpoint: Path, cache_dir: Path) -> float | None:
-    """ROC AUC of ``checkpoint`` on the test split of ``cache_dir`` (its fixed validation draw of instances)."""
+    """ROC AUC of ``checkpoint`` on the test split of ``cache_dir`` (every instance, as validation uses them)."""
     from clam.data import BagDataset, collate_bags, read_cache_config, records_from_cache, validate_records
     from clam.metrics import roc_auc
 
@@ -421,7 +489,8 @@ def auc_on_test_split(checkpoint: Path, cache_dir: Path) -> float | None:
     args = saved["args"]
     bags = validate_records(records_from_cache(cache_dir, None, "test"), cache_dir, args["n_classes"],
                             read_cache_config(cache_dir), progress=False)
-    dataset = BagDataset(bags.records, args["max_tiles"], args["seed"], train=False, in_memory=True, progress=False)
+    dataset = BagDataset(bags.records, args.get("sample_tiles", 0), args["seed"], train=False, in_memory=True,
+                         progress=False)
     with torch.inference_mode():
         probs = torch.cat([model(collate_bags([dataset[i]]).features).probs for i in range(len(dataset))])
     return roc_auc([r.label for r in bags.records], probs.numpy(), args["n_classes"])[0]
