@@ -26,6 +26,7 @@ CLAM trained without gated attention (``Attn_Net``) is refused: this model has t
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 import re
@@ -93,10 +94,15 @@ def make_run_dir(output_dir: str | Path, now: datetime | None = None) -> Path:
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
-    """Write ``checkpoint`` atomically. Raises TypeError if it holds anything but tensors and plain values."""
+    """Write ``checkpoint`` atomically. Raises TypeError if it holds anything but tensors and plain
+    values, and OSError naming ``path`` when it cannot be written (full disk, read-only folder)."""
     _check_plain(checkpoint, "checkpoint")
+    # Serialised in memory, then written with one plain write: a full disk then raises an OSError
+    # with its errno, where torch.save to a file raises a RuntimeError from its C++ writer.
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
     with atomic_output(path) as tmp:
-        torch.save(checkpoint, tmp)
+        Path(tmp).write_bytes(buffer.getbuffer())
 
 
 def _check_plain(value: Any, where: str) -> None:

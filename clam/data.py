@@ -43,7 +43,8 @@ class BagRecord:
     """One bag to train on. ``label`` is a class index; ``n_instances`` is 0 until validated.
 
     ``rows``: the rows of the bag in use (sorted), when ``limit_tiles`` cut it to the ``--max_tiles``
-    subset; None: every row. ``n_instances`` counts the rows in use."""
+    subset; None: every row. ``n_instances`` counts the rows in use. ``stamp``: the file's identity
+    when it was validated (``bag_stamp``), so a bag replaced during training is noticed."""
 
     slide_id: str
     patient_id: str
@@ -52,6 +53,33 @@ class BagRecord:
     class_folder: str = ""
     n_instances: int = 0
     rows: tuple[int, ...] | None = None
+    stamp: tuple[int, int, int] | None = None
+
+
+def bag_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of a bag file: a bag rewritten by stage 1 (always a new file,
+    renamed into place) gets another. None when the file cannot be examined."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+class BagChanged(BagError):
+    """A bag was replaced or rewritten after it was validated, while training was running."""
+
+    @classmethod
+    def of(cls, record: "BagRecord", then: str = "once embedding has finished, start training again, or continue "
+                                                  "with --resume from the run's last checkpoint.") -> "BagChanged":
+        return cls(f"bag {record.path} changed while training was running: it was replaced or rewritten (e.g. by a "
+                   "rerun of `python -m feature_extraction.embed`) after it was validated at the start of this run. "
+                   f"Training stops rather than mix old and new features: {then}")
+
+
+def changed_bags(records: Iterable["BagRecord"]) -> list["BagRecord"]:
+    """The records whose file is no longer the one validated (records without a stamp are not checked)."""
+    return [r for r in records if r.stamp is not None and bag_stamp(r.path) != r.stamp]
 
 
 @dataclass(frozen=True)
@@ -291,6 +319,7 @@ def validate_records(
         if not 0 <= record.label < n_classes:
             raise PipelineError(f"slide {record.slide_id}: label {record.label} is outside 0..{n_classes - 1} "
                                 f"(--n_classes {n_classes}).")
+        stamp = bag_stamp(record.path)  # before: a bag replaced from here on counts as changed
         summary = validate_bag(record.path, feature_dim=feature_dim, cache_key=expected_key)
         feature_dim = summary.feature_dim
         key = summary.attrs.get("cache_key") or None
@@ -303,7 +332,7 @@ def validate_records(
         if label_attr not in (None, "") and cache_config and _as_int(label_attr) != record.label:
             raise BagError(f"bag {record.path}: label attribute {label_attr} disagrees with the manifest's "
                            f"{record.label}. Re-embed this slide.")
-        checked.append(replace(record, n_instances=summary.n_instances))
+        checked.append(replace(record, n_instances=summary.n_instances, stamp=stamp))
     _check_patient_labels(checked)
     return BagSet(tuple(checked), int(feature_dim or 0), next(iter(keys)) if keys else None, Path(cache_dir), cache_config)
 
@@ -391,11 +420,26 @@ class BagDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _read(record: BagRecord, draw: np.ndarray | None) -> np.ndarray:
-        """Rows ``draw`` (None: all) of the rows in use of the bag, read from its file."""
+        """Rows ``draw`` (None: all) of the rows in use of the bag, read from its file. Raises
+        BagChanged when the file is not the one validated (checked before and after the read)."""
         rows = draw
         if record.rows is not None:
             rows = np.asarray(record.rows, dtype=np.int64) if draw is None else np.asarray(record.rows)[draw]
-        return read_bag(record.path, rows=rows).features
+        if changed_bags([record]):
+            raise BagChanged.of(record)
+        try:
+            features = read_bag(record.path, rows=rows).features
+        except BagError:
+            if changed_bags([record]):  # e.g. gone for a moment, or another bag under its name
+                raise BagChanged.of(record) from None
+            raise
+        if changed_bags([record]):
+            raise BagChanged.of(record)
+        return features
+
+    def changed(self) -> list[BagRecord]:
+        """The bags of this dataset whose file changed since validation."""
+        return changed_bags(self.records)
 
     def all_instances(self) -> Iterator[np.ndarray]:
         """Every instance in use of every bag, one (n, D) array per bag (streamed when not in memory)."""

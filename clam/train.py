@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from feature_extraction.atomic import atomic_write_json, remove_stale_temps
-from feature_extraction.errors import PipelineError, cli_main
+from feature_extraction.errors import PipelineError, cli_main, write_failure
 from feature_extraction.layout import SPLITS, default_data_dir, default_features_dir, project_root
 
 from clam import __version__
@@ -46,6 +47,7 @@ from clam.checkpoints import (
 )
 from clam.baselines import comparison, describe as describe_baseline, fit_baseline, pool_bags
 from clam.data import (
+    BagChanged,
     BagDataset,
     BagSet,
     LoaderPlan,
@@ -153,10 +155,7 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
         split = read_split(run_dir / SPLIT_FILE, bags.records)
     else:
         split = split or make_split(bags, config)
-        if run_dir is None:
-            run_dir = make_run_dir(config.output_dir or default_output_dir())
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_split(run_dir / SPLIT_FILE, split)
+        run_dir = _start_run_folder(run_dir, config, split)
     plan = plan_loading(bags.total_bytes, config.in_memory, config.num_workers, device)
     torch.set_num_threads(plan.torch_threads)
     train_set = BagDataset(split.train, config.sample_tiles, config.seed, True, plan.in_memory, config.progress)
@@ -186,25 +185,33 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
 
     weights_tensor = torch.tensor(class_weights, device=device) if class_weights else None
     state.stopped_early = config.patience is not None and state.epochs_since_best >= config.patience
+    last_saved = Path(config.resume) if resumed is not None else None  # the newest complete checkpoint
+    warned: set[str] = set()
     for epoch in range(state.epoch + 1, config.num_epochs + 1):
         if state.stopped_early:
             log(f"early stopping: the {'validation' if len(val_set) else 'training'} loss has not improved for "
                 f"{state.epochs_since_best} epochs (best epoch {state.best_epoch}, loss {state.best_loss:.4f})")
             break
         started = time.perf_counter()
-        train_loader = make_loader(train_set, config, plan, device, epoch, train=True)
-        train_metrics = train_one_epoch(model, optimizer, train_loader, config, device, weights_tensor, f"epoch {epoch}")
-        val_metrics = None
-        if len(val_set):
-            val_loader = make_loader(val_set, config, plan, device, epoch, train=False)
-            val_metrics = evaluate(model, val_loader, config, device, f"epoch {epoch} val")
+        try:
+            train_loader = make_loader(train_set, config, plan, device, epoch, train=True)
+            train_metrics = train_one_epoch(model, optimizer, train_loader, config, device, weights_tensor,
+                                            f"epoch {epoch}")
+            val_metrics = None
+            if len(val_set):
+                val_loader = make_loader(val_set, config, plan, device, epoch, train=False)
+                val_metrics = evaluate(model, val_loader, config, device, f"epoch {epoch} val")
+        except BagChanged as error:
+            raise _bag_changed(train_set, val_set, last_saved) or error
+        if plan.in_memory:
+            _warn_changed_in_memory(train_set, val_set, warned, log)
         state.record(epoch, train_metrics, val_metrics, time.perf_counter() - started, config.patience)
-        save_epoch(run_dir, model, optimizer, config, state, run_info, baseline)
+        if epoch == config.num_epochs or state.stopped_early:  # the last epoch's config.json says how the run ended
+            state.status = "stopped early" if epoch < config.num_epochs else "finished"
+            run_info["baseline"].update(compare_with_baseline(state, run_info["baseline"], len(val_set)))
+        last_saved = save_epoch(run_dir, model, optimizer, config, state, run_info, baseline, last_saved)
         log(state.summary_line(config.num_epochs))
-    state.status = "stopped early" if state.epoch < config.num_epochs else "finished"
-    verdict = compare_with_baseline(state, run_info["baseline"], len(val_set))
-    run_info["baseline"].update(verdict)
-    write_config(run_dir, config, state, run_info)
+    verdict = run_info["baseline"]
     log(f"done: best epoch {state.best_epoch} (loss {state.best_loss:.4f}) -> {run_dir / BEST_NAME}\n"
         f"{verdict['line']}")
     if verdict["warning"]:
@@ -217,6 +224,58 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
 
 def default_output_dir() -> Path:
     return project_root() / "clam" / "checkpoints"
+
+
+def _start_run_folder(run_dir: Path | None, config: TrainConfig, split: TrainValSplit) -> Path:
+    """Create the run folder (a new one unless ``run_dir`` is given) and write split.csv in it.
+    A folder that cannot be created or written raises WriteError, naming it and what to do."""
+    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
+    try:
+        run_dir = make_run_dir(output_dir) if run_dir is None else run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_failure(output_dir, error, "No run was started: pass a writable --output_dir, or run the "
+                                               "command again once that is fixed.",
+                            what="cannot create a run folder in") from error
+    try:
+        write_split(run_dir / SPLIT_FILE, split)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # nothing else is in it yet
+        raise write_failure(run_dir / SPLIT_FILE, error, "Nothing was trained: run the command again once that is "
+                                                         "fixed, or pass another --output_dir.") from error
+    return run_dir
+
+
+def _resume_hint(last_saved: Path | None) -> str:
+    if last_saved is None:
+        return "No epoch was saved yet: run the command again."
+    return f"Continue from the last complete checkpoint: python -m clam.train --resume {last_saved}"
+
+
+def _bag_changed(train_set: BagDataset, val_set: BagDataset, last_saved: Path | None) -> BagChanged | None:
+    """The error for a bag replaced under the running training (found again here, in the main
+    process, when a loader worker raised it), with how to go on; None if none changed."""
+    changed = train_set.changed() + val_set.changed()
+    if not changed:
+        return None
+    if last_saved is None:
+        then = "once embedding has finished, run the command again (no epoch was saved yet)."
+    else:
+        then = f"once embedding has finished, continue with: python -m clam.train --resume {last_saved}"
+    others = f" ({len(changed) - 1} other bags changed too.)" if len(changed) > 1 else ""
+    return BagChanged(f"{BagChanged.of(changed[0], then)}{others}")
+
+
+def _warn_changed_in_memory(train_set: BagDataset, val_set: BagDataset, warned: set[str],
+                            log: Callable[[str], None]) -> None:
+    """In memory every bag was read once, before the first epoch: a bag replaced afterwards does
+    not reach this run. Say so, once per bag: a --resume or a new run reads the new file."""
+    for record in train_set.changed() + val_set.changed():
+        if record.slide_id not in warned:
+            warned.add(record.slide_id)
+            log(f"warning: bag {record.path} changed on disk after this run read it into memory; this run goes on "
+                "with the features it read, but a --resume or a new run will read the new bag.")
 
 
 def load_bags(config: TrainConfig, log: Callable[[str], None] = print, limit: bool = True) -> BagSet:
@@ -545,8 +604,13 @@ def _fmt(value: float | None) -> str:
 
 
 def save_epoch(run_dir: Path, model, optimizer, config: TrainConfig, state: RunState, run_info: dict,
-               baseline: dict | None = None) -> None:
-    """checkpoint_epoch_N.pt, best_model.pt when this epoch is the best, then config.json."""
+               baseline: dict | None = None, last_saved: Path | None = None) -> Path:
+    """best_model.pt when this epoch is the best, then config.json, then checkpoint_epoch_N.pt;
+    returns the checkpoint's path. The checkpoint goes last: once it exists, everything of epoch N
+    is saved (on the last epoch, config.json's final status too); a crash or a full disk before it
+    leaves epoch N to be trained again, to the same weights, by --resume from N - 1. A file that
+    cannot be written raises WriteError naming it and the checkpoint to resume from
+    (``last_saved``: the newest complete one)."""
     checkpoint = {
         "model_state_dict": model.state_dict(),
         "optimizer_state_dict": optimizer.state_dict(),
@@ -564,10 +628,18 @@ def save_epoch(run_dir: Path, model, optimizer, config: TrainConfig, state: RunS
         "format_version": 1,
         "baseline": baseline or {},
     }
-    save_checkpoint(run_dir / checkpoint_name(state.epoch), checkpoint)
-    if state.is_best:
-        save_checkpoint(run_dir / BEST_NAME, checkpoint)
-    write_config(run_dir, config, state, run_info)
+    path = run_dir / checkpoint_name(state.epoch)
+    writes = [(run_dir / BEST_NAME, lambda: save_checkpoint(run_dir / BEST_NAME, checkpoint))] if state.is_best else []
+    writes += [(run_dir / CONFIG_NAME, lambda: write_config(run_dir, config, state, run_info)),
+               (path, lambda: save_checkpoint(path, checkpoint))]
+    for target, write in writes:
+        try:
+            write()
+        except OSError as error:
+            kept = [name for name in (checkpoint_name(state.epoch - 1), BEST_NAME) if (run_dir / name).is_file()]
+            intact = f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} intact. " if kept else ""
+            raise write_failure(target, error, intact + _resume_hint(last_saved)) from error
+    return path
 
 
 def write_config(run_dir: Path, config: TrainConfig, state: RunState, run_info: dict) -> None:

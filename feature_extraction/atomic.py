@@ -1,7 +1,9 @@
 """Write a file under a temporary name and rename it into place only when it is complete.
 
 A crash, a kill or a full disk at any moment leaves either the old file or the new one,
-never a half-written file under the final name."""
+never a half-written file under the final name. A failed write removes its temporary file and
+raises an OSError that names the final file (``errno`` kept), so messages name what the user
+asked for, not a hidden temporary name."""
 
 from __future__ import annotations
 
@@ -20,16 +22,20 @@ def temp_path_for(path: Path) -> Path:
 def atomic_output(path: str | Path):
     """Yield a temporary path next to ``path``; on a clean exit fsync it and rename it to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as error:
+        with contextlib.suppress(OSError):  # gone already, or a read-only folder where it never existed
             tmp.unlink()
+        if isinstance(error, OSError) and error.errno is not None and error.filename != str(path):
+            # A full disk's write error names no file, a read-only one the temporary name: name the
+            # file the caller is writing, for the message the user sees (same errno, same class).
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
         raise
     _fsync_dir(path.parent)
 

@@ -1,8 +1,10 @@
 """Fault injection (see docs/reliability.md): malformed tiles, image modes and odd names through a
 whole embed run, folders (loose tiles, missing or read-only paths), broken bags refused before
 training, a checkpoint whose pickle would run code, a disk that fills up mid-write, two embed
-processes racing on one cache, clam.train killed by SIGKILL halfway through a checkpoint write, and
-embed killed by SIGKILL at several seeded-random points.
+processes racing on one cache, embed killed by SIGKILL at several seeded-random points; and stage 2:
+a full disk or a read-only folder while clam.train, cross-validation or clam.evaluate write, a bag
+replaced under a running training, clam.train killed by SIGKILL at seeded-random points (mid
+checkpoint write included) and resumed.
 
 Faults covered elsewhere (decoder-level colour conversions, corrupt or NaN bags in clam.data, ...)
 are referenced from docs/reliability.md, not repeated."""
@@ -393,61 +395,6 @@ def test_two_embed_processes_on_one_cache_do_not_corrupt_it(tmp_path):
     assert not [p for p in cache_dir.rglob("*") if p.is_file() and p.suffix in (".tmp", ".lock")]
 
 
-# Runs clam.train in a child that dies by SIGKILL halfway through writing its ``KILL_AT``-th torch.save
-# (epoch 1 writes checkpoint_epoch_1.pt then best_model.pt; the 3rd save is checkpoint_epoch_2.pt).
-_KILLED_TRAIN = """
-import io, os, signal, sys, torch
-real, calls = torch.save, [0]
-def save(obj, f, *args, **kwargs):
-    calls[0] += 1
-    if calls[0] == int(os.environ["KILL_AT"]):
-        buffer = io.BytesIO()
-        real(obj, buffer)
-        with open(f, "wb") as handle:
-            handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(obj, f, *args, **kwargs)
-torch.save = save
-from clam.train import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-@pytest.mark.slow
-def test_kill_minus_9_during_a_checkpoint_write_leaves_loadable_checkpoints_and_resume_continues(tmp_path):
-    import torch
-
-    from clam.checkpoints import model_from_checkpoint
-    from tests.random_data import cohort_slides, write_cohort_folders, write_random_cache
-
-    slides = cohort_slides(8, "train", seed=1)
-    write_cohort_folders(tmp_path / "train", slides)
-    write_random_cache(tmp_path / "features", slides, feature_dim=16)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CLAM_PROJECT_ROOT": str(tmp_path),
-           "KILL_AT": "3"}
-    args = ["--num_epochs", "3", "--max_tiles", "8", "--output_dir", str(tmp_path / "runs"), "--no_progress"]
-    killed = subprocess.run([sys.executable, "-c", _KILLED_TRAIN, *args], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert killed.returncode == -9, killed.stderr
-    (run,) = (tmp_path / "runs").iterdir()
-    assert sorted(p.name for p in run.glob("*.pt")) == ["best_model.pt", "checkpoint_epoch_1.pt"]  # no half file
-    for name in ("best_model.pt", "checkpoint_epoch_1.pt"):
-        _, checkpoint = model_from_checkpoint(run / name)
-        assert checkpoint["epoch"] == 1
-    partial = [p.name for p in run.iterdir() if p.suffix == ".tmp"]
-    assert all(name.startswith(".checkpoint_epoch_2.pt.") for name in partial)  # hidden, never under a final name
-
-    resumed = subprocess.run([sys.executable, "-m", "clam.train", *args, "--resume", str(run / "checkpoint_epoch_1.pt")],
-                             env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert not [p for p in run.iterdir() if p.suffix == ".tmp"]  # the killed writer's temp file is cleared
-    assert sorted(p.name for p in run.glob("checkpoint_epoch_*.pt")) == [f"checkpoint_epoch_{n}.pt" for n in (1, 2, 3)]
-    last = torch.load(run / "checkpoint_epoch_3.pt", map_location="cpu", weights_only=True)
-    assert last["epoch"] == 3
-
-
 def test_a_class_folder_of_loose_tiles_is_named(tmp_path, capsys):
     data = write_cohort(tmp_path / "train", {"EGFR_negative": {"P2": 1}})
     Image.new("RGB", (32, 32), (200, 120, 180)).save(data / "EGFR_positive" / "tile_0_0.png")
@@ -739,3 +686,427 @@ def test_a_really_full_disk_keeps_earlier_bags_and_a_rerun_with_space_resumes(tm
         assert "3 embedded" in capsys.readouterr().out
         assert len(list(cache_dir.glob("*.h5"))) == 5
         assert not list(cache_dir.rglob("*.tmp"))
+
+
+# ------------------------------------------------------------ stage 2 (clam.train, clam.evaluate) under faults
+
+
+def simulate_full_disk(monkeypatch, root: Path, name: str, nth: int = 1) -> list[Path]:
+    """From now on, in this process, the ``nth`` write of a file called ``name`` under ``root`` (its
+    hidden temporary file, as atomic writes make it) fails like a disk that fills up: half of the
+    first chunk is written, then ENOSPC. Every write goes through Python's ``open`` (checkpoints
+    too: they are serialised in memory and written with one plain write). Returns the paths hit."""
+    import builtins
+    import io
+
+    top = os.path.realpath(root)
+    seen, hit = [0], []
+    real_open = builtins.open
+
+    class FillingFile:
+        def __init__(self, handle) -> None:
+            self._handle = handle
+
+        def write(self, data):
+            self._handle.write(data[: len(data) // 2])
+            self._handle.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, attribute):
+            return getattr(self._handle, attribute)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._handle.close()
+
+    def final_name(path: str) -> str:
+        base = os.path.basename(path)
+        return base[1:].rsplit(".", 2)[0] if base.startswith(".") and base.endswith(".tmp") else base
+
+    def open_(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, int) or not any(c in mode for c in "wax+"):
+            return handle
+        real = os.path.realpath(os.fsdecode(file))
+        if real.startswith(top + os.sep) and final_name(real) == name:
+            seen[0] += 1
+            if seen[0] == nth:
+                hit.append(Path(real))
+                return FillingFile(handle)
+        return handle
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    return hit
+
+
+@pytest.fixture
+def train_cohort(tmp_path, monkeypatch) -> Path:
+    """A project root with a train cohort of 8 patients and its random feature cache (16-d bags)."""
+    from tests.random_data import cohort_slides, write_cohort_folders, write_random_cache
+
+    slides = cohort_slides(8, "train", seed=1)
+    write_cohort_folders(tmp_path / "train", slides)
+    write_random_cache(tmp_path / "features", slides, feature_dim=16)
+    monkeypatch.setenv("CLAM_PROJECT_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    import torch
+
+    x, y = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
+    return x["epoch"] == y["epoch"] and all(torch.equal(v, y["model_state_dict"][k]) for k, v in x["model_state_dict"].items())
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name, nth", [("split.csv", 1), ("best_model.pt", 1), ("config.json", 2),
+                                       ("checkpoint_epoch_2.pt", 1)])
+def test_a_full_disk_while_clam_train_writes_gives_one_message_and_resume_ends_as_uninterrupted(
+        train_cohort, tmp_path, capsys, name, nth):
+    import re
+
+    from clam.train import main as train_main
+
+    args = ["--num_epochs", "3", "--no_progress"]
+    assert train_main([*args, "--output_dir", str(tmp_path / "reference")]) == 0
+    (reference,) = (tmp_path / "reference").iterdir()
+    runs = tmp_path / "runs"
+    capsys.readouterr()
+
+    with pytest.MonkeyPatch.context() as disk:
+        hit = simulate_full_disk(disk, runs, name, nth)
+        code = train_main([*args, "--output_dir", str(runs)])
+    err = capsys.readouterr().err
+    assert hit and code == 2, err
+    assert "Traceback" not in err and err.count("error:") == 1
+    target = hit[0].parent / name
+    assert f"cannot write {target} ([Errno 28] No space left on device)" in err and "free space there" in err, err
+    assert not [p for p in runs.rglob("*") if p.name.endswith(".tmp")]  # the half-written temp file is gone
+
+    if name == "split.csv":  # at the start: nothing trained, no run folder left behind
+        assert "Nothing was trained" in err and not list(runs.iterdir())
+        assert train_main([*args, "--output_dir", str(runs)]) == 0
+        (run,) = runs.iterdir()
+    elif name == "best_model.pt":  # epoch 1's first write: nothing to resume from
+        assert "No epoch was saved yet: run the command again" in err
+        (failed,) = runs.iterdir()
+        assert sorted(p.name for p in failed.iterdir()) == ["split.csv"]
+        assert train_main([*args, "--output_dir", str(runs)]) == 0
+        (run,) = [p for p in runs.iterdir() if p != failed]
+    else:  # epoch 2: epoch 1's files stay complete, and the message says how to go on
+        (run,) = runs.iterdir()
+        resume = re.search(r"--resume (\S+)", err).group(1)
+        assert resume == str(run / "checkpoint_epoch_1.pt") and "checkpoint_epoch_1.pt and best_model.pt are intact" in err
+        assert not (run / "checkpoint_epoch_2.pt").exists()
+        for saved in ("checkpoint_epoch_1.pt", "best_model.pt"):
+            from clam.checkpoints import model_from_checkpoint
+
+            model_from_checkpoint(run / saved)  # loads
+        assert same_weights(run / "checkpoint_epoch_1.pt", reference / "checkpoint_epoch_1.pt")
+        assert train_main(["--resume", resume]) == 0  # space again: continue where it stopped
+    for saved in ("checkpoint_epoch_3.pt", "best_model.pt"):
+        assert same_weights(run / saved, reference / saved), saved
+    config = json.loads((run / "config.json").read_text())
+    assert config["status"] == "finished"
+    assert [r["val_loss"] for r in config["metrics"]] == [
+        r["val_loss"] for r in json.loads((reference / "config.json").read_text())["metrics"]]
+    assert not [p for p in runs.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("how", ["read-only file system (simulated EROFS)", "chmod 555 (not as root)"])
+def test_a_read_only_output_dir_or_run_folder_is_named_and_left_unchanged(train_cohort, tmp_path, capsys, how):
+    from clam.train import main as train_main
+
+    if how.startswith("chmod") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        pytest.skip("root ignores file permissions; the simulated read-only file system covers root")
+
+    def read_only(monkeypatch, folder: Path) -> None:
+        if how.startswith("chmod"):
+            folder.chmod(0o555)  # restored by the caller
+        else:
+            simulate_read_only_file_system(monkeypatch, folder)
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with pytest.MonkeyPatch.context() as fs:
+        read_only(fs, runs)
+        try:
+            code = train_main(["--num_epochs", "1", "--no_progress", "--output_dir", str(runs)])
+        finally:
+            runs.chmod(0o755)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"cannot create a run folder in {runs} (" in err and "pass a writable --output_dir" in err and "No run was started" in err
+    assert not list(runs.iterdir())
+
+    # A run folder that became read-only: --resume says which file it could not write; nothing changes.
+    assert train_main(["--num_epochs", "1", "--no_progress", "--output_dir", str(runs)]) == 0
+    (run,) = runs.iterdir()
+    before = files_of(run)
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as fs:
+        read_only(fs, run)
+        try:
+            code = train_main(["--resume", str(run / "checkpoint_epoch_1.pt"), "--num_epochs", "2"])
+        finally:
+            run.chmod(0o755)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1, err
+    assert f"cannot write {run}{os.sep}" in err and ("Read-only file system" in err or "Permission denied" in err)
+    assert f"--resume {run / 'checkpoint_epoch_1.pt'}" in err
+    assert files_of(run) == before
+
+
+def test_a_full_disk_while_cross_validation_writes_its_summary_is_one_message(train_cohort, tmp_path, capsys):
+    from clam.train import main as train_main
+
+    runs = tmp_path / "runs"
+    with pytest.MonkeyPatch.context() as disk:
+        hit = simulate_full_disk(disk, runs, "summary.json")
+        code = train_main(["--folds", "2", "--num_epochs", "1", "--no_progress", "--output_dir", str(runs)])
+    err = capsys.readouterr().err
+    assert hit and code == 2 and "Traceback" not in err, err
+    (parent,) = runs.iterdir()
+    assert f"cannot write {parent / 'summary.json'} ([Errno 28] No space left on device)" in err
+    assert "free space there" in err and "run the command again" in err
+    assert (parent / "fold_1" / "best_model.pt").is_file() and (parent / "fold_2" / "best_model.pt").is_file()
+    assert not (parent / "summary.json").exists() and not list(parent.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("name", ["predictions.csv", "roc.png"])
+def test_a_full_disk_while_evaluate_writes_predictions_or_figures_is_one_message(train_cohort, tmp_path, capsys, name):
+    from clam.evaluate import main as evaluate_main
+    from clam.train import main as train_main
+
+    assert train_main(["--num_epochs", "1", "--no_progress", "--output_dir", str(tmp_path / "runs")]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    out = tmp_path / "evaluation"
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as disk:
+        hit = simulate_full_disk(disk, out, name)
+        code = evaluate_main(["--checkpoint", str(run / "best_model.pt"), "--data_dir", str(train_cohort / "train"),
+                              "--split", "train", "--num_workers", "0", "--n_bootstrap", "50", "--attention", "none",
+                              "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert hit and code == 2 and "Traceback" not in err and err.count("error:") == 1, err
+    assert f"cannot write {out / name} ([Errno 28] No space left on device)" in err and "free space there" in err
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("loading", ["streamed, main process", "streamed, loader worker", "in memory"])
+def test_a_bag_replaced_under_a_running_training_is_named(train_cohort, tmp_path, loading):
+    import numpy as np
+
+    from feature_extraction.bags import read_bag, write_bag
+
+    from clam.data import BagChanged
+    from clam.train import TrainConfig, train
+
+    cache_dir = next((train_cohort / "features").iterdir())
+    victim = sorted(cache_dir.glob("*.h5"))[0]
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.startswith("epoch 1/"):  # a rerun of embed replaces a bag (a new file renamed into place)
+            bag = read_bag(victim)
+            write_bag(victim, bag.features + np.float32(1.0), bag.coords, bag.tile_names, {
+                k: v for k, v in bag.attrs.items() if k not in ("feature_dim", "n_instances", "format_version")})
+
+    config = TrainConfig(num_epochs=3, progress=False, output_dir=str(tmp_path / "runs"),
+                         in_memory="yes" if loading == "in memory" else "no",
+                         num_workers=1 if "worker" in loading else 0)
+    if loading == "in memory":  # read once before the first epoch: the run goes on with what it read, and says so
+        run = train(config, log=log)
+        warnings = [line for line in lines if line.startswith("warning: bag")]
+        assert len(warnings) == 1 and str(victim) in warnings[0] and "read it into memory" in warnings[0]
+        assert "--resume or a new run will read the new bag" in warnings[0]
+        assert json.loads((run / "config.json").read_text())["status"] == "finished"
+        return
+    with pytest.raises(BagChanged) as raised:
+        train(config, log=log)
+    message = str(raised.value)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert str(victim) in message and "changed while training was running" in message
+    assert f"once embedding has finished, continue with: python -m clam.train --resume {run / 'checkpoint_epoch_1.pt'}" \
+        in message
+    assert "Traceback" not in message and "worker" not in message
+    assert not (run / "checkpoint_epoch_2.pt").exists()
+
+
+# Runs `python -m clam.train` (through runpy, as -m does) and stops for good at the PAUSE_AT-th event of
+# kind PAUSE_KIND, after writing PAUSE_MARKER, so that the parent kills it with SIGKILL from outside at
+# exactly that point. Kinds (counted per kind, from the start of this process):
+#   batch            a batch of bags collated, about to be trained on (or validated)
+#   half_checkpoint  a .pt's hidden temp file (best_model.pt or checkpoint_epoch_N.pt) holds half its bytes
+#   full_checkpoint  a .pt's temp file complete and fsynced, not yet renamed
+#   config           config.json complete under its temp name, not yet renamed
+_PAUSED_TRAIN = """
+import os, pathlib, runpy, sys, time
+from clam import data
+kind, at, marker = os.environ["PAUSE_KIND"], int(os.environ["PAUSE_AT"]), os.environ["PAUSE_MARKER"]
+seen = [0]
+
+def event(name, detail):
+    if name != kind:
+        return
+    seen[0] += 1
+    if seen[0] == at:
+        with open(marker + ".part", "w", encoding="utf-8") as handle:
+            handle.write(str(detail))
+        real_replace(marker + ".part", marker)  # the parent sees the marker only once it is complete
+        while True:
+            time.sleep(1)  # the parent sends SIGKILL now
+
+real_collate, real_write_bytes, real_replace = data.collate_bags, pathlib.Path.write_bytes, os.replace
+
+def collate(items):
+    event("batch", len(items))
+    return real_collate(items)
+
+def write_bytes(self, payload):
+    if self.name.startswith(".") and ".pt." in self.name and self.name.endswith(".tmp"):
+        view = memoryview(payload)
+        with open(self, "wb") as handle:  # as a kill mid-write would leave it
+            handle.write(view[: len(view) // 2])
+            handle.flush()
+            os.fsync(handle.fileno())
+        event("half_checkpoint", self)
+    return real_write_bytes(self, payload)
+
+def replace(src, dst, *args, **kwargs):
+    name = os.path.basename(str(dst))
+    if name.endswith(".pt"):
+        event("full_checkpoint", src)
+    elif name == "config.json":
+        event("config", src)
+    return real_replace(src, dst, *args, **kwargs)
+
+data.collate_bags, pathlib.Path.write_bytes, os.replace = collate, write_bytes, replace
+sys.argv[0] = "clam.train"
+runpy.run_module("clam.train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_minus_9_of_clam_train_at_seeded_random_points_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    from clam.checkpoints import model_from_checkpoint
+    from tests.random_data import cohort_slides, write_cohort_folders, write_random_cache
+
+    slides = cohort_slides(6, "train", instances=(5, 20), seed=1)
+    write_cohort_folders(tmp_path / "train", slides)
+    write_random_cache(tmp_path / "features", slides, feature_dim=16)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CLAM_PROJECT_ROOT": str(tmp_path)}
+    n_epochs = 4
+    args = ["--num_epochs", str(n_epochs), "--num_workers", "0", "--no_progress"]
+    reference = subprocess.run([sys.executable, "-m", "clam.train", *args, "--output_dir", str(tmp_path / "reference")],
+                               env=env, capture_output=True, text=True, timeout=300)  # uninterrupted
+    assert reference.returncode == 0, reference.stderr
+    (reference_run,) = (tmp_path / "reference").iterdir()
+    data = json.loads((reference_run / "config.json").read_text())["data"]
+    assert data["n_val_bags"] <= 16  # one validation batch per epoch
+    per_epoch = {"batch": data["n_train_bags"] + 1, "half_checkpoint": 1, "full_checkpoint": 1, "config": 1}
+    rng = np.random.default_rng(11)  # fixed: the same kill points on every run
+    runs = tmp_path / "runs"
+
+    def checkpoints(run: Path) -> dict[int, Path]:
+        return {int(p.stem.rsplit("_", 1)[1]): p for p in run.glob("checkpoint_epoch_*.pt")}
+
+    def killed_at(kind: str, at: int, argv: list[str]) -> Path:
+        marker = tmp_path / f"paused_{kind}_{at}_{len(list(tmp_path.glob('paused_*')))}"
+        process = subprocess.Popen([sys.executable, "-c", _PAUSED_TRAIN, *argv], env={
+            **env, "PAUSE_KIND": kind, "PAUSE_AT": str(at), "PAUSE_MARKER": str(marker)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        stderr = process.communicate()[1]
+        assert marker.exists(), f"never reached {kind} #{at}:\n{stderr}"
+        assert process.returncode == -signal.SIGKILL
+        return Path(marker.read_text(encoding="utf-8")) if kind != "batch" else None
+
+    # 1. A fresh run killed at a seeded batch after epoch 1 was saved; 2. three more kills, each resumed
+    #    from the newest checkpoint and killed at a seeded occurrence of an event among those the
+    #    remaining epochs reach: halfway through writing a .pt always, and two of {a .pt complete but not
+    #    renamed, config.json complete but not renamed, a batch}. Every kill lands before the last
+    #    epoch's checkpoint is renamed (it is each epoch's last write), so each leaves work to resume;
+    #    3. a plain --resume to the end.
+    points = [("batch", int(rng.integers(per_epoch["batch"] + 1, n_epochs * per_epoch["batch"] + 1)), None)]
+    kinds = [str(k) for k in rng.permutation(["half_checkpoint", *rng.choice(["full_checkpoint", "config", "batch"], 2,
+                                                                             replace=False)])]
+    done: dict[int, Path] = {}
+    for step in range(1 + len(kinds)):
+        if step == 0:
+            kind, at, _ = points[0]
+            argv = [*args, "--output_dir", str(runs)]
+        else:
+            (run,) = runs.iterdir()
+            last = max(checkpoints(run))
+            assert last < n_epochs
+            kind = kinds[step - 1]
+            at = int(rng.integers(1, (n_epochs - last) * per_epoch[kind] + 1))
+            argv = ["--resume", str(checkpoints(run)[last])]
+        left = killed_at(kind, at, argv)
+        (run,) = runs.iterdir()
+        now = checkpoints(run)
+        assert set(done) <= set(now)  # no complete checkpoint lost
+        for epoch, path in now.items():
+            _, saved = model_from_checkpoint(path)  # every file under a checkpoint's name is complete
+            assert saved["epoch"] == epoch
+        if (run / "best_model.pt").exists():
+            model_from_checkpoint(run / "best_model.pt")
+        if left is not None:  # the temp file it was writing: hidden, never under the final name
+            assert left.name.startswith(".") and left.name.endswith(".tmp") and left.exists()
+        print(f"killed at {kind} #{at}: checkpoints of epochs {sorted(now)}")
+        done = now
+
+    (run,) = runs.iterdir()
+    resumed = subprocess.run([sys.executable, "-m", "clam.train", "--resume", str(checkpoints(run)[max(done)])],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # killed writers' temp files are cleared
+    assert sorted(checkpoints(run)) == list(range(1, n_epochs + 1))
+    for name in (f"checkpoint_epoch_{n_epochs}.pt", "best_model.pt"):
+        assert same_weights(run / name, reference_run / name), name
+    config, expected = (json.loads((r / "config.json").read_text()) for r in (run, reference_run))
+    assert config["status"] == expected["status"] == "finished"
+    assert [(r["epoch"], r["train_loss"], r["val_loss"]) for r in config["metrics"]] == [
+        (r["epoch"], r["train_loss"], r["val_loss"]) for r in expected["metrics"]]
+
+
+def test_a_really_full_disk_under_clam_train_is_one_message_and_resume_ends_as_uninterrupted(
+        train_cohort, tmp_path, capsys):
+    from clam.train import main as train_main
+
+    args = ["--no_progress", "--num_workers", "0"]
+    assert train_main([*args, "--num_epochs", "3", "--output_dir", str(tmp_path / "reference")]) == 0
+    (reference,) = (tmp_path / "reference").iterdir()
+    with tmpfs(tmp_path / "runs", size="24m") as runs:
+        assert train_main([*args, "--num_epochs", "1", "--output_dir", str(runs)]) == 0
+        (run,) = runs.iterdir()
+        kept = {name: (run / name).read_bytes() for name in ("checkpoint_epoch_1.pt", "best_model.pt")}
+        filler = runs / "filler"
+        stat = os.statvfs(runs)
+        filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 512 * 1024))  # 512 KiB left: no checkpoint fits
+        capsys.readouterr()
+
+        resume = ["--resume", str(run / "checkpoint_epoch_1.pt"), "--num_epochs", "3"]
+        assert train_main(resume) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("error:") == 1, err
+        assert f"cannot write {run}{os.sep}" in err and "No space left on device" in err and "free space there" in err
+        assert f"--resume {run / 'checkpoint_epoch_1.pt'}" in err
+        assert {name: (run / name).read_bytes() for name in kept} == kept  # the complete checkpoints are untouched
+        assert not (run / "checkpoint_epoch_2.pt").exists() and not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+        filler.unlink()
+        assert train_main(resume) == 0  # space again
+        for name in ("checkpoint_epoch_3.pt", "best_model.pt"):
+            assert same_weights(run / name, reference / name), name
