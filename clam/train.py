@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from feature_extraction.atomic import atomic_write_json, remove_stale_temps
-from feature_extraction.errors import PipelineError, cli_main, write_failure
+from feature_extraction.errors import Interrupted, PipelineError, cli_main, write_failure
 from feature_extraction.layout import SPLITS, default_data_dir, default_features_dir, project_root
 
 from clam import __version__
@@ -203,6 +203,10 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
                 val_metrics = evaluate(model, val_loader, config, device, f"epoch {epoch} val")
         except BagChanged as error:
             raise _bag_changed(train_set, val_set, last_saved) or error
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted during epoch {epoch}; " + (
+                f"continue with: python -m clam.train --resume {last_saved}" if last_saved
+                else "no epoch was saved yet: start the run again")) from None
         if plan.in_memory:
             _warn_changed_in_memory(train_set, val_set, warned, log)
         state.record(epoch, train_metrics, val_metrics, time.perf_counter() - started, config.patience)

@@ -59,6 +59,10 @@ def write_failure(path: str | Path, error: OSError, then: str = "", what: str = 
     return WriteError(f"{message} {then}".strip(), path, error.errno)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what to run to continue (the default, rerunning the command, suits stage 1)."""
+
+
 def cli_main(main):
     """Wrap a CLI ``main(argv) -> int`` so a PipelineError prints its message and exits 2; so does
     an OSError of a full disk, a read-only file system or a missing permission on a named file
@@ -78,8 +82,8 @@ def cli_main(main):
                                                            "again once that is fixed.")
             print(f"error: {failure}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("interrupted: rerun the same command to resume", file=sys.stderr)
+        except KeyboardInterrupt as error:
+            print(f"interrupted: {error or 'rerun the same command to resume'}", file=sys.stderr)
             return 130
 
     return wrapper

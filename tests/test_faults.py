@@ -1110,3 +1110,24 @@ def test_a_really_full_disk_under_clam_train_is_one_message_and_resume_ends_as_u
         assert train_main(resume) == 0  # space again
         for name in ("checkpoint_epoch_3.pt", "best_model.pt"):
             assert same_weights(run / name, reference / name), name
+
+
+def test_ctrl_c_of_clam_train_names_the_resume_command(tmp_path, monkeypatch, capsys):
+    import clam.train as train_module
+    from tests.random_data import cohort_slides, write_random_cache
+
+    cache = write_random_cache(tmp_path / "features", cohort_slides(6, seed=2), feature_dim=8)
+    real = train_module.train_one_epoch
+
+    def interrupt_in_epoch_2(*args, **kwargs):
+        if kwargs.get("desc", args[-1] if isinstance(args[-1], str) else "") == "epoch 2":
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupt_in_epoch_2)
+    assert train_module.main(["--features_dir", str(cache), "--num_epochs", "3", "--output_dir",
+                              str(tmp_path / "runs"), "--no_progress"]) == 130
+    run = next((tmp_path / "runs").iterdir())
+    err = capsys.readouterr().err
+    assert f"continue with: python -m clam.train --resume {run / 'checkpoint_epoch_1.pt'}" in err
+    assert "rerun the same command" not in err
