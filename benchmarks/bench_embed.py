@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import write_section  # noqa: E402
+from report import machine, write_section  # noqa: E402
 
 from feature_extraction.backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone  # noqa: E402
 from feature_extraction.embed import embed_cohort  # noqa: E402
@@ -163,21 +163,6 @@ def decode_ms(paths: list[Path], input_size: int) -> float:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {available_cores()} cores"
-    if torch.cuda.is_available():
-        text = f"{torch.cuda.get_device_name(0)}; {text}"
-    return text
 
 
 def versions() -> str:

@@ -45,7 +45,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -62,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import write_section
+from report import machine, write_section
 
 SECTION = "## Learning"
 DEFAULT_WORKDIR = Path("/tmp/bench_learning")
@@ -538,21 +537,6 @@ def fmt_localisation(loc: dict[str, Any] | None) -> str:
 def describe_row(row: dict[str, Any]) -> str:
     return (f"{row['model']}: AUC {fmt_auc(row['auc'])}, localisation {fmt_localisation(row['localisation'])}, "
             f"{row['seconds']:.1f} s")
-
-
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{name}, {len(os.sched_getaffinity(0))} cores"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name(0)}"
-    return text
 
 
 def library_state() -> str:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shlex
 import statistics
@@ -39,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import write_section  # noqa: E402
+from report import machine, write_section  # noqa: E402
 
 from feature_extraction.bags import FEATURES, bag_path, write_bag  # noqa: E402
 from feature_extraction.cache import CACHE_JSON, collect_manifest, write_manifest  # noqa: E402
@@ -236,20 +234,6 @@ def matmul_rate(rows: int, feature_dim: int, device: torch.device, seconds: floa
 
 
 # ---------------------------------------------------------------- report
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {len(os.sched_getaffinity(0))} cores"
 
 
 def section(args, results: dict, floor_seconds: dict, rates: dict) -> str:

@@ -551,3 +551,28 @@ def test_a_bare_clam_state_dict_is_evaluated_on_bags_of_a_labels_csv(tmp_path, c
     assert metrics["checkpoint_format"] == "clam_state_dict" and metrics["epoch"] is None
     assert metrics["model_config"]["model_type"] == ("clam_mb" if multi_branch else "clam_sb")
     assert metrics["leakage"]["checked"] is False
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_a_cache_folder_embeds_missing_slides_with_that_caches_weights(tiny_cohort,
+                                                                                          trained_on_tiny_cohort,
+                                                                                          tmp_path):
+    """Trained from a random-weights cache folder given as --features_dir, with --weights left at its
+    default (imagenet): evaluation embeds new slides with the weights the cache records, not the default."""
+    import shutil
+
+    from clam.train import TrainConfig, train
+
+    root, first_run = trained_on_tiny_cohort
+    cache = Path(read_checkpoint(first_run / BEST_NAME)["cache"]["cache_dir"])
+    copy = tmp_path / "features" / cache.name
+    shutil.copytree(cache, copy, ignore=shutil.ignore_patterns("C-S-*"))  # the train split's bags only
+    run_dir = train(TrainConfig(features_dir=str(copy), num_epochs=1, num_workers=0, device="cpu", progress=False,
+                                output_dir=str(tmp_path / "runs")), log=lambda _: None)
+    checkpoint = read_checkpoint(run_dir / BEST_NAME)
+    assert checkpoint["args"]["weights"] == "imagenet" and checkpoint["cache"]["weights"] == "random"
+    result = evaluate(EvaluateConfig(data_dir=tiny_cohort.split_dirs["test"], checkpoint=run_dir / BEST_NAME,
+                                     num_workers=0, n_bootstrap=0, device="cpu", attention="none", progress=False),
+                      log=lambda _: None)
+    assert result.metrics["cache_key"] == checkpoint["cache"]["cache_key"]
+    assert all((copy / f"{row['slide_id']}.h5").is_file() for row in result.slides)

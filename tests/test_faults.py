@@ -466,6 +466,21 @@ runpy.run_module("feature_extraction.embed", run_name="__main__", alter_sys=True
 """
 
 
+def kill_at_pause(script: str, argv: list[str], env: dict, kind: str, at: int, marker: Path) -> None:
+    """Run ``script`` (one of the _PAUSED_* programs) with ``argv`` until it pauses at its ``at``-th
+    ``kind`` event and writes ``marker``, then kill -9 it there."""
+    process = subprocess.Popen([sys.executable, "-c", script, *argv], env={
+        **env, "PAUSE_KIND": kind, "PAUSE_AT": str(at), "PAUSE_MARKER": str(marker)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    stderr = process.communicate()[1]
+    assert marker.exists(), f"never reached {kind} #{at}:\n{stderr}"
+    assert process.returncode == -signal.SIGKILL
+
+
 @pytest.mark.slow
 def test_kill_minus_9_at_seeded_random_points_then_rerun_gives_the_bags_of_an_uninterrupted_run(tmp_path, tiny_cohort):
     data = tiny_cohort.split_dirs["train"]
@@ -529,16 +544,7 @@ def test_kill_minus_9_at_seeded_random_points_then_rerun_gives_the_bags_of_an_un
         if kind != "manifest":
             at = int(rng.integers(1, (sum(n_tiles[s] for s in missing) if kind == "tile" else len(missing)) + 1))
         marker = tmp_path / f"paused_{kind}_{at}"
-        process = subprocess.Popen([sys.executable, "-c", _PAUSED_EMBED, *embed(features)[3:]], env={
-            **env, "PAUSE_KIND": kind, "PAUSE_AT": str(at), "PAUSE_MARKER": str(marker)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-        stderr = process.communicate()[1]
-        assert marker.exists(), f"never reached {kind} #{at}:\n{stderr}"
-        assert process.returncode == -signal.SIGKILL
+        kill_at_pause(_PAUSED_EMBED, embed(features)[3:], env, kind, at, marker)
         if kind in ("half_bag", "full_bag", "manifest"):
             left = Path(marker.read_text(encoding="utf-8"))  # the hidden temp file it was writing
             assert left.name.startswith(".") and left.name.endswith(".tmp") and left.exists()
@@ -1020,16 +1026,7 @@ def test_kill_minus_9_of_clam_train_at_seeded_random_points_then_resume_gives_th
 
     def killed_at(kind: str, at: int, argv: list[str]) -> Path:
         marker = tmp_path / f"paused_{kind}_{at}_{len(list(tmp_path.glob('paused_*')))}"
-        process = subprocess.Popen([sys.executable, "-c", _PAUSED_TRAIN, *argv], env={
-            **env, "PAUSE_KIND": kind, "PAUSE_AT": str(at), "PAUSE_MARKER": str(marker)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-        stderr = process.communicate()[1]
-        assert marker.exists(), f"never reached {kind} #{at}:\n{stderr}"
-        assert process.returncode == -signal.SIGKILL
+        kill_at_pause(_PAUSED_TRAIN, argv, env, kind, at, marker)
         return Path(marker.read_text(encoding="utf-8")) if kind != "batch" else None
 
     # 1. A fresh run killed at a seeded batch after epoch 1 was saved; 2. three more kills, each resumed
