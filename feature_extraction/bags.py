@@ -84,7 +84,7 @@ def write_bag(
 
 def _fill_bag(h5: h5py.File, features: np.ndarray, coords: np.ndarray, tile_names: Sequence[str],
               attrs: Mapping[str, Any]) -> None:
-    # Contiguous, uncompressed: features barely compress and chunking slows reads (MEASUREMENTS.md).
+    # Contiguous, uncompressed: features barely compress and chunking slows reads (docs/embedding.md, "Bag format").
     h5.create_dataset(FEATURES, data=features)
     h5.create_dataset(COORDS, data=coords)
     h5.create_dataset(TILE_NAMES, data=list(tile_names), dtype=h5py.string_dtype("utf-8"))

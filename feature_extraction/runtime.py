@@ -35,7 +35,7 @@ from feature_extraction.errors import PipelineError
 RUNTIMES = ("auto", "onnxruntime", "torch")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-CPU_CORES_PER_DECODE_WORKER = 8  # on a CPU decoding costs 2-10% of the backbone's time (MEASUREMENTS.md)
+CPU_CORES_PER_DECODE_WORKER = 8  # on a CPU decoding costs 2-10% of the backbone's time (docs/embedding.md, "Threads")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_OPSET = 18
 EXPORT_TOLERANCE = 1e-4  # relative to the largest feature: float32 rounding, not a different model
@@ -121,7 +121,7 @@ def plan_compute(device: str = "auto", precision: str = "auto", runtime: str = "
     """Choose device, precision, runtime, batch size, decode workers and compute threads.
 
     On a CPU the backbone and the decode workers share the cores. Decoding costs 2-10% of
-    the backbone's time there (MEASUREMENTS.md), so one worker per 8 cores is plenty and the
+    the backbone's time there (docs/embedding.md, "Threads"), so one worker per 8 cores is plenty and the
     backbone keeps every core: its threads stop spinning (ONNX Runtime) when idle, so the
     worker's short bursts do not stall it. On an accelerator decoding is the bottleneck:
     every requested worker is used."""
