@@ -163,7 +163,12 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
 
     torch.manual_seed(config.seed)
     model = model_from_config(config.model_config(bags.feature_dim))
-    feature_norm = standardise_features(model, train_set, config, log)
+    if resumed is None:
+        feature_norm = standardise_features(model, train_set, config, log)
+        baseline = fit_run_baseline(train_set, val_set, config)
+    else:  # both were computed when the run started: the statistics come with the model's weights
+        feature_norm = resumed.get("feature_norm") or {"method": config.feature_norm}
+        baseline = resumed.get("baseline") or fit_run_baseline(train_set, val_set, config)
     model = model.to(device)
     optimizer = make_optimizer(model, config, device)
     counts = class_counts(split.train, config.n_classes)
@@ -176,7 +181,6 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
         set_rng_state(resumed["rng_state"])
         state = RunState.from_checkpoint(resumed)
         log(f"resuming {run_dir} after epoch {state.epoch}")
-    baseline = fit_run_baseline(train_set, val_set, config)
     run_info = _run_info(config, bags, split, plan, model, counts, class_weights, run_dir)
     run_info["feature_norm"] = feature_norm
     run_info["optimizer"] = {"name": "Adam", "fused": _is_fused(optimizer)}
@@ -204,9 +208,7 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), log: Call
         except BagChanged as error:
             raise _bag_changed(train_set, val_set, last_saved) or error
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted during epoch {epoch}; " + (
-                f"continue with: python -m clam.train --resume {last_saved}" if last_saved
-                else "no epoch was saved yet: start the run again")) from None
+            raise Interrupted(f"interrupted during epoch {epoch}; {_way_on(last_saved)}") from None
         if plan.in_memory:
             _warn_changed_in_memory(train_set, val_set, warned, log)
         state.record(epoch, train_metrics, val_metrics, time.perf_counter() - started, config.patience)
@@ -251,10 +253,11 @@ def _start_run_folder(run_dir: Path | None, config: TrainConfig, split: TrainVal
     return run_dir
 
 
-def _resume_hint(last_saved: Path | None) -> str:
+def _way_on(last_saved: Path | None) -> str:
+    """What to run after a stop, given the newest complete checkpoint (None: none yet)."""
     if last_saved is None:
-        return "No epoch was saved yet: run the command again."
-    return f"Continue from the last complete checkpoint: python -m clam.train --resume {last_saved}"
+        return "no epoch was saved yet: run the command again"
+    return f"continue with: python -m clam.train --resume {last_saved}"
 
 
 def _bag_changed(train_set: BagDataset, val_set: BagDataset, last_saved: Path | None) -> BagChanged | None:
@@ -263,10 +266,7 @@ def _bag_changed(train_set: BagDataset, val_set: BagDataset, last_saved: Path | 
     changed = train_set.changed() + val_set.changed()
     if not changed:
         return None
-    if last_saved is None:
-        then = "once embedding has finished, run the command again (no epoch was saved yet)."
-    else:
-        then = f"once embedding has finished, continue with: python -m clam.train --resume {last_saved}"
+    then = f"once embedding has finished, {_way_on(last_saved)}"
     others = f" ({len(changed) - 1} other bags changed too.)" if len(changed) > 1 else ""
     return BagChanged(f"{BagChanged.of(changed[0], then)}{others}")
 
@@ -321,7 +321,7 @@ def standardise_features(model, train_set: BagDataset, config: TrainConfig,
                          log: Callable[[str], None] = print) -> dict[str, Any]:
     """With ``--feature_norm standard``, set the model's FeatureNorm to the per-dimension mean and
     std of every instance of the training bags (never validation or test bags); returns what
-    config.json records. On --resume the checkpoint's own statistics are loaded afterwards."""
+    config.json records (and checkpoints, so --resume reuses it with the statistics in the weights)."""
     if config.feature_norm != "standard":
         return {"method": "none", "description": "raw features, as CLAM"}
     stats = feature_statistics(train_set.all_instances())
@@ -340,12 +340,13 @@ def fit_run_baseline(train_set: BagDataset, val_set: BagDataset, config: TrainCo
 
     started = time.perf_counter()
     train_labels = [r.label for r in train_set.records]
-    fitted = fit_baseline(pooled(train_set), train_labels, config.n_classes, pool, config.seed)
+    train_pooled = pooled(train_set)
+    fitted = fit_baseline(train_pooled, train_labels, config.n_classes, pool, config.seed)
     result: dict[str, Any] = {"method": describe_baseline(pool), "train_auc": None, "val_auc": None,
                               "n_val_bags": len(val_set)}
     if fitted is None:
         return {**result, "note": "the training bags hold one class only: no baseline"}
-    result["train_auc"] = roc_auc(train_labels, fitted.probs(pooled(train_set)), config.n_classes)[0]
+    result["train_auc"] = roc_auc(train_labels, fitted.probs(train_pooled), config.n_classes)[0]
     if len(val_set):
         val_labels = [r.label for r in val_set.records]
         result["val_auc"] = roc_auc(val_labels, fitted.probs(pooled(val_set)), config.n_classes)[0]
@@ -631,6 +632,7 @@ def save_epoch(run_dir: Path, model, optimizer, config: TrainConfig, state: RunS
         "versions": run_info["versions"],
         "format_version": 1,
         "baseline": baseline or {},
+        "feature_norm": run_info["feature_norm"],
     }
     path = run_dir / checkpoint_name(state.epoch)
     writes = [(run_dir / BEST_NAME, lambda: save_checkpoint(run_dir / BEST_NAME, checkpoint))] if state.is_best else []
@@ -642,7 +644,8 @@ def save_epoch(run_dir: Path, model, optimizer, config: TrainConfig, state: RunS
         except OSError as error:
             kept = [name for name in (checkpoint_name(state.epoch - 1), BEST_NAME) if (run_dir / name).is_file()]
             intact = f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} intact. " if kept else ""
-            raise write_failure(target, error, intact + _resume_hint(last_saved)) from error
+            way_on = _way_on(last_saved)
+            raise write_failure(target, error, f"{intact}{way_on[0].upper()}{way_on[1:]}") from error
     return path
 
 
