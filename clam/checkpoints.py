@@ -9,7 +9,9 @@
 A checkpoint (``clam.train.save_epoch``) holds the specification's ``model_state_dict``,
 ``optimizer_state_dict``, ``epoch``, ``loss`` and ``args`` and, to rebuild the model, evaluate it
 and resume bit-exactly, ``model_config``, ``cache``, ``class_names``, ``metrics`` (the last
-epoch's), ``history``, ``run_state``, ``rng_state``, ``versions`` and ``format_version``. Only
+epoch's), ``history``, ``run_state``, ``rng_state``, ``versions``, ``format_version``,
+``baseline`` (clam.baselines, fitted beside the model) and ``feature_norm`` (the summary of the
+standardisation statistics, which are buffers in ``model_state_dict``). Only
 tensors and plain Python values are stored, so ``torch.load(..., weights_only=True)`` reads them
 without running any pickled code. Every file is written under a temporary name and renamed
 into place.
@@ -227,10 +229,10 @@ def clam_state_dict(state_dict: dict[str, torch.Tensor], source: str | Path = "t
     else:
         n_classes = int(keys["classifiers.weight"].shape[0]) if "classifiers.weight" in keys else 0
     settings: dict[str, Any] = {"model_type": model_type, "in_dim": int(in_dim), "n_classes": n_classes,
-                                "model_size": model_size, "dropout": 0.0}
-    if "feature_norm" in getattr(ModelConfig, "__dataclass_fields__", {}):
-        # CLAM feeds raw features; this project's own weights saved bare carry the standardisation buffers.
-        settings["feature_norm"] = "standard" if "feature_norm.mean" in keys else "none"
+                                "model_size": model_size, "dropout": 0.0,
+                                # CLAM feeds raw features; this project's own weights saved bare carry
+                                # the standardisation buffers.
+                                "feature_norm": "standard" if "feature_norm.mean" in keys else "none"}
     try:
         config = ModelConfig(**settings)
     except ValueError as error:

@@ -38,7 +38,7 @@ from feature_extraction.errors import PipelineError
 
 from clam.checkpoints import BEST_NAME, CONFIG_NAME, checkpoint_name, make_run_dir
 from clam.data import BagRecord
-from clam.metrics import DEFAULT_N_BOOTSTRAP, auc_with_ci, epoch_metrics, roc_auc, summarize
+from clam.metrics import DEFAULT_N_BOOTSTRAP, auc_with_ci, epoch_metrics, roc_auc
 from clam.splits import TrainValSplit, assign_patient_folds, patient_labels, train_val_split
 from clam.train import TrainConfig, _json_safe, default_output_dir, load_bags, train
 
@@ -362,7 +362,8 @@ def fold_checkpoints(parent: Path) -> list[Path]:
 def evaluate_folds(config, log: Callable[[str], None] = print):
     """Evaluate each fold's best model (a subfolder per fold) and their ensemble, the mean probability
     of the fold models (predictions.csv, predictions_patient.csv and metrics.json at the top)."""
-    from clam.evaluate import EvaluationResult, aggregate_patients, evaluate, probability_column, write_table
+    from clam.evaluate import (EvaluationResult, aggregate_patients, evaluate, level_metrics, probability_column,
+                               write_table)
 
     parent = Path(config.checkpoint)
     output_dir = Path(config.output_dir or parent / f"{config.output_prefix}_{datetime.now():%Y%m%d_%H%M%S}")
@@ -386,9 +387,7 @@ def evaluate_folds(config, log: Callable[[str], None] = print):
     write_table(output_dir / "predictions_patient.csv", patients)
 
     def level(rows):
-        y = [int(r["label"]) for r in rows]
-        p = np.array([[float(r[c]) for c in columns] for r in rows]).reshape(-1, len(names))
-        return summarize(y, p, len(names), config.n_bootstrap, config.seed, names)
+        return level_metrics(rows, names, config.n_bootstrap, config.seed)
 
     metrics = {"run_dir": str(parent), "class_names": names,
                "ensemble": {"method": "mean probability of the fold models", "per_slide": level(slides),

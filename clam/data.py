@@ -385,13 +385,12 @@ class BagDataset(torch.utils.data.Dataset):
     many: a fresh draw each training epoch (``set_epoch``), a fixed one with ``train=False``.
 
     ``in_memory``: read every bag once, now; else read only the rows in use on each access, so
-    memory is bounded by the batch whatever the size of the cache. ``max_tiles`` is the former
-    name of ``sample_tiles`` (it meant the per-epoch draw)."""
+    memory is bounded by the batch whatever the size of the cache."""
 
     def __init__(self, records: Sequence[BagRecord], sample_tiles: int = 0, seed: int = 0, train: bool = True,
-                 in_memory: bool = False, progress: bool = True, *, max_tiles: int | None = None) -> None:
+                 in_memory: bool = False, progress: bool = True) -> None:
         self.records = tuple(records)
-        self.sample_tiles = sample_tiles if max_tiles is None else max_tiles
+        self.sample_tiles = sample_tiles
         self.seed, self.train = seed, train
         self.epoch = 1
         self.features: list[torch.Tensor] | None = None

@@ -455,7 +455,7 @@ def predict(
     """Run the model on every instance of each bag, one bag per forward pass, in record order."""
     total_bytes = sum(r.n_instances for r in records) * loaded.feature_dim * 4
     plan = plan_loading(total_bytes, "no", num_workers, loaded.device)
-    dataset = BagDataset(records, max_tiles=0, seed=0, train=False, in_memory=False, progress=False)
+    dataset = BagDataset(records, sample_tiles=0, seed=0, train=False, in_memory=False, progress=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=plan.num_workers,
                                          pin_memory=loaded.device.type == "cuda")
     loaded.model.eval()
@@ -642,12 +642,9 @@ def _output_dir(config: EvaluateConfig, loaded: LoadedModel) -> Path:
 def _metrics(config: EvaluateConfig, loaded: LoadedModel, cohort: Cohort, slides: list[dict],
              patients: list[dict], leakage: dict[str, Any] | None = None) -> dict[str, Any]:
     names = list(loaded.class_names)
-    columns = [probability_column(n) for n in names]
 
     def level(rows: list[dict]) -> dict[str, Any]:
-        y_true = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-        probs = np.array([[float(r[c]) for c in columns] for r in rows], dtype=np.float64).reshape(-1, len(names))
-        return summarize(y_true, probs, loaded.n_classes, config.n_bootstrap, config.seed, names)
+        return level_metrics(rows, names, config.n_bootstrap, config.seed)
 
     return {
         "checkpoint": str(loaded.path),
@@ -672,6 +669,16 @@ def _metrics(config: EvaluateConfig, loaded: LoadedModel, cohort: Cohort, slides
     }
 
 
+def level_metrics(rows: Sequence[dict[str, Any]], class_names: Sequence[str], n_bootstrap: int, seed: int,
+                  column=probability_column) -> dict[str, Any]:
+    """``clam.metrics.summarize`` of prediction rows (predictions.csv or predictions_patient.csv as
+    dicts): their labels and the probabilities in ``column(class name)`` columns."""
+    names = list(class_names)
+    y_true = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    probs = np.array([[float(r[column(n)]) for n in names] for r in rows], dtype=np.float64).reshape(-1, len(names))
+    return summarize(y_true, probs, len(names), n_bootstrap, seed, names)
+
+
 def saved_baseline(checkpoint: dict[str, Any]) -> PooledBaseline | None:
     """The pooled logistic-regression baseline fitted beside the model (clam.baselines), if the
     checkpoint holds one (checkpoints from before it, bare CLAM state dicts and one-class training
@@ -685,14 +692,11 @@ def _baseline_metrics(config: EvaluateConfig, loaded: LoadedModel, slides: list[
     """The baseline's metrics on the same slides and patients as CLAM's, with the same bootstrap."""
     saved = loaded.checkpoint.get("baseline") or {}
     names = list(loaded.class_names)
-    columns = [baseline_column(n) for n in names]
-    if not slides or columns[0] not in slides[0]:
+    if not slides or baseline_column(names[0]) not in slides[0]:
         return None
 
     def level(rows: list[dict]) -> dict[str, Any]:
-        y_true = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-        probs = np.array([[float(r[c]) for c in columns] for r in rows], dtype=np.float64).reshape(-1, len(names))
-        return summarize(y_true, probs, loaded.n_classes, config.n_bootstrap, config.seed, names)
+        return level_metrics(rows, names, config.n_bootstrap, config.seed, column=baseline_column)
 
     return {"method": saved.get("method"), "fitted_on": "the run's training bags (as the model)",
             "instances": "every instance of each bag, pooled", "val_auc_at_training": saved.get("val_auc"),
