@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from feature_extraction.reporting import configure_cli_logging
+
 # Errors of writing a file that the user fixes outside the program: a full disk (or quota, or a
 # file-size limit), a read-only file system, no permission.
 FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -70,6 +72,7 @@ def cli_main(main):
 
     @functools.wraps(main)
     def wrapper(argv=None):
+        configure_cli_logging()
         try:
             return main(argv)
         except PipelineError as error:
