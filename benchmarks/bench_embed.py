@@ -1,7 +1,10 @@
-"""Embedding throughput, in one run on the same tiles; writes the ``## Embedding`` section of docs/benchmarks.md.
+"""Embedding throughput, in one run on the same tiles: the ``## Embedding`` section of docs/benchmarks.md.
 
-    python benchmarks/bench_embed.py                      # CPU: 400 tiles; GPU: 8192 tiles
-    python benchmarks/bench_embed.py --n_tiles 40 --no_write   # a quick smoke test
+    python benchmarks/bench_embed.py --write         # CPU: 400 tiles; GPU: 8192 tiles; writes the page
+    python benchmarks/bench_embed.py                 # the same, printed only
+    python benchmarks/bench_embed.py --n_tiles 40    # a quick smoke test, printed only
+
+The section is printed to stdout; only ``--write`` replaces it in docs/benchmarks.md (or ``--out``).
 
 Three figures, tiles per second (medians of ``--repeats`` interleaved rounds):
 
@@ -188,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode workers (default: 4 on a CPU, which embed caps; cores - 1 on a GPU)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the three measurements; medians are reported")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the tiles (default: a temp dir)")
+    parser.add_argument("--write", action="store_true",
+                        help="replace the section in --out (default: print only)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--no_write", action="store_true", help="print the section, do not write docs/benchmarks.md")
+    # Printing only is the default now; --no_write stays accepted for old command lines.
+    parser.add_argument("--no_write", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
@@ -255,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ])
     print(text)
-    if not args.no_write:
+    if args.write:
         write_section(args.out, SECTION, text)
-        print(f"wrote {args.out}")
+        print(f"wrote the {SECTION} section of {args.out}")
     return 0
 
 

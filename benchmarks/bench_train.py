@@ -1,7 +1,10 @@
-"""Training speed, in one run on the same cached bags; writes the ``## Training`` section of docs/benchmarks.md.
+"""Training speed, in one run on the same cached bags: the ``## Training`` section of docs/benchmarks.md.
 
-    python benchmarks/bench_train.py                                  # 240 bags of 60-100 x 1024, 3 epochs
-    python benchmarks/bench_train.py --n_bags 40 --epochs 2 --no_write   # a quick smoke test
+    python benchmarks/bench_train.py --write                  # 240 bags of 60-100 x 1024, 3 epochs
+    python benchmarks/bench_train.py                          # the same, printed only
+    python benchmarks/bench_train.py --n_bags 40 --epochs 2   # a quick smoke test, printed only
+
+The section is printed to stdout; only ``--write`` replaces it in docs/benchmarks.md (or ``--out``).
 
 Per epoch (training pass + validation pass, checkpoint writing excluded), median over epochs:
 
@@ -279,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the bags (default: a temp dir)")
+    parser.add_argument("--write", action="store_true",
+                        help="replace the section in --out (default: print only)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--no_write", action="store_true", help="print the section, do not write docs/benchmarks.md")
+    # Printing only is the default now; --no_write stays accepted for old command lines.
+    parser.add_argument("--no_write", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--cache_dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--batch_size", type=int, default=1, help=argparse.SUPPRESS)
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     floor_seconds = {"flops": flops, "bs1": flops / rates["bs1"], "bs16": flops / rates["bs16"]}
     text = section(args, results, floor_seconds, rates)
     print(text)
-    if not args.no_write:
+    if args.write:
         write_section(args.out, SECTION, text)
         print(f"wrote the {SECTION} section of {args.out}")
     return 0
