@@ -21,7 +21,7 @@ from feature_extraction.example_cohort import (DIFFICULTIES, GROUND_TRUTH_NAME, 
                                                CohortConfig, build_example_cohort, load_ground_truth,
                                                plan_slides, rgb_to_hed, signal_style, witness_tile_range)
 from feature_extraction.layout import SPLIT_FOLDERS, discover_slides
-from feature_extraction.tiles import parse_coords
+from feature_extraction.tile_folder import parse_coords
 
 TILE = 256
 
@@ -483,7 +483,7 @@ def test_random_weight_backbone_features_separate_signal_tiles(cohort):
     from sklearn.preprocessing import StandardScaler
 
     from feature_extraction.backbones import load_backbone
-    from feature_extraction.tiles import TileTransform
+    from feature_extraction.sources import TileTransform
 
     rows = _tiles(cohort)
     rng = np.random.default_rng(0)
