@@ -166,7 +166,8 @@ def _slides_in_patient_folder(patient_dir: Path, folder: str, label: int, split:
     slide (file stem): the same names whether the slides are embedded directly or tiled first."""
     patient = patient_dir.name
     files = whole_slide_files(patient_dir)
-    found = [(file, "wsi") for file in files] + [(sub, "tiles") for sub in _slide_tile_folders(patient_dir, files)]
+    found = [(file, "wsi") for file in files]
+    found += [(sub, "tiles") for sub in _slide_tile_folders(patient_dir, files)]
     if not found:
         return [SlideSource(slide_id_for(folder, patient), patient, folder, label, split, patient_dir)]
     slides = []
@@ -187,9 +188,9 @@ def _slide_tile_folders(patient_dir: Path, slide_files: list[Path]) -> list[Path
                     and (e.is_dir() and not is_mirax_companion(e) or is_tile_image(e.name)))
     if beside:
         raise PipelineError(
-            f"{patient_dir} holds the tiles of {len(slide_dirs)} slides in sub-folders named after their slide "
-            f"files ({', '.join(d.name + '/' for d in slide_dirs)}) and also {beside[0]!r} beside them, which "
-            "belongs to none of them. Move those tiles into the folder of their slide, or delete them "
+            f"{patient_dir} holds the tiles of {len(slide_dirs)} slides in sub-folders named after their "
+            f"slide files ({', '.join(d.name + '/' for d in slide_dirs)}) and also {beside[0]!r} beside "
+            "them, which belongs to none of them. Move those tiles into the folder of their slide, or delete them "
             "(e.g. tiles of an earlier `tile_slides` run, when the patient had one slide)."
         )
     return slide_dirs
@@ -229,9 +230,9 @@ def _check_unique_slide_ids(slides: list[SlideSource]) -> None:
         other = seen.setdefault(slide.slide_id, slide)
         if other is not slide:
             raise PipelineError(
-                f"{other.path} and {slide.path} would both be the bag {slide.slide_id!r} (a bag is named after "
-                "the class folder, the patient and, for a patient with several slides, the slide file's stem). "
-                "Rename one of them."
+                f"{other.path} and {slide.path} would both be the bag {slide.slide_id!r} (a bag is named "
+                "after the class folder, the patient and, for a patient with several slides, the slide "
+                "file's stem). Rename one of them."
             )
 
 

@@ -292,7 +292,8 @@ def test_list_wsi_tiles_uses_the_seeded_subset(tmp_path, slides):
     assert listed.attrs["slide_file"] == "P2/slide.tif" and listed.attrs["patch_size_level0"] == 128
     again = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config)
     assert again.tiles == listed.tiles and again.tiles_digest == listed.tiles_digest
-    other = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=WsiConfig(tile_size=64, min_tissue=0.9))
+    other = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3,
+                                    config=WsiConfig(tile_size=64, min_tissue=0.9))
     assert other.tiles_digest != listed.tiles_digest  # the tiling configuration is part of the digest
 
 
@@ -304,7 +305,8 @@ def test_plans_are_cached_and_a_rerun_does_not_plan_again(tmp_path, slides, monk
     config, cache = WsiConfig(tile_size=64), tmp_path / "features" / wsi_plan.PLAN_CACHE_FOLDER
     planned: list[Path] = []
     real_plan_slide = wsi_plan.plan_slide
-    monkeypatch.setattr(wsi_plan, "plan_slide", lambda *a, **k: planned.append(a[0]) or real_plan_slide(*a, **k))
+    monkeypatch.setattr(wsi_plan, "plan_slide",
+                        lambda *a, **k: planned.append(a[0]) or real_plan_slide(*a, **k))
 
     first = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
     assert len(planned) == 1 and len(list(cache.glob("*.json"))) == 1
@@ -315,7 +317,8 @@ def test_plans_are_cached_and_a_rerun_does_not_plan_again(tmp_path, slides, monk
     assert np.array_equal(again.plan.tissue_fraction, first.plan.tissue_fraction)
     assert again.plan.tissue_fraction.dtype == np.float32 and again.plan.coords.dtype == np.int64
 
-    wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=WsiConfig(tile_size=64, min_tissue=0.9), plan_cache=cache)
+    wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=WsiConfig(tile_size=64, min_tissue=0.9),
+                            plan_cache=cache)
     assert len(planned) == 2  # another tiling is another plan
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the slide file changed
@@ -323,7 +326,8 @@ def test_plans_are_cached_and_a_rerun_does_not_plan_again(tmp_path, slides, monk
     assert len(planned) == 3 and len(list(cache.glob("*.json"))) == 3
     for file in cache.glob("*.json"):  # a damaged cache file is planned again and replaced
         file.write_text("{not json")
-    assert wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache).tiles == first.tiles
+    rerun = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
+    assert rerun.tiles == first.tiles
     assert len(planned) == 4
     wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
     assert len(planned) == 4
@@ -541,7 +545,8 @@ def test_tile_cli_keeps_two_slides_of_one_patient_apart(tmp_path, slides, cmu_sv
     assert sorted(p.name for p in patient.iterdir()) == ["A.tif", "B.svs"]  # one folder per slide file
     assert all(p.name.startswith("A_x") for p in (patient / "A.tif").iterdir())
     assert all(p.name.startswith("B_x") for p in (patient / "B.svs").iterdir())
-    assert all(p.suffix == ".png" for p in (out / "EGFR_negative" / "P2").iterdir())  # one slide: flat, as before
+    # A patient with one slide: its tiles fill the patient folder, as before.
+    assert all(p.suffix == ".png" for p in (out / "EGFR_negative" / "P2").iterdir())
 
     found = {s.slide_id: s for s in discover_slides(out, "train")}
     assert set(found) == {"EGFR_positive__P012__A", "EGFR_positive__P012__B", "EGFR_negative__P2"}
@@ -574,7 +579,8 @@ def test_tiling_then_embedding_gives_the_bags_of_embedding_the_slides(tmp_path, 
 
     data = _two_slide_patient_cohort(tmp_path, slides, cmu_svs)
     config = WsiConfig(tile_size=64)
-    fast = dict(backbone="resnet18", weights="random", runtime="torch", num_workers=0, progress=False, max_tiles=5)
+    fast = dict(backbone="resnet18", weights="random", runtime="torch", num_workers=0, progress=False,
+                max_tiles=5)
     direct = embed_cohort(data, "train", features_dir=tmp_path / "direct", wsi=config, **fast)
     out = tmp_path / "tiles"
     assert tile_cli.main(["--data_dir", str(data), "--out_dir", str(out), "--wsi_tile_size", "64",
@@ -654,11 +660,13 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     assert wsi_config_from_args(args) == WsiConfig(tile_size=224, tile_mpp=1.0, slide_mpp=0.25)
 
     # Reused on a rerun, which reads the slides' tile plans from the plan cache; another tiling is another cache.
-    assert len(list((tmp_path / "features" / wsi_plan.PLAN_CACHE_FOLDER).glob("*.json"))) == 2  # not the broken slide
+    plans = tmp_path / "features" / wsi_plan.PLAN_CACHE_FOLDER
+    assert len(list(plans.glob("*.json"))) == 2  # not the broken slide
     planned: list[Path] = []
     real_plan_slide = wsi_plan.plan_slide
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(wsi_plan, "plan_slide", lambda *a, **k: planned.append(Path(a[0])) or real_plan_slide(*a, **k))
+        patch.setattr(wsi_plan, "plan_slide",
+                      lambda *a, **k: planned.append(Path(a[0])) or real_plan_slide(*a, **k))
         again = embed_cohort(data, "train", features_dir=tmp_path / "features", **fast)
     assert again.n_embedded == 0 and again.n_reused == 2
     assert [p.name for p in planned] == ["broken.svs"]  # skipped slides are tried again
