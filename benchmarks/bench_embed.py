@@ -153,7 +153,7 @@ def limit_rate(backbone, plan, features_dir: Path, n_tiles: int) -> float:
 
 def decode_ms(paths: list[Path], input_size: int) -> float:
     """Milliseconds per tile of what a decode worker does (decode, RGB, resize), on one thread."""
-    from feature_extraction.tiles import TileTransform, decode_rgb
+    from feature_extraction.sources import TileTransform, decode_rgb
 
     transform = TileTransform(input_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     sample = paths[: min(len(paths), 200)]

@@ -83,7 +83,7 @@ class Variant:
 
     def knob(self, key: str) -> Any:
         """The value of one of the preset's knobs in this variant (signal_strength, label_noise, ...)."""
-        from feature_extraction.example_cohort import DIFFICULTIES as PRESETS
+        from feature_extraction.example_plan import DIFFICULTIES as PRESETS
 
         return dict(self.overrides).get(key, getattr(PRESETS[self.preset], key))
 
@@ -824,7 +824,7 @@ def section(args, weights: str, weights_note: str, rows: list[dict[str, Any]], p
             witness: dict[str, tuple[float, str]], checks: dict[str, dict[str, Any]], size: Size,
             total_seconds: float) -> str:
     command = " ".join(["python", "benchmarks/bench_learning.py"] + [shlex.quote(a) for a in args.argv])
-    from feature_extraction.example_cohort import DIFFICULTIES as PRESETS
+    from feature_extraction.example_plan import DIFFICULTIES as PRESETS
 
     lines = [SECTION, ""]
     if weights == "random":

@@ -36,7 +36,7 @@ from scipy.stats import rankdata
 from feature_extraction.atomic import atomic_output, atomic_write_text
 from feature_extraction.bags import COORD_SENTINEL
 from feature_extraction.errors import cli_main
-from feature_extraction.tiles import TileError, decode_rgb
+from feature_extraction.sources import TileError, decode_rgb
 
 ATTENTION_COLUMNS = ("tile_name", "x", "y", "attention", "attention_raw", "rank")
 INDEX_COLUMNS = ("slide_id", "patient_id", "label", "predicted", "probability", "branch", "n_tiles",

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from feature_extraction.bags import BAG_SUFFIX, read_bag, read_tile_names, validate_bag
 from feature_extraction.cache import CACHE_JSON, STATUS_OK, ManifestRow, read_cache_config, read_manifest
 from feature_extraction.errors import BagError, PipelineError
-from feature_extraction.layout import SPLIT_FOLDERS, SlideSource, discover_slides
-from feature_extraction.tiles import list_slide_tiles, select_subset
+from feature_extraction.layout import SPLIT_FOLDERS, discover_slides, list_slide_tiles
+from feature_extraction.sources import SlideSource, select_subset
 
 IN_MEMORY_FRACTION = 0.25  # a cache up to this share of the free memory is read into memory once
 

@@ -51,7 +51,13 @@ from feature_extraction.cache import (
     write_manifest,
 )
 from feature_extraction.errors import PipelineError, cli_main
-from feature_extraction.layout import SPLITS, SlideSource, default_data_dir, default_features_dir, discover_slides
+from feature_extraction.layout import (
+    SPLITS,
+    default_data_dir,
+    default_features_dir,
+    discover_slides,
+    list_slide_tiles,
+)
 from feature_extraction.runtime import (
     DEVICES,
     PRECISIONS,
@@ -62,8 +68,9 @@ from feature_extraction.runtime import (
     build_runner,
     plan_compute,
 )
-from feature_extraction.tiles import SUBSET_RULE, SlideTiles, TileRef, TileTransform, list_slide_tiles
-from feature_extraction.wsi import PLAN_CACHE_FOLDER, WsiConfig, add_wsi_arguments, require_openslide, wsi_config_from_args
+from feature_extraction.sources import SUBSET_RULE, SlideSource, SlideTiles, TileRef, TileTransform
+from feature_extraction.wsi import WsiConfig, add_wsi_arguments, require_openslide, wsi_config_from_args
+from feature_extraction.wsi_plan import PLAN_CACHE_FOLDER
 
 SPILL_BYTES = 256 * 2**20  # a slide's features above this size are gathered in a file, not in memory
 MAX_PENDING_WRITES = 4  # finished slides waiting for the writer thread (bounds memory)

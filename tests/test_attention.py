@@ -12,7 +12,7 @@ from PIL import Image
 
 from feature_extraction.bags import COORD_SENTINEL
 from feature_extraction.example_cohort import load_ground_truth
-from feature_extraction.tiles import parse_coords
+from feature_extraction.tile_folder import parse_coords
 
 from clam.attention import (SlideAttention, explain_slide, plot_heatmap, plot_topk, read_tile_image,
                             slide_attention, write_attention_csv, write_index)

@@ -13,7 +13,8 @@ import torch
 
 from feature_extraction.bags import bag_path, write_bag
 from feature_extraction.errors import BagError, PipelineError
-from feature_extraction.layout import SlideSource, discover_slides
+from feature_extraction.layout import discover_slides
+from feature_extraction.sources import SlideSource
 
 from clam.data import (
     BagRecord,

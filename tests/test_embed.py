@@ -24,7 +24,7 @@ from feature_extraction.cache import read_cache_config, read_manifest
 from feature_extraction.embed import _compact, embed_cohort, format_summary, main
 from feature_extraction.errors import PipelineError
 from feature_extraction.runtime import NormalizedBackbone, onnxruntime_available, plan_compute
-from feature_extraction.tiles import select_subset
+from feature_extraction.sources import select_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(backbone="resnet18", weights="random", runtime="torch", num_workers=0, progress=False)

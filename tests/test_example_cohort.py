@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from feature_extraction import example_cohort
+from feature_extraction import example_cohort, example_tissue
 from feature_extraction.errors import PipelineError
-from feature_extraction.example_cohort import (DIFFICULTIES, GROUND_TRUTH_NAME, ORDINARY_NUCLEI, SIGNAL,
-                                               CohortConfig, build_example_cohort, load_ground_truth,
-                                               plan_slides, rgb_to_hed, signal_style, witness_tile_range)
+from feature_extraction.example_cohort import GROUND_TRUTH_NAME, build_example_cohort, load_ground_truth
+from feature_extraction.example_plan import DIFFICULTIES, CohortConfig, plan_slides, witness_tile_range
+from feature_extraction.example_tissue import ORDINARY_NUCLEI, SIGNAL, rgb_to_hed, signal_style
 from feature_extraction.layout import SPLIT_FOLDERS, discover_slides
-from feature_extraction.tiles import parse_coords
+from feature_extraction.tile_folder import parse_coords
 
 TILE = 256
 
@@ -138,7 +138,7 @@ def test_same_seed_gives_the_same_bytes_and_another_seed_does_not(tmp_path):
 
 
 def test_procedural_texture_when_no_h_and_e_image_is_installed(tmp_path, monkeypatch):
-    monkeypatch.setattr(example_cohort, "_real_he_images", lambda: [])
+    monkeypatch.setattr(example_tissue, "_real_he_images", lambda: [])
     summary = build_example_cohort(tmp_path, n_train_patients=2, n_test_patients=2, tiles_per_slide=8,
                                    splits=("train",))
     assert summary.texture_sources == ("procedural",)
@@ -240,7 +240,7 @@ EASY_DIGESTS = {
 @pytest.mark.parametrize("texture", ["procedural", "installed"])
 def test_the_easy_default_writes_the_same_cohort_as_before_the_difficulty_knob(tmp_path, monkeypatch, texture):
     if texture == "procedural":
-        monkeypatch.setattr(example_cohort, "_real_he_images", lambda: [])
+        monkeypatch.setattr(example_tissue, "_real_he_images", lambda: [])
     summary = build_example_cohort(tmp_path, seed=11, n_train_patients=4, n_test_patients=2, tile_size=64)
     if summary.texture_sources not in EASY_DIGESTS:
         pytest.skip(f"no digest recorded for the texture sources {summary.texture_sources}")
@@ -483,7 +483,7 @@ def test_random_weight_backbone_features_separate_signal_tiles(cohort):
     from sklearn.preprocessing import StandardScaler
 
     from feature_extraction.backbones import load_backbone
-    from feature_extraction.tiles import TileTransform
+    from feature_extraction.sources import TileTransform
 
     rows = _tiles(cohort)
     rng = np.random.default_rng(0)

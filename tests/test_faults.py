@@ -89,7 +89,7 @@ def test_malformed_tiles_and_odd_names_are_embedded_or_skipped_by_name(tmp_path,
 def test_tiles_of_every_image_mode_are_embedded_as_their_rgb_equivalents(tmp_path, capsys):
     """16-bit PNG, CMYK JPEG, RGBA, grayscale and palette tiles go through a whole run, and each gets the
     features of an 8-bit RGB PNG holding the colours it stands for (a twin tile in another slide)."""
-    from feature_extraction.tiles import decode_rgb
+    from feature_extraction.sources import decode_rgb
 
     data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P_modes": 0}, "EGFR_negative": {"P_rgb": 0}})
     modes, twins = data / "EGFR_positive" / "P_modes", data / "EGFR_negative" / "P_rgb"
@@ -414,7 +414,7 @@ def test_a_class_folder_of_loose_tiles_is_named(tmp_path, capsys):
 #   manifest  manifest.csv complete under its hidden temp name, not yet renamed
 _PAUSED_EMBED = """
 import os, pathlib, runpy, sys, threading, time
-from feature_extraction import bags, cache, tiles
+from feature_extraction import bags, cache, sources as tiles
 kind, at, marker = os.environ["PAUSE_KIND"], int(os.environ["PAUSE_AT"]), os.environ["PAUSE_MARKER"]
 seen, mutex = [0], threading.Lock()
 

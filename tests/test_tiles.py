@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from feature_extraction import tiles
+from feature_extraction import sources
 from feature_extraction.bags import COORD_SENTINEL
-from feature_extraction.layout import SlideSource
-from feature_extraction.tiles import (
-    TileError,
-    TileTransform,
-    decode_rgb,
-    list_slide_tiles,
-    parse_coords,
-    select_subset,
-)
+from feature_extraction.layout import list_slide_tiles
+from feature_extraction.sources import SlideSource, TileError, TileTransform, decode_rgb, select_subset
+from feature_extraction.tile_folder import parse_coords
 
 
 def _png(path, color=(200, 100, 150), size=(16, 16), mode="RGB"):
@@ -178,7 +172,7 @@ def test_unreadable_files_raise_tile_error(tmp_path, monkeypatch):
     with pytest.raises(TileError, match="empty file"):
         decode_rgb(tmp_path / "zero.png")
 
-    monkeypatch.setattr(tiles, "MAX_TILE_PIXELS", 32 * 32)  # a decompression bomb, in miniature
+    monkeypatch.setattr(sources, "MAX_TILE_PIXELS", 32 * 32)  # a decompression bomb, in miniature
     with pytest.raises(TileError, match="pixel limit"):
         decode_rgb(good)
 

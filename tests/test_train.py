@@ -284,7 +284,7 @@ def test_validation_logs_the_instance_loss_and_accuracy_and_monitors_the_bag_los
 
 def test_max_tiles_cuts_bags_to_the_embedding_subset_and_sample_tiles_draws_per_epoch(project, tmp_path, capsys):
     from feature_extraction.bags import read_bag
-    from feature_extraction.tiles import select_subset
+    from feature_extraction.sources import select_subset
 
     from clam.data import BagDataset
     from clam.train import load_bags

@@ -22,11 +22,13 @@ pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 
 from feature_extraction.errors import PipelineError  # noqa: E402
-from feature_extraction.layout import SlideSource, discover_slides  # noqa: E402
-from feature_extraction.tiles import TileError, parse_coords, select_subset  # noqa: E402
-from feature_extraction import tile as tile_cli  # noqa: E402
-from feature_extraction import wsi  # noqa: E402
-from feature_extraction.wsi import SlideSkipped, WsiConfig, plan_slide  # noqa: E402
+from feature_extraction import sources, wsi, wsi_plan  # noqa: E402
+from feature_extraction import tile_slides as tile_cli  # noqa: E402
+from feature_extraction.layout import discover_slides  # noqa: E402
+from feature_extraction.sources import SlideSource, TileError, select_subset  # noqa: E402
+from feature_extraction.tile_folder import parse_coords  # noqa: E402
+from feature_extraction.wsi import SlideSkipped, WsiConfig  # noqa: E402
+from feature_extraction.wsi_plan import plan_slide  # noqa: E402
 
 
 def _package_file(package: str, relative: str) -> Path:
@@ -100,7 +102,7 @@ def _near_white(rgb: np.ndarray) -> np.ndarray:
 def test_otsu_threshold_separates_two_modes():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(20, 5, 5000), rng.normal(120, 10, 3000)]).clip(0, 255).astype(np.uint8)
-    threshold = wsi.otsu_threshold(values)
+    threshold = wsi_plan.otsu_threshold(values)
     assert 30 < threshold < 90  # in the gap between the modes (the variance is flat across it)
     # It is the argmax of the between-class variance, computed here the slow way.
     def between(t):
@@ -207,7 +209,7 @@ def test_blank_and_corrupt_slides_are_skipped_by_name(slides):
     assert issubclass(SlideSkipped, PipelineError)
     # Listing for embedding does not raise: the slide comes back empty, with the reason.
     source = SlideSource("EGFR_negative__blank", "blank", "EGFR_negative", 0, "train", slides["blank"], kind="wsi")
-    listed = wsi.list_wsi_tiles(source)
+    listed = wsi_plan.list_wsi_tiles(source)
     assert listed.tiles == () and "blank.tif: no tissue found" in listed.reason
 
 
@@ -243,10 +245,10 @@ def test_open_handles_are_cached_and_a_vanished_slide_gives_tile_errors(tmp_path
 
 
 def test_whole_slide_detection_and_layout(tmp_path, slides, cmu_svs):
-    assert wsi.is_whole_slide_file(slides["tissue"])
+    assert sources.is_whole_slide_file(slides["tissue"])
     small = tmp_path / "tile.tif"
     Image.fromarray(slides["canvas"][300:556, 1000:1256]).save(small)
-    assert not wsi.is_whole_slide_file(small)  # an ordinary TIFF tile
+    assert not sources.is_whole_slide_file(small)  # an ordinary TIFF tile
 
     data = tmp_path / "data"
     (data / "EGFR_positive").mkdir(parents=True)
@@ -282,15 +284,16 @@ def test_list_wsi_tiles_uses_the_seeded_subset(tmp_path, slides):
     shutil.copy(slides["tissue"], path)
     source = SlideSource("EGFR_negative__P2", "P2", "EGFR_negative", 0, "train", path, kind="wsi")
     config = WsiConfig(tile_size=64)
-    listed = wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=config)
+    listed = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config)
     plan = listed.plan
     assert listed.n_available == len(plan.coords) > 5 and len(listed.tiles) == 5
     chosen = select_subset(plan.tile_names, source.slide_id, 5, 3)
     assert [t.name for t in listed.tiles] == [plan.tile_names[i] for i in chosen]
     assert listed.attrs["slide_file"] == "P2/slide.tif" and listed.attrs["patch_size_level0"] == 128
-    again = wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=config)
+    again = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config)
     assert again.tiles == listed.tiles and again.tiles_digest == listed.tiles_digest
-    other = wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=WsiConfig(tile_size=64, min_tissue=0.9))
+    other = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3,
+                                    config=WsiConfig(tile_size=64, min_tissue=0.9))
     assert other.tiles_digest != listed.tiles_digest  # the tiling configuration is part of the digest
 
 
@@ -299,36 +302,39 @@ def test_plans_are_cached_and_a_rerun_does_not_plan_again(tmp_path, slides, monk
     path = tmp_path / "EGFR_negative" / "P2" / "slide.tif"
     shutil.copy(slides["tissue"], path)
     source = SlideSource("EGFR_negative__P2", "P2", "EGFR_negative", 0, "train", path, kind="wsi")
-    config, cache = WsiConfig(tile_size=64), tmp_path / "features" / wsi.PLAN_CACHE_FOLDER
+    config, cache = WsiConfig(tile_size=64), tmp_path / "features" / wsi_plan.PLAN_CACHE_FOLDER
     planned: list[Path] = []
-    real_plan_slide = wsi.plan_slide
-    monkeypatch.setattr(wsi, "plan_slide", lambda *a, **k: planned.append(a[0]) or real_plan_slide(*a, **k))
+    real_plan_slide = wsi_plan.plan_slide
+    monkeypatch.setattr(wsi_plan, "plan_slide",
+                        lambda *a, **k: planned.append(a[0]) or real_plan_slide(*a, **k))
 
-    first = wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
+    first = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
     assert len(planned) == 1 and len(list(cache.glob("*.json"))) == 1
-    again = wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
+    again = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
     assert len(planned) == 1  # read from the cache, not planned again
     assert again.tiles == first.tiles and again.attrs == first.attrs and again.tiles_digest == first.tiles_digest
     assert again.n_available == first.n_available and again.plan.mask is None
     assert np.array_equal(again.plan.tissue_fraction, first.plan.tissue_fraction)
     assert again.plan.tissue_fraction.dtype == np.float32 and again.plan.coords.dtype == np.int64
 
-    wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=WsiConfig(tile_size=64, min_tissue=0.9), plan_cache=cache)
+    wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=WsiConfig(tile_size=64, min_tissue=0.9),
+                            plan_cache=cache)
     assert len(planned) == 2  # another tiling is another plan
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the slide file changed
-    wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
+    wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
     assert len(planned) == 3 and len(list(cache.glob("*.json"))) == 3
     for file in cache.glob("*.json"):  # a damaged cache file is planned again and replaced
         file.write_text("{not json")
-    assert wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache).tiles == first.tiles
+    rerun = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
+    assert rerun.tiles == first.tiles
     assert len(planned) == 4
-    wsi.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
+    wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
     assert len(planned) == 4
     assert not list(cache.glob(".*.tmp"))
 
     # A cached plan has no mask; the overview picture plans the slide again for it.
-    assert wsi.plot_plan(again.plan, tmp_path / "overview.png").is_file() and len(planned) == 5
+    assert wsi_plan.plot_plan(again.plan, tmp_path / "overview.png").is_file() and len(planned) == 5
 
 
 def test_missing_openslide_stops_the_run_once_before_any_work(monkeypatch, tmp_path, slides, cmu_svs, capsys):
@@ -519,6 +525,86 @@ def test_tile_cli_single_files_and_errors(tmp_path, slides, capsys):
     assert "no tissue" in capsys.readouterr().out
 
 
+def _two_slide_patient_cohort(root: Path, slides: dict, cmu_svs: Path) -> Path:
+    """P012 holds two slides (a pyramidal TIFF and an .svs); P2 holds one."""
+    data = root / "data"
+    (data / "EGFR_positive" / "P012").mkdir(parents=True)
+    shutil.copy(slides["tissue"], data / "EGFR_positive" / "P012" / "A.tif")
+    shutil.copy(cmu_svs, data / "EGFR_positive" / "P012" / "B.svs")
+    (data / "EGFR_negative" / "P2").mkdir(parents=True)
+    shutil.copy(slides["tissue"], data / "EGFR_negative" / "P2" / "slide.tif")
+    return data
+
+
+def test_tile_cli_keeps_two_slides_of_one_patient_apart(tmp_path, slides, cmu_svs):
+    data = _two_slide_patient_cohort(tmp_path, slides, cmu_svs)
+    out = tmp_path / "tiles"
+    assert tile_cli.main(["--data_dir", str(data), "--out_dir", str(out), "--wsi_tile_size", "64",
+                          "--max_tiles", "5"]) == 0
+    patient = out / "EGFR_positive" / "P012"
+    assert sorted(p.name for p in patient.iterdir()) == ["A.tif", "B.svs"]  # one folder per slide file
+    assert all(p.name.startswith("A_x") for p in (patient / "A.tif").iterdir())
+    assert all(p.name.startswith("B_x") for p in (patient / "B.svs").iterdir())
+    # A patient with one slide: its tiles fill the patient folder, as before.
+    assert all(p.suffix == ".png" for p in (out / "EGFR_negative" / "P2").iterdir())
+
+    found = {s.slide_id: s for s in discover_slides(out, "train")}
+    assert set(found) == {"EGFR_positive__P012__A", "EGFR_positive__P012__B", "EGFR_negative__P2"}
+    assert {s.kind for s in found.values()} == {"tiles"}
+    assert found["EGFR_positive__P012__A"].patient_id == found["EGFR_positive__P012__B"].patient_id == "P012"
+    assert found["EGFR_positive__P012__B"].path == patient / "B.svs"
+
+    # Tiles left beside the per-slide folders (an earlier run, when P012 had one slide) belong to no slide.
+    Image.new("RGB", (8, 8)).save(patient / "A_x0_y0.png")
+    with pytest.raises(PipelineError, match=r"P012 holds the tiles of 2 slides.*'A_x0_y0.png'"):
+        discover_slides(out, "train")
+
+
+def test_two_slides_of_one_patient_a_bag_name_is_never_shared(tmp_path, slides):
+    data = tmp_path / "data"
+    for folder in ("EGFR_positive/P1", "EGFR_negative/P2"):
+        (data / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(data / folder / "t_x0_y0.png")
+    shutil.copy(slides["tissue"], data / "EGFR_positive" / "P1.tif")  # the bag EGFR_positive__P1 twice
+    with pytest.raises(PipelineError, match="would both be the bag 'EGFR_positive__P1'"):
+        discover_slides(data, "train")
+
+
+@pytest.mark.slow
+def test_tiling_then_embedding_gives_the_bags_of_embedding_the_slides(tmp_path, slides, cmu_svs):
+    """Two slides in one patient folder: tile_slides, then embed, gives the bags that embedding the
+    slides directly gives: the same slide ids, patient ids, coordinates and features."""
+    from feature_extraction.bags import read_bag
+    from feature_extraction.embed import embed_cohort
+
+    data = _two_slide_patient_cohort(tmp_path, slides, cmu_svs)
+    config = WsiConfig(tile_size=64)
+    fast = dict(backbone="resnet18", weights="random", runtime="torch", num_workers=0, progress=False,
+                max_tiles=5)
+    direct = embed_cohort(data, "train", features_dir=tmp_path / "direct", wsi=config, **fast)
+    out = tmp_path / "tiles"
+    assert tile_cli.main(["--data_dir", str(data), "--out_dir", str(out), "--wsi_tile_size", "64",
+                          "--max_tiles", "5"]) == 0
+    tiled = embed_cohort(out, "train", features_dir=tmp_path / "tiled", **fast)
+
+    def bags(report) -> dict:
+        assert {row.status for row in report.slides} == {"ok"}
+        return {row.slide_id: read_bag(row.file) for row in report.slides}
+
+    direct_bags, tiled_bags = bags(direct), bags(tiled)
+    assert set(direct_bags) == set(tiled_bags) == {"EGFR_positive__P012__A", "EGFR_positive__P012__B",
+                                                     "EGFR_negative__P2"}
+    for slide_id, bag in direct_bags.items():
+        other = tiled_bags[slide_id]
+        assert other.attrs["patient_id"] == bag.attrs["patient_id"], slide_id
+        assert other.attrs["class_folder"] == bag.attrs["class_folder"], slide_id
+        order, other_order = np.lexsort(bag.coords.T[::-1]), np.lexsort(other.coords.T[::-1])
+        assert bag.coords[order].tolist() == other.coords[other_order].tolist(), slide_id
+        # The same pixels (PNG is lossless), so the same features.
+        np.testing.assert_allclose(other.features[other_order], bag.features[order], atol=1e-4)
+    assert direct_bags["EGFR_positive__P012__A"].attrs["patient_id"] == "P012"
+
+
 # --------------------------------------------------------------------------- end to end through embed
 
 
@@ -574,11 +660,13 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     assert wsi_config_from_args(args) == WsiConfig(tile_size=224, tile_mpp=1.0, slide_mpp=0.25)
 
     # Reused on a rerun, which reads the slides' tile plans from the plan cache; another tiling is another cache.
-    assert len(list((tmp_path / "features" / wsi.PLAN_CACHE_FOLDER).glob("*.json"))) == 2  # not the broken slide
+    plans = tmp_path / "features" / wsi_plan.PLAN_CACHE_FOLDER
+    assert len(list(plans.glob("*.json"))) == 2  # not the broken slide
     planned: list[Path] = []
-    real_plan_slide = wsi.plan_slide
+    real_plan_slide = wsi_plan.plan_slide
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(wsi, "plan_slide", lambda *a, **k: planned.append(Path(a[0])) or real_plan_slide(*a, **k))
+        patch.setattr(wsi_plan, "plan_slide",
+                      lambda *a, **k: planned.append(Path(a[0])) or real_plan_slide(*a, **k))
         again = embed_cohort(data, "train", features_dir=tmp_path / "features", **fast)
     assert again.n_embedded == 0 and again.n_reused == 2
     assert [p.name for p in planned] == ["broken.svs"]  # skipped slides are tried again

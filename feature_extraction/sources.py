@@ -1,13 +1,18 @@
-"""The tiles of one slide: list them, pick the seeded ``max_tiles`` subset, parse their
-coordinates from their names and decode them robustly into the backbone's input.
+"""What a slide and a tile are, how a tile's pixels are decoded, and which files are which.
 
-Listing (a folder of tile images): files ending in .png .jpg .jpeg .tif .tiff .bmp (any
-letter case), in sub-folders too, sorted by their path relative to the slide folder (plain
-code-point order, the same on every machine). Hidden files and folders are skipped; other
-files are ignored and counted.
+The bottom of the slide readers: the tile-folder reader (``tile_folder``), the whole-slide
+reader (``wsi``, ``wsi_plan``) and the dispatcher over them (``layout``) all build on this
+module, which imports none of them.
 
-Coordinates come from the tile's file name (see ``parse_coords``); a name without a
-position gets ``COORD_SENTINEL`` (-1, -1).
+    SlideSource   one slide to embed: a patient folder of tiles, or one whole-slide image file
+    TileRef       one tile of a slide; ``load()`` decodes it into RGB (TileError when it cannot)
+    SlideTiles    the tiles of one slide chosen for embedding
+    select_subset the seeded ``max_tiles`` subset, the same for tile folders and whole slides
+    is_tile_image / is_whole_slide_file / whole_slide_files / slide_tile_folders /
+    is_mirax_companion
+                  which files and folders are tiles, slides, the tiles of one slide of a patient,
+                  or the data folder of a MIRAX slide
+    decode_rgb, TileTransform   an image file -> 8-bit RGB -> the backbone's input
 
 The subset: when a slide has more than ``max_tiles`` tiles, each tile is ranked by
 sha256(seed, slide_id, tile name) and the ``max_tiles`` lowest are kept, in listing order.
@@ -20,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +33,31 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from feature_extraction.bags import COORD_SENTINEL
-from feature_extraction.errors import PipelineError
-from feature_extraction.layout import SlideSource
-
 TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# Whole-slide scanner formats: such a file is a slide wherever it lies.
+WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif")
+# A .tif/.tiff is a slide only when it looks like one (see is_whole_slide_file); else a tile.
+TIFF_SUFFIXES = (".tif", ".tiff")
+# A TIFF without a pyramid still counts as a slide when it is tiled and at least this large.
+MIN_SLIDE_SIDE = 4096
 SUBSET_RULE = "sha256-rank(seed,slide_id,tile_name)"  # part of the cache key: change it if the rule changes
 
 # A tile larger than this (pixels) is skipped as a possible decompression bomb; PIL's own
 # limit is checked on the header, before any pixel is decoded.
 MAX_TILE_PIXELS = Image.MAX_IMAGE_PIXELS
 
-_XY_TAGGED = re.compile(r"(?<![a-z])x[=_\-]?(\d+)[\s,_\-]*y[=_\-]?(\d+)(?!\d)", re.IGNORECASE)
-_PARENTHESISED = re.compile(r"\(\s*(\d+)\s*,\s*(\d+)\s*\)")
-_TRAILING_PAIR = re.compile(r"(?:^|[_\-\s.])(\d+)[_\-](\d+)$")
+
+@dataclass(frozen=True)
+class SlideSource:
+    """One slide to embed: a patient folder of tiles, or one whole-slide image file."""
+
+    slide_id: str  # unique within a cohort; also the bag's file stem
+    patient_id: str
+    class_folder: str
+    label: int
+    split: str
+    path: Path
+    kind: str = "tiles"  # "tiles" (a folder of tile images) or "wsi" (one slide file)
 
 
 class TileError(Exception):
@@ -89,61 +104,6 @@ class SlideTiles:
     reason: str = ""
 
 
-def list_slide_tiles(slide: SlideSource, max_tiles: int = 100, seed: int = 0, wsi=None,
-                     plan_cache: Path | None = None) -> SlideTiles:
-    """The tiles of ``slide`` to embed; the one place that dispatches on ``slide.kind``.
-
-    ``max_tiles <= 0`` keeps every tile. ``wsi`` (a ``wsi.WsiConfig``, default settings when
-    None) says how whole-slide images are tiled; ``plan_cache`` is the folder their tile plans
-    are cached in (None: planned every time). Raises PipelineError for a slide kind this
-    installation cannot read (a whole-slide image without OpenSlide installed)."""
-    if slide.kind == "tiles":
-        return _folder_tiles(slide, max_tiles, seed)
-    if slide.kind == "wsi":
-        # Imported here: wsi imports this module (TileRef); OpenSlide itself loads on first use.
-        from feature_extraction.wsi import WsiConfig, list_wsi_tiles
-
-        return list_wsi_tiles(slide, max_tiles, seed, wsi or WsiConfig(), plan_cache=plan_cache)
-    raise PipelineError(f"slide {slide.slide_id} at {slide.path} has unknown kind {slide.kind!r}")
-
-
-def _folder_tiles(slide: SlideSource, max_tiles: int, seed: int) -> SlideTiles:
-    names, stats, ignored = _list_folder(slide.path)
-    digest = hashlib.sha256()
-    for name, (size, mtime_ns) in zip(names, stats):
-        digest.update(f"{name}\t{size}\t{mtime_ns}\n".encode("utf-8"))
-    chosen = select_subset(names, slide.slide_id, max_tiles, seed)
-    tiles = []
-    for index in chosen:
-        x, y = parse_coords(names[index])
-        tiles.append(TileRef(names[index], x, y, slide.path / names[index]))
-    return SlideTiles(slide, tuple(tiles), len(names), tuple(ignored), digest.hexdigest())
-
-
-def _list_folder(root: Path) -> tuple[list[str], list[tuple[int, int]], list[str]]:
-    """(tile names, their (size, mtime_ns), ignored non-image names), sorted by name."""
-    found: list[tuple[str, tuple[int, int]]] = []
-    ignored: list[str] = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        relative = Path(directory).relative_to(root)
-        for file in files:
-            if file.startswith("."):
-                continue
-            name = (relative / file).as_posix()
-            if not file.lower().endswith(TILE_SUFFIXES):
-                ignored.append(name)
-                continue
-            try:
-                stat = os.stat(os.path.join(directory, file))
-            except OSError:  # a dangling link: listed, and reported as unreadable when decoded
-                found.append((name, (-1, -1)))
-                continue
-            found.append((name, (stat.st_size, stat.st_mtime_ns)))
-    found.sort(key=lambda item: item[0])
-    return [n for n, _ in found], [s for _, s in found], sorted(ignored)
-
-
 def select_subset(names: list[str], slide_id: str, max_tiles: int, seed: int) -> list[int]:
     """Indices (ascending) of the ``max_tiles`` tiles kept; all of them when ``max_tiles <= 0``."""
     if max_tiles <= 0 or len(names) <= max_tiles:
@@ -154,18 +114,84 @@ def select_subset(names: list[str], slide_id: str, max_tiles: int, seed: int) ->
     return sorted(kept)
 
 
-def parse_coords(name: str) -> tuple[int, int]:
-    """(x, y) from a tile name, else (COORD_SENTINEL, COORD_SENTINEL).
+# --------------------------------------------------------------------------- which files are which
 
-    Recognised, in this order, in the file name without folder and extension:
-    ``..._x123_y456`` / ``x=123,y=456`` (any case), ``(123,456)``, and a trailing pair of
-    numbers ``123_456`` / ``..._123_456``."""
-    stem = Path(name).stem
-    for pattern in (_XY_TAGGED, _PARENTHESISED, _TRAILING_PAIR):
-        match = pattern.search(stem)
-        if match:
-            return int(match.group(1)), int(match.group(2))
-    return COORD_SENTINEL, COORD_SENTINEL
+
+def is_tile_image(name: str | Path) -> bool:
+    """True for a file name ending in a tile image suffix (TILE_SUFFIXES, any letter case)."""
+    return str(name).lower().endswith(TILE_SUFFIXES)
+
+
+def is_whole_slide_file(path: str | Path) -> bool:
+    """True for a scanner file (.svs, .ndpi, .mrxs, ...) and for a TIFF that is a slide.
+
+    A .tif/.tiff is a slide when it holds a resolution pyramid, or is tiled and at least
+    MIN_SLIDE_SIDE px on its longer side; any other TIFF is an ordinary tile image. Without
+    tifffile (part of the ``wsi`` extra) every TIFF counts as a tile."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in WSI_SUFFIXES:
+        return True
+    if suffix not in TIFF_SUFFIXES or not path.is_file():
+        return False
+    try:
+        import tifffile  # optional (the ``wsi`` extra), so imported here: tile cohorts never need it
+    except ImportError:
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            if len(series.levels) > 1:
+                return True
+            page = tif.pages[0]
+            return bool(page.is_tiled) and max(page.shape[:2]) >= MIN_SLIDE_SIDE
+    except Exception:  # noqa: BLE001 - tifffile raises many types; an unreadable TIFF is left to the tile reader
+        return False
+
+
+def whole_slide_files(folder: str | Path) -> list[Path]:
+    """The slide files directly inside ``folder``, sorted by name; [] for a folder of tiles.
+
+    Only the largest TIFF is inspected first: tiles are smaller than slides, so when it is not
+    a slide the folder's other TIFFs are tiles too, and a tile folder costs one header read.
+    Names are filtered by suffix before anything is stat'ed: tile folders can be large."""
+    slides: list[Path] = []
+    tiffs: list[tuple[int, Path]] = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            suffix = os.path.splitext(entry.name)[1].lower()
+            if entry.name.startswith(".") or suffix not in WSI_SUFFIXES + TIFF_SUFFIXES:
+                continue
+            if not entry.is_file():
+                continue
+            if suffix in WSI_SUFFIXES:
+                slides.append(Path(entry.path))
+            else:
+                tiffs.append((entry.stat().st_size, Path(entry.path)))
+    if tiffs and is_whole_slide_file(max(tiffs)[1]):
+        slides.extend(path for _, path in tiffs if is_whole_slide_file(path))
+    return sorted(slides, key=lambda p: p.name)
+
+
+def slide_tile_folders(folder: str | Path) -> list[Path]:
+    """The sub-folders of ``folder`` named after a slide file (``A.svs/``, ``B.tif/``), sorted by
+    name: inside a patient folder, each holds the tiles of that one slide (what ``tile_slides``
+    writes for a patient with several slides)."""
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            suffix = os.path.splitext(entry.name)[1].lower()
+            if not entry.name.startswith(".") and suffix in WSI_SUFFIXES + TIFF_SUFFIXES and entry.is_dir():
+                found.append(Path(entry.path))
+    return sorted(found, key=lambda p: p.name)
+
+
+def is_mirax_companion(folder: Path) -> bool:
+    """A MIRAX slide is ``name.mrxs`` plus a folder ``name/`` of its data: not a patient folder."""
+    return folder.is_dir() and folder.with_name(folder.name + ".mrxs").is_file()
+
+
+# --------------------------------------------------------------------------- decoding
 
 
 def decode_rgb(path: str | Path) -> Image.Image:
@@ -219,7 +245,7 @@ def _tifffile_rgb(path: Path) -> Image.Image | None:
     if path.suffix.lower() not in (".tif", ".tiff"):
         return None
     try:
-        import tifffile
+        import tifffile  # optional (the ``wsi`` extra), so imported here: tile cohorts never need it
 
         array = np.asarray(tifffile.imread(path, key=0))
     except Exception:

@@ -1,8 +1,16 @@
-"""`python -m feature_extraction.tile`: cut whole-slide images into tile folders in the spec's layout.
+"""`python -m feature_extraction.tile_slides`: cut whole-slide images into tile folders in the spec's layout.
 
     <out_dir>/<class_folder>/<patient>/<slide>_x{X}_y{Y}.png     X, Y: level-0 pixels
+    <out_dir>/<class_folder>/<patient>/<slide file>/<slide>_x{X}_y{Y}.png
+                                                                 a patient with several slides
     <out_dir>/wsi_tiles.json                                     per slide: tiles, attributes, skips
     <out_dir>/overviews/<slide_id>.png                           (--overview) thumbnail, mask, grid
+
+A patient's only slide fills the patient folder. A patient with several slides (several slide
+files in one patient folder) gets one sub-folder per slide, named after its slide file
+(``P012/A.svs/``, ``P012/B.svs/``), which ``layout.discover_slides`` reads as the slides
+``<class>__P012__A`` and ``<class>__P012__B`` of patient P012: the slide ids and bags that
+embedding the slides directly gives.
 
 The output is a cohort `feature_extraction.embed` reads like any tile folders (coordinates
 come back from the names). Slides come from a cohort (``--data_dir``/``--split``, the
@@ -15,6 +23,7 @@ written to a hidden folder first and moved in when all of them are written.
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -26,17 +35,12 @@ from tqdm import tqdm
 
 from feature_extraction.atomic import atomic_write_json
 from feature_extraction.errors import PipelineError, cli_main
-from feature_extraction.layout import SPLITS, SlideSource, default_data_dir, discover_slides, slide_id_for
-from feature_extraction.tiles import TileError
-from feature_extraction.wsi import (
-    WsiConfig,
-    add_wsi_arguments,
-    is_whole_slide_file,
-    list_wsi_tiles,
-    plot_plan,
-    require_openslide,
-    wsi_config_from_args,
-)
+from feature_extraction.layout import SPLIT_FOLDERS, SPLITS, default_data_dir, discover_slides, slide_id_for
+from feature_extraction.sources import SlideSource, TileError, is_whole_slide_file
+from feature_extraction.wsi import WsiConfig, add_wsi_arguments, require_openslide, wsi_config_from_args
+from feature_extraction.wsi_plan import list_wsi_tiles, plot_plan
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "wsi_tiles.json"
 
@@ -47,7 +51,7 @@ class TiledSlide:
 
     slide_id: str
     path: Path
-    out_dir: Path  # the patient folder the tiles are in
+    out_dir: Path  # the folder the tiles are in: the patient folder, or the slide's folder inside it
     status: str
     n_tiles: int = 0
     n_available: int = 0
@@ -57,6 +61,16 @@ class TiledSlide:
 
 def tile_file_name(slide: SlideSource, x: int, y: int) -> str:
     return f"{slide.path.stem}_x{x}_y{y}.png"
+
+
+def slide_tiles_dir(out_dir: str | Path, slide: SlideSource) -> Path:
+    """Where the tiles of ``slide`` go: ``<out_dir>/<class>/<patient>/`` when it is the patient's
+    only slide (its slide id is ``<class>__<patient>``), else ``<out_dir>/<class>/<patient>/<slide
+    file name>/``, a folder that ``layout.discover_slides`` reads as that one slide of the patient."""
+    patient_dir = Path(out_dir) / slide.class_folder / slide.patient_id
+    if slide.slide_id == slide_id_for(slide.class_folder, slide.patient_id):
+        return patient_dir
+    return patient_dir / slide.path.name
 
 
 def tile_slide(
@@ -69,21 +83,21 @@ def tile_slide(
     overview: bool = False,
     num_workers: int = 2,
 ) -> TiledSlide:
-    """Write the tiles of one whole-slide image as PNGs into ``<out_dir>/<class>/<patient>/``.
+    """Write the tiles of one whole-slide image as PNGs into ``slide_tiles_dir(out_dir, slide)``.
 
     ``max_tiles <= 0`` writes every tile; else the seeded subset embed would use
-    (tiles.select_subset). Returns a "skipped" result naming the reason for a slide that
+    (sources.select_subset). Returns a "skipped" result naming the reason for a slide that
     cannot be tiled; raises PipelineError only when OpenSlide is not installed."""
-    patient_dir = Path(out_dir) / slide.class_folder / slide.patient_id
+    tiles_dir = slide_tiles_dir(out_dir, slide)
     prefix = f"{slide.path.stem}_x"
-    staging = patient_dir.parent / f".{slide.patient_id}.{slide.path.stem}.partial"
-    existing = sorted(p for p in patient_dir.iterdir() if p.name.startswith(prefix) and p.suffix == ".png") \
-        if patient_dir.is_dir() else []
+    staging = Path(out_dir) / slide.class_folder / f".{slide.patient_id}.{slide.path.stem}.partial"
+    existing = sorted(p for p in tiles_dir.iterdir() if p.name.startswith(prefix) and p.suffix == ".png") \
+        if tiles_dir.is_dir() else []
     if existing and not overwrite and not staging.exists():
-        return TiledSlide(slide.slide_id, slide.path, patient_dir, "existing", len(existing), len(existing))
+        return TiledSlide(slide.slide_id, slide.path, tiles_dir, "existing", len(existing), len(existing))
     listed = list_wsi_tiles(slide, max_tiles=max_tiles, seed=seed, config=config)
     if listed.reason:
-        return TiledSlide(slide.slide_id, slide.path, patient_dir, "skipped", message=listed.reason)
+        return TiledSlide(slide.slide_id, slide.path, tiles_dir, "skipped", message=listed.reason)
 
     if staging.exists():
         shutil.rmtree(staging)
@@ -103,25 +117,23 @@ def tile_slide(
                             unit="tile", leave=False, disable=None))
     if not any(written):
         shutil.rmtree(staging)
-        return TiledSlide(slide.slide_id, slide.path, patient_dir, "skipped",
+        return TiledSlide(slide.slide_id, slide.path, tiles_dir, "skipped",
                           message=f"slide {slide.path}: none of its {len(written)} tiles could be read; skipped.")
-    patient_dir.mkdir(parents=True, exist_ok=True)
+    tiles_dir.mkdir(parents=True, exist_ok=True)
     for old in existing:  # --overwrite: tiles of an earlier run with other settings go
         old.unlink()
     for file in sorted(staging.iterdir()):
-        file.replace(patient_dir / file.name)
+        file.replace(tiles_dir / file.name)
     staging.rmdir()
     if overview and listed.plan is not None:
         plot_plan(listed.plan, Path(out_dir) / "overviews" / f"{slide.slide_id}.png")
     message = "" if all(written) else f"{written.count(False)} tiles could not be read and were left out"
-    return TiledSlide(slide.slide_id, slide.path, patient_dir, "tiled", sum(written), listed.n_available,
+    return TiledSlide(slide.slide_id, slide.path, tiles_dir, "tiled", sum(written), listed.n_available,
                       message, listed.attrs)
 
 
 def slides_from_files(paths: Sequence[str | Path], class_folder: str, split: str = "train") -> list[SlideSource]:
     """SlideSources for loose slide files: patient = file stem, label from ``class_folder``."""
-    from feature_extraction.layout import SPLIT_FOLDERS
-
     labels = {folder: label for folders in SPLIT_FOLDERS.values() for folder, (label, _) in folders.items()}
     if class_folder not in labels:
         raise PipelineError(f"--class_folder {class_folder!r} is not a class folder of the spec; "
@@ -155,7 +167,7 @@ def tile_slides(
     for slide in tqdm([s for s in slides if s.kind == "wsi"], desc="slides", unit="slide", disable=None):
         result = tile_slide(slide, out_dir, config, max_tiles, seed, overwrite, overview, num_workers)
         if result.status == "skipped":
-            tqdm.write(f"skipped {slide.slide_id}: {result.message}", file=sys.stderr)
+            log.warning("skipped %s: %s", slide.slide_id, result.message)
         results.append(result)
     atomic_write_json(Path(out_dir) / MANIFEST, {
         "config": config.as_dict(),
@@ -172,9 +184,11 @@ def tile_slides(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m feature_extraction.tile",
+        prog="python -m feature_extraction.tile_slides",
         description="Cut whole-slide images into tile folders <out_dir>/<class_folder>/<patient>/"
-                    "<slide>_x{X}_y{Y}.png (level-0 coordinates), keeping tiles with enough tissue.",
+                    "<slide>_x{X}_y{Y}.png (level-0 coordinates), keeping tiles with enough tissue. "
+                    "A patient with several slides gets one sub-folder per slide, named after its "
+                    "slide file (<patient>/<slide file>/), which embed reads as separate slides.",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data_dir", type=Path, default=None,
