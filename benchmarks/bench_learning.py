@@ -78,7 +78,7 @@ class Variant:
 
     name: str
     title: str
-    preset: str  # a key of feature_extraction.example_cohort.DIFFICULTIES
+    preset: str  # a key of feature_extraction.example_plan.DIFFICULTIES
     overrides: tuple[tuple[str, Any], ...] = ()  # build_example_cohort keyword arguments
 
     def knob(self, key: str) -> Any:
