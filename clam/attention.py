@@ -43,8 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = newest_run()
         print(chosen.describe())
         if chosen.crossval:
-            raise PipelineError(f"{chosen.run_dir} is a cross-validation run, with one model per fold: name one, "
-                                f"e.g. --checkpoint {chosen.run_dir / fold_name(1) / BEST_NAME}.")
+            example = chosen.run_dir / fold_name(1) / BEST_NAME
+            raise PipelineError(f"{chosen.run_dir} is a cross-validation run, with one model per fold: "
+                                f"name one, e.g. --checkpoint {example}.")
         args.checkpoint = chosen.checkpoint
     config = config_from_args(args, attention=parse_attention(args.slides), output_prefix=ATTENTION_PREFIX)
     out_dir = explain(config)

@@ -44,8 +44,8 @@ from clam.model import CLAM_SB, MODEL_SIZES, ModelConfig, model_from_config
 
 FORMAT_VERSION = 1  # the version build_checkpoint writes; a larger one is refused when read
 CHECKPOINT_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "loss", "args")  # the specification's
-EXTRA_KEYS = ("model_config", "cache", "class_names", "metrics", "history", "run_state", "rng_state", "versions",
-              "format_version", "baseline", "feature_norm")
+EXTRA_KEYS = ("model_config", "cache", "class_names", "metrics", "history", "run_state", "rng_state",
+              "versions", "format_version", "baseline", "feature_norm")
 # ``checkpoint_format`` of the dictionary read_model_file returns for a bare CLAM state dict
 # (checkpoints of clam.train have no such key).
 CLAM_STATE_DICT = "clam_state_dict"
@@ -174,9 +174,9 @@ def _check_version(checkpoint: dict[str, Any], path: Path) -> None:
     """A newer format than this code knows is refused; an older or unversioned one reads as it is."""
     version = checkpoint.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        raise PipelineError(f"checkpoint {path} has format version {version}, newer than this code reads "
-                            f"(up to {FORMAT_VERSION}): it was written by a newer clam. Update this project's "
-                            "code to read it.")
+        raise PipelineError(f"checkpoint {path} has format version {version}, newer than this code "
+                            f"reads (up to {FORMAT_VERSION}): it was written by a newer clam. Update this "
+                            "project's code to read it.")
 
 
 def read_model_file(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:

@@ -162,9 +162,9 @@ def _validated(records: Sequence[BagRecord], cache_dir: Path, loaded: LoadedMode
     bagset = validate_records(records, cache_dir, loaded.n_classes, {**cache_config, **expected}, progress)
     if loaded.is_clam_state_dict:
         # Nothing records which extractor CLAM's features came from: only the dimension is checked.
-        log.info(f"note: {loaded.path} records no feature extractor; the bags in {cache_dir} have the feature dimension "
-            f"it expects ({loaded.feature_dim}), but make sure they come from the extractor it was trained with "
-            "(CLAM's default: ResNet50 truncated after layer 3, ImageNet weights, 1024 features).")
+        log.info(f"note: {loaded.path} records no feature extractor; the bags in {cache_dir} have the feature "
+                 f"dimension it expects ({loaded.feature_dim}), but make sure they come from the extractor it was "
+                 "trained with (CLAM's default: ResNet50 truncated after layer 3, ImageNet weights, 1024 features).")
     elif loaded.cache_key is None and bagset.cache_key is not None:
         raise PipelineError(
             f"the bags in {cache_dir} come from feature cache {bagset.cache_key!r}, but {loaded.path} was trained "

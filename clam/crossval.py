@@ -131,8 +131,8 @@ def _folds(config: TrainConfig, records) -> tuple[dict[str, int], dict[int, Trai
         if config.folds and config.folds != n_folds:
             raise PipelineError(f"--folds {config.folds} but {config.splits} has {n_folds} folds; drop --folds.")
         if splits is None:
-            log.info(f"{config.splits} lists test folds only: each fold's validation part is drawn from the other "
-                     f"folds' patients (--val_fraction {config.val_fraction}, --seed {config.seed})")
+            log.info(f"{config.splits} lists test folds only: each fold's validation part is drawn from the "
+                     f"other folds' patients (--val_fraction {config.val_fraction}, --seed {config.seed})")
     else:
         folds = make_folds(records, config.folds, config.seed)
     if splits is None:
@@ -147,8 +147,8 @@ def _fold_predictions(checkpoint: Path, fold: int, split: TrainValSplit,
     loaded = load_model(checkpoint, device)
     names = loaded.class_names
     baseline = saved_baseline(loaded.checkpoint)
-    rows = [{"slide_id": p.record.slide_id, "patient_id": p.record.patient_id, "fold": fold, "label": p.record.label,
-             **probability_values(names, p.probs), **baseline_values(names, baseline, p)}
+    rows = [{"slide_id": p.record.slide_id, "patient_id": p.record.patient_id, "fold": fold,
+             "label": p.record.label, **probability_values(names, p.probs), **baseline_values(names, baseline, p)}
             for p in predict(loaded, split.test, 0, False)]
     return rows, names
 

@@ -10,12 +10,12 @@ from typing import Any, Sequence
 
 from feature_extraction.layout import SPLITS
 
+from clam.heatmaps import DEFAULT_TOP_K
 from clam.metrics import DEFAULT_N_BOOTSTRAP
 from clam.run_files import BEST_NAME, EVAL_PREFIX, default_runs_dir
 
 ALL = "all"
 NONE = "none"
-DEFAULT_TOP_K = 8
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,9 @@ class EvaluateConfig:
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments shared by ``clam.evaluate`` and ``clam.attention``."""
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help=f"checkpoint to evaluate, or the parent run folder of a --folds run (every fold's "
-                             f"model and their ensemble) (default: the newest run under {default_runs_dir()}: its "
-                             f"{BEST_NAME}, or its folds for a --folds run)")
+                        help=f"checkpoint to evaluate, or the parent run folder of a --folds run (every "
+                             f"fold's model and their ensemble) (default: the newest run under "
+                             f"{default_runs_dir()}: its {BEST_NAME}, or its folds for a --folds run)")
     parser.add_argument("--data_dir", type=Path, default=None,
                         help="cohort folder (default: <project root>/<split>); also where the maps read tile images")
     parser.add_argument("--split", choices=SPLITS, default="test", help="layout of --data_dir (default: %(default)s)")

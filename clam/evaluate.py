@@ -25,7 +25,13 @@ from typing import Sequence
 from feature_extraction.errors import PipelineError, cli_main
 
 from clam.crossval import evaluate_folds
-from clam.eval_config import DEFAULT_TOP_K, EvaluateConfig, add_input_arguments, config_from_args, parse_attention
+from clam.eval_config import (
+    DEFAULT_TOP_K,
+    EvaluateConfig,
+    add_input_arguments,
+    config_from_args,
+    parse_attention,
+)
 from clam.evaluation import evaluate
 from clam.metrics import DEFAULT_N_BOOTSTRAP
 from clam.run_files import is_crossval_run, newest_run

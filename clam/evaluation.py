@@ -103,11 +103,12 @@ def evaluate(config: EvaluateConfig) -> EvaluationResult:
 
 def _load(config: EvaluateConfig) -> LoadedModel:
     if config.checkpoint is None:
-        raise PipelineError("no checkpoint to evaluate: pass one (python -m clam.evaluate picks the newest run).")
+        raise PipelineError("no checkpoint to evaluate: pass one (python -m clam.evaluate picks the "
+                            "newest run).")
     if Path(config.checkpoint).is_dir():
-        raise PipelineError(f"{config.checkpoint} is a folder, not a checkpoint file: name its {BEST_NAME} (the parent "
-                            "folder of a cross-validation run is evaluated by clam.crossval.evaluate_folds, as "
-                            "python -m clam.evaluate --checkpoint does).")
+        raise PipelineError(f"{config.checkpoint} is a folder, not a checkpoint file: name its {BEST_NAME} "
+                            "(the parent folder of a cross-validation run is evaluated by "
+                            "clam.crossval.evaluate_folds, as python -m clam.evaluate --checkpoint does).")
     return load_model(config.checkpoint, config.device)
 
 
@@ -226,7 +227,8 @@ def summary_table(metrics: dict[str, Any]) -> str:
     for level in ("per_slide", "per_patient"):
         m = metrics[level]
         auc_text = format_auc(m["auc"], brackets=True)
-        numbers = [format_number(m[key]) for key in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")]
+        keys = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
+        numbers = [format_number(m[key]) for key in keys]
         lines.append(f"{level[4:]:<9}{m['n']:>5}  {auc_text:<22}{numbers[0]:>9}{numbers[1]:>9}{numbers[2]:>7}"
                      f"{numbers[3]:>7}{numbers[4]:>7}")
     notes = sorted({reason for level in ("per_slide", "per_patient")

@@ -109,7 +109,8 @@ def _read_parts(path: Path, rows: list[dict[str, str]], columns: list[str], reco
             row = by_slide.get(r.slide_id)
             part = (row or {}).get(fold_name(fold), "").strip()
             if part not in parts:
-                raise PipelineError(f"splits file {path}: slide {r.slide_id} has {fold_name(fold)} = {part!r}; "
+                column = fold_name(fold)
+                raise PipelineError(f"splits file {path}: slide {r.slide_id} has {column} = {part!r}; "
                                     "expected train, val or test (every slide of the cohort must be listed).")
             if (part == "test") != (folds[r.patient_id] == fold):
                 raise PipelineError(f"splits file {path}: slide {r.slide_id} is {part!r} in fold {fold} but its "

@@ -35,10 +35,10 @@ from scipy.stats import rankdata
 from feature_extraction.atomic import atomic_output, atomic_write_text
 from feature_extraction.bags import COORD_SENTINEL
 
-from clam.eval_config import DEFAULT_TOP_K
 from clam.run_files import ATTENTION_COLUMNS, ATTENTION_INDEX, INDEX_COLUMNS, attention_files
 from clam.tile_images import HEATMAP_MAX_PIXELS, read_tile_image, slide_thumbnail
 
+DEFAULT_TOP_K = 8  # tiles per row of the montage, outlined tiles of the heatmap
 MONTAGE_TILE_PIXELS = 224
 HEATMAP_CMAP = "coolwarm"  # blue = low, red = high, as in CLAM's heatmaps
 HEATMAP_ALPHA = 0.55  # opacity of the attention colours over the tissue
@@ -212,9 +212,11 @@ def heatmap_layout(slide: SlideAttention, data_dir: Path | None,
     if not known.any():
         return "tile names carry no coordinates, so the slide cannot be reassembled"
     indices = np.flatnonzero(known)
-    found = slide_thumbnail(data_dir, slide.bag_attrs) if str(slide.bag_attrs.get("slide_kind", "")) == "wsi" else None
+    whole_slide = str(slide.bag_attrs.get("slide_kind", "")) == "wsi"
+    found = slide_thumbnail(data_dir, slide.bag_attrs) if whole_slide else None
     if isinstance(found, str):
-        log.warning("heatmap of %s: %s; drawn without the slide thumbnail, as for tile folders.", slide.slide_id, found)
+        log.warning("heatmap of %s: %s; drawn without the slide thumbnail, as for tile folders.",
+                    slide.slide_id, found)
         if notes is not None:
             notes.append(f"heatmap drawn without the slide thumbnail: {found}")
         found = None
@@ -240,7 +242,8 @@ def heatmap_layout(slide: SlideAttention, data_dir: Path | None,
     for i in indices:
         left, top = layout.cell(slide.coords[i])
         if images.get(int(i)) is not None:
-            tissue.paste(images[int(i)].resize((layout.side, layout.side), Image.Resampling.BILINEAR), (left, top))
+            image = images[int(i)].resize((layout.side, layout.side), Image.Resampling.BILINEAR)
+            tissue.paste(image, (left, top))
         layout.scores[top : top + layout.side, left : left + layout.side] = percentile[i]
     return layout
 

@@ -171,7 +171,8 @@ def aggregate_patients(slides: Sequence[dict[str, Any]], class_names: Sequence[s
     return out
 
 
-def ensemble_rows(models_slides: Sequence[Sequence[dict[str, Any]]], class_names: Sequence[str]) -> list[dict[str, Any]]:
+def ensemble_rows(models_slides: Sequence[Sequence[dict[str, Any]]],
+                  class_names: Sequence[str]) -> list[dict[str, Any]]:
     """predictions.csv rows of the ensemble of several models (each a list of rows of the same
     slides in the same order): the mean of their probabilities, argmax prediction."""
     columns = [probability_column(n) for n in class_names]

@@ -1,4 +1,4 @@
-"""The names of every file clam writes, and of their columns: the one place readers and writers take them from.
+"""The names of every file clam writes, and of their columns: readers and writers take them from here.
 
 A training run (``python -m clam.train``)::
 
@@ -163,12 +163,13 @@ class ChosenRun:
 
     @property
     def checkpoint(self) -> Path:
-        """What ``--checkpoint`` would name: the parent folder of a cross-validation run, else its best_model.pt."""
+        """What ``--checkpoint`` would name: a cross-validation run's parent folder, else its best_model.pt."""
         return self.run_dir if self.crossval else self.run_dir / BEST_NAME
 
     def describe(self) -> str:
-        kind = (f"cross-validation, {self.n_folds} folds: each fold's model and their ensemble" if self.crossval
-                else f"single run: {BEST_NAME}")
+        kind = f"single run: {BEST_NAME}"
+        if self.crossval:
+            kind = f"cross-validation, {self.n_folds} folds: each fold's model and their ensemble"
         return f"checkpoint: newest run in {_shown(self.runs_dir)}: {self.run_dir.name} ({kind})"
 
 

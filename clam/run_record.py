@@ -169,8 +169,8 @@ def run_info(config, bags: BagSet, split, plan, model, counts, class_weights, ru
 def describe_run(info: dict) -> str:
     data, cache = info["data"], info["cache"]
     return (f"bags: {data['n_train_bags']} train ({data['n_train_patients']} patients, classes "
-            f"{data['train_class_counts']}), {data['n_val_bags']} validation ({data['n_val_patients']} patients); "
-            f"{cache['feature_dim']}-d features from {cache['cache_dir']}\nimbalance: "
+            f"{data['train_class_counts']}), {data['n_val_bags']} validation ({data['n_val_patients']} "
+            f"patients); {cache['feature_dim']}-d features from {cache['cache_dir']}\nimbalance: "
             f"{info['imbalance']['description']}\nloading: {info['loader']['reason']}")
 
 

@@ -143,11 +143,11 @@ def nothing_to_resume(config: TrainConfig, progress: SavedProgress) -> str | Non
     """Why resuming ``config.resume`` would train no epoch (None: it trains). Such a resume writes nothing."""
     if progress.epoch >= config.num_epochs:
         more = "" if progress.epoch > config.num_epochs else " already"
-        return (f"nothing to train: {Path(config.resume).name} is at epoch {progress.epoch} and the run{more} ends "
-                f"at --num_epochs {config.num_epochs}. Pass --num_epochs larger than {progress.epoch} to train more "
-                "epochs; the run folder is left as it is.")
+        return (f"nothing to train: {Path(config.resume).name} is at epoch {progress.epoch} and the run{more} "
+                f"ends at --num_epochs {config.num_epochs}. Pass --num_epochs larger than {progress.epoch} to train "
+                "more epochs; the run folder is left as it is.")
     if config.patience is not None and progress.epochs_since_best >= config.patience:
         return (f"nothing to train: the run stopped early at epoch {progress.epoch} (no lower loss for "
-                f"{progress.epochs_since_best} epochs, --patience {config.patience}). Pass a larger --patience to "
-                "train more epochs; the run folder is left as it is.")
+                f"{progress.epochs_since_best} epochs, --patience {config.patience}). Pass a larger --patience "
+                "to train more epochs; the run folder is left as it is.")
     return None

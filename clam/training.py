@@ -1,4 +1,4 @@
-"""Training CLAM on the cached feature bags: ``train(config)``, the library entry point of ``python -m clam.train``.
+"""Training CLAM on the cached feature bags: ``train(config)``, the library behind ``python -m clam.train``.
 
 A run reads and validates its bags (``load_bags``), splits them by patient, standardises the
 features with the training instances' statistics, fits the pooled baseline beside the model,
@@ -41,7 +41,14 @@ from clam.data import (
     resolve_cache,
     validate_records,
 )
-from clam.epochs import is_fused, make_loader, make_optimizer, train_one_epoch, use_own_kernels, validate_epoch
+from clam.epochs import (
+    is_fused,
+    make_loader,
+    make_optimizer,
+    train_one_epoch,
+    use_own_kernels,
+    validate_epoch,
+)
 from clam.metrics import format_number, roc_auc
 from clam.model import model_from_config
 from clam.run_files import BEST_NAME, SPLIT_FILE, default_runs_dir, make_run_dir
@@ -95,7 +102,8 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), split: Tr
     return run.run_dir
 
 
-def _set_up(config: TrainConfig, resumed: dict | None, split: TrainValSplit | None, run_dir: Path | None) -> _Run:
+def _set_up(config: TrainConfig, resumed: dict | None, split: TrainValSplit | None,
+            run_dir: Path | None) -> _Run:
     device = torch.device(resolve_device(config.device))  # resolve_device returns the device's name
     # A checkpoint from before --sample_tiles drew max_tiles instances per epoch from whole bags.
     legacy_draw = resumed is not None and "sample_tiles" not in resumed["args"]
@@ -147,8 +155,9 @@ def _train_epochs(run: _Run, config: TrainConfig) -> None:
     warned: set[str] = set()
     for epoch in range(state.epoch + 1, config.num_epochs + 1):
         if state.stopped_early:
-            log.info(f"early stopping: the {'validation' if len(run.val_set) else 'training'} loss has not improved "
-                     f"for {state.epochs_since_best} epochs (best epoch {state.best_epoch}, loss {state.best_loss:.4f})")
+            monitored = "validation" if len(run.val_set) else "training"
+            log.info(f"early stopping: the {monitored} loss has not improved for {state.epochs_since_best} "
+                     f"epochs (best epoch {state.best_epoch}, loss {state.best_loss:.4f})")
             break
         started = time.perf_counter()
         try:
@@ -169,8 +178,8 @@ def _train_epochs(run: _Run, config: TrainConfig) -> None:
         if epoch == config.num_epochs or state.stopped_early:  # the last epoch's config.json says how the run ended
             state.status = "stopped early" if epoch < config.num_epochs else "finished"
             run.info["baseline"].update(compare_with_baseline(state, run.info["baseline"], len(run.val_set)))
-        run.last_saved = save_epoch(run.run_dir, run.model, run.optimizer, config, state, run.info, run.baseline,
-                                    run.last_saved)
+        run.last_saved = save_epoch(run.run_dir, run.model, run.optimizer, config, state, run.info,
+                                    run.baseline, run.last_saved)
         log.info(state.summary_line(config.num_epochs))
 
 
@@ -215,8 +224,8 @@ def _warn_changed_in_memory(train_set: BagDataset, val_set: BagDataset, warned: 
     for record in train_set.changed() + val_set.changed():
         if record.slide_id not in warned:
             warned.add(record.slide_id)
-            log.warning(f"bag {record.path} changed on disk after this run read it into memory; this run goes on "
-                        "with the features it read, but a --resume or a new run will read the new bag.")
+            log.warning(f"bag {record.path} changed on disk after this run read it into memory; this run goes "
+                        "on with the features it read, but a --resume or a new run will read the new bag.")
 
 
 def load_bags(config: TrainConfig, limit: bool = True) -> BagSet:
@@ -228,9 +237,9 @@ def load_bags(config: TrainConfig, limit: bool = True) -> BagSet:
         return bags
     bags, cut = limit_tiles(bags, config.max_tiles, config.seed)
     if cut:
-        log.info(f"--max_tiles {config.max_tiles}: {cut} of {len(bags.records)} bags hold more tiles (their cache "
-                 f"was embedded with more); each is cut to its seeded {config.max_tiles}-tile subset, the one stage 1 "
-                 f"embeds with --max_tiles {config.max_tiles}. --max_tiles 0 uses every tile.")
+        log.info(f"--max_tiles {config.max_tiles}: {cut} of {len(bags.records)} bags hold more tiles (their "
+                 f"cache was embedded with more); each is cut to its seeded {config.max_tiles}-tile subset, the one "
+                 f"stage 1 embeds with --max_tiles {config.max_tiles}. --max_tiles 0 uses every tile.")
     return bags
 
 

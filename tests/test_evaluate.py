@@ -24,10 +24,10 @@ from random_data import (RandomSlide, cohort_slides, write_cohort_folders, write
 
 from clam import attention as attention_cli
 from clam import evaluate as evaluate_cli
-from clam.checkpoints import BEST_NAME, read_checkpoint, save_checkpoint
+from clam.checkpoints import read_checkpoint, save_checkpoint
 from clam.eval_config import EvaluateConfig
 from clam.evaluation import evaluate
-from clam.run_files import newest_run
+from clam.run_files import BEST_NAME, newest_run
 from clam.model import build_model
 
 FEATURE_DIM = 32
