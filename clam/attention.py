@@ -1,431 +1,32 @@
-"""Attention maps: which tiles CLAM looked at, as a table, a montage and a heatmap.
-
-For each slide, ``attention/`` receives:
-
-    <slide_id>.csv           tile_name, x, y, attention, attention_raw, rank  (one row per tile)
-    <slide_id>_topk.png      the top-k and bottom-k tiles with their scores and the slide's prediction
-    <slide_id>_heatmap.png   attention over the slide's thumbnail (bags cut from a whole-slide image)
-                             or over the slide reassembled from its tiles (when coords are known)
-    index.csv                one row per slide: prediction, attention branch, files written
-
-``attention`` is the softmax weight of the tile in the bag representation (it sums to 1 over
-the slide); ``attention_raw`` is the score before the softmax. For CLAM-MB the branch of the
-predicted class is used. ``x``/``y`` are the tile's position in slide pixels, -1 when unknown.
+"""``python -m clam.attention``: attention scores, top/bottom-k montages and heatmaps for chosen
+slides, without computing metrics (the maps are clam.heatmaps'; see its docstring for the files).
 
     python -m clam.attention --checkpoint RUN/best_model.pt --slides C-S-EGFR_positive__P001
+
+Without ``--checkpoint`` the newest run's best_model.pt is used; a cross-validation run has one
+model per fold, so one of them must be named (``--checkpoint RUN/fold_K/best_model.pt``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
-from matplotlib.cm import ScalarMappable
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch, Rectangle
-from PIL import Image
-from scipy.stats import rankdata
+from feature_extraction.errors import PipelineError, cli_main
 
-from feature_extraction.atomic import atomic_output, atomic_write_text
-from feature_extraction.bags import COORD_SENTINEL
-from feature_extraction.errors import cli_main
-from feature_extraction.sources import TileError, decode_rgb
-
-ATTENTION_COLUMNS = ("tile_name", "x", "y", "attention", "attention_raw", "rank")
-INDEX_COLUMNS = ("slide_id", "patient_id", "label", "predicted", "probability", "branch", "n_tiles",
-                 "scores_csv", "topk_png", "heatmap_png", "note")
-DEFAULT_TOP_K = 8
-HEATMAP_MAX_PIXELS = 1000  # longest side of the reassembled slide: about twice its size in the figure
-MONTAGE_TILE_PIXELS = 224
-HEATMAP_CMAP = "coolwarm"  # blue = low, red = high, as in CLAM's heatmaps
-HEATMAP_ALPHA = 0.55  # opacity of the attention colours over the tissue
-FIGURE_DPI = 110
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SlideAttention:
-    """The attention of one slide's tiles (N of them) and the slide's prediction.
-
-    ``attention`` (N,) sums to 1; ``attention_raw`` (N,) is its pre-softmax score; both come
-    from ``branch`` (0 for CLAM-SB, the predicted class for CLAM-MB). ``coords`` (N, 2) holds
-    pixel positions, COORD_SENTINEL where the tile name carried none."""
-
-    slide_id: str
-    patient_id: str
-    label: int | None
-    probs: np.ndarray  # (C,)
-    class_names: tuple[str, ...]
-    branch: int
-    tile_names: list[str]
-    coords: np.ndarray  # (N, 2)
-    attention: np.ndarray  # (N,)
-    attention_raw: np.ndarray  # (N,)
-    n_branches: int = 1
-    bag_attrs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def predicted(self) -> int:
-        return int(np.argmax(self.probs))
-
-    @property
-    def order(self) -> np.ndarray:
-        """Tile indices from highest to lowest attention (ties keep tile order)."""
-        return np.argsort(-self.attention, kind="stable")
-
-    def title(self) -> str:
-        pred = self.class_names[self.predicted]
-        text = f"{self.slide_id}: predicted {pred} (p={self.probs[self.predicted]:.2f})"
-        if self.label is not None and self.label >= 0:
-            text += f", true {self.class_names[self.label]}"
-        return text
-
-
-def slide_attention(
-    slide_id: str,
-    patient_id: str,
-    label: int | None,
-    probs: np.ndarray,
-    attention: np.ndarray,
-    attention_raw: np.ndarray,
-    tile_names: Sequence[str],
-    coords: np.ndarray,
-    class_names: Sequence[str],
-    bag_attrs: dict[str, Any] | None = None,
-) -> SlideAttention:
-    """Pick the branch to explain from a model's (K, N) attention: the predicted class's for
-    CLAM-MB (K = C branches), the only one for CLAM-SB (K = 1)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    attention = np.asarray(attention, dtype=np.float64).reshape(-1, len(tile_names))
-    attention_raw = np.asarray(attention_raw, dtype=np.float64).reshape(-1, len(tile_names))
-    branch = int(np.argmax(probs)) if attention.shape[0] > 1 else 0
-    return SlideAttention(
-        slide_id=slide_id,
-        patient_id=patient_id,
-        label=label,
-        probs=probs,
-        class_names=tuple(class_names),
-        branch=branch,
-        tile_names=list(tile_names),
-        coords=np.asarray(coords, dtype=np.int64).reshape(-1, 2),
-        attention=attention[branch],
-        attention_raw=attention_raw[branch],
-        n_branches=int(attention.shape[0]),
-        bag_attrs=dict(bag_attrs or {}),
-    )
-
-
-def write_attention_csv(path: str | Path, slide: SlideAttention) -> None:
-    """One row per tile in bag order; ``rank`` 1 is the tile with the highest attention."""
-    ranks = np.empty(len(slide.attention), dtype=np.int64)
-    ranks[slide.order] = np.arange(1, len(slide.attention) + 1)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(ATTENTION_COLUMNS)
-    for i, name in enumerate(slide.tile_names):
-        writer.writerow([name, int(slide.coords[i, 0]), int(slide.coords[i, 1]),
-                         f"{slide.attention[i]:.8g}", f"{slide.attention_raw[i]:.8g}", int(ranks[i])])
-    atomic_write_text(path, buffer.getvalue())
-
-
-def read_tile_image(
-    data_dir: Path | None, attrs: dict[str, Any], tile_name: str, xy: Sequence[int]
-) -> Image.Image | None:
-    """The RGB image of one tile of a bag, or None when it cannot be found or decoded.
-
-    The one place that knows where a bag's tile images live. A tile-folder slide's tile is
-    ``<data_dir>/<class_folder>/<patient_id>/<tile_name>`` (the layout of the specification),
-    else under the slide folder recorded in the bag (attribute ``source``). Bags cut from
-    whole-slide images (attribute ``slide_kind`` = "wsi") have no tile files: their tile is
-    read back from the slide (``<data_dir>/<class_folder>/<slide_file>``, else ``source``) at
-    ``xy`` (level-0 pixels), exactly as it was embedded."""
-    if str(attrs.get("slide_kind", "")) == "wsi":
-        return _read_wsi_tile(data_dir, attrs, xy)
-    candidates = []
-    if data_dir is not None and attrs.get("class_folder") and attrs.get("patient_id"):
-        candidates.append(Path(data_dir) / str(attrs["class_folder"]) / str(attrs["patient_id"]) / tile_name)
-    if attrs.get("source"):
-        candidates.append(Path(str(attrs["source"])) / tile_name)
-    for path in candidates:
-        if path.is_file():
-            try:
-                return decode_rgb(path)
-            except TileError:
-                return None
-    return None
-
-
-def _wsi_candidates(data_dir: Path | None, attrs: dict[str, Any]) -> list[Path]:
-    """Where the slide of a bag cut from a whole-slide image may be, in the order to try."""
-    candidates = []
-    if data_dir is not None and attrs.get("class_folder") and attrs.get("slide_file"):
-        candidates.append(Path(data_dir) / str(attrs["class_folder"]) / str(attrs["slide_file"]))
-    if attrs.get("source"):
-        candidates.append(Path(str(attrs["source"])))
-    return candidates
-
-
-def _read_wsi_tile(data_dir: Path | None, attrs: dict[str, Any], xy: Sequence[int]) -> Image.Image | None:
-    from feature_extraction.errors import PipelineError
-    from feature_extraction.wsi import wsi_tile_image
-
-    for path in _wsi_candidates(data_dir, attrs):
-        if path.is_file():
-            try:
-                return wsi_tile_image(path, attrs, int(xy[0]), int(xy[1]))
-            except (TileError, PipelineError):  # unreadable slide or OpenSlide missing: draw no image
-                return None
-    return None
-
-
-def slide_thumbnail(data_dir: Path | None, attrs: dict[str, Any],
-                    max_size: int = HEATMAP_MAX_PIXELS) -> tuple[Image.Image, float] | str:
-    """The thumbnail of a bag's whole-slide image and its scale (thumbnail px per level-0 px),
-    or why there is none: the slide file is not found, cannot be opened, or OpenSlide is missing."""
-    from feature_extraction.errors import PipelineError
-    from feature_extraction.wsi import wsi_thumbnail
-
-    candidates = _wsi_candidates(data_dir, attrs)
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        looked = " or ".join(str(p) for p in candidates) or "nowhere (the bag names no slide file)"
-        return f"slide file not found (looked for {looked})"
-    try:
-        return wsi_thumbnail(path, max_size)
-    except (PipelineError, OSError) as error:  # SlideSkipped, OpenSlide not installed, I/O error
-        return str(error)
-
-
-def plot_topk(
-    path: str | Path, slide: SlideAttention, data_dir: Path | None, top_k: int = DEFAULT_TOP_K
-) -> None:
-    """A montage: the ``top_k`` highest-attention tiles above the ``top_k`` lowest.
-
-    ``top_k`` is clamped to half the bag so that no tile appears in both rows (a one-tile bag
-    shows one tile). Each tile is labelled with its rank, its attention and how many times the
-    uniform weight 1/N that is."""
-    n = len(slide.attention)
-    k = max(1, min(top_k, n // 2)) if n > 1 else 1
-    rows = [("highest attention", slide.order[:k])]
-    if n > 1:
-        rows.append(("lowest attention", slide.order[::-1][:k][::-1]))
-    ranks = np.empty(n, dtype=np.int64)
-    ranks[slide.order] = np.arange(1, n + 1)
-    size = 1.9
-    fig = Figure(figsize=(max(size * k, 6.5), size * 1.28 * len(rows) + 0.9), layout="constrained")
-    axes = np.asarray(fig.subplots(len(rows), k, squeeze=False))
-    for row, (caption, indices) in enumerate(rows):
-        for col in range(k):
-            ax = axes[row, col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col >= len(indices):
-                ax.set_axis_off()
-                continue
-            i = int(indices[col])
-            image = read_tile_image(data_dir, slide.bag_attrs, slide.tile_names[i], slide.coords[i])
-            if image is None:
-                ax.set_facecolor("0.85")
-                ax.text(0.5, 0.5, "image\nnot found", ha="center", va="center", fontsize=8, transform=ax.transAxes)
-            else:
-                image.thumbnail((MONTAGE_TILE_PIXELS, MONTAGE_TILE_PIXELS))  # about its size in the figure
-                ax.imshow(image)
-            ax.set_title(f"#{ranks[i]}  a={slide.attention[i]:.3g}\n{slide.attention[i] * n:.2f}x uniform",
-                         fontsize=8)
-            ax.set_xlabel(_short(slide.tile_names[i], 24), fontsize=6.5)
-            for spine in ax.spines.values():
-                spine.set_edgecolor("tab:red" if row == 0 else "tab:blue")
-                spine.set_linewidth(2.5)
-        axes[row, 0].set_ylabel(caption, fontsize=9)
-    fig.suptitle(f"{slide.title()}\n{n} tiles{_branch_text(slide)}; a = attention weight (sums to 1 over the slide)",
-                 fontsize=10)
-    _save(fig, path)
-
-
-def plot_heatmap(
-    path: str | Path, slide: SlideAttention, data_dir: Path | None, top_k: int = DEFAULT_TOP_K,
-    notes: list[str] | None = None,
-) -> str | None:
-    """The slide (left) and the attention laid over it (right).
-
-    For a bag cut from a whole-slide image the slide is its thumbnail and each tile is a
-    square at its level-0 position and extent (``patch_size_level0``); when the slide file
-    cannot be found or opened (moved data folder, OpenSlide missing) a log line says so and
-    the map is drawn as for tile folders: the slide reassembled from its tiles. Colour is the
-    tile's attention percentile within the slide (1 = highest), as CLAM draws it; the
-    ``top_k`` highest and lowest tiles are outlined. Returns None when written, else the
-    reason it was not (no tile carries coordinates); a fallback is also appended to ``notes``."""
-    known = (slide.coords[:, 0] != COORD_SENTINEL) & (slide.coords[:, 1] != COORD_SENTINEL)
-    if not known.any():
-        return "tile names carry no coordinates, so the slide cannot be reassembled"
-    indices = np.flatnonzero(known)
-    thumbnail: tuple[Image.Image, float] | None = None
-    if str(slide.bag_attrs.get("slide_kind", "")) == "wsi":
-        found = slide_thumbnail(data_dir, slide.bag_attrs)
-        if isinstance(found, str):
-            log.warning("heatmap of %s: %s; drawn without the slide thumbnail, as for tile folders.",
-                        slide.slide_id, found)
-            if notes is not None:
-                notes.append(f"heatmap drawn without the slide thumbnail: {found}")
-        else:
-            thumbnail = found
-    if thumbnail is not None:
-        # Level-0 coordinates over the whole slide: origin (0, 0), the thumbnail's scale.
-        tissue, scale = thumbnail
-        extent = _tile_extent(slide, indices, {})
-        origin = np.zeros(2, dtype=np.int64)
-        canvas_w, canvas_h = tissue.size
-        images: dict[int, Image.Image | None] = {}
-    else:
-        images = {int(i): read_tile_image(data_dir, slide.bag_attrs, slide.tile_names[i], slide.coords[i])
-                  for i in indices}
-        extent = _tile_extent(slide, indices, images)
-        xy = slide.coords[indices]
-        origin = xy.min(axis=0)
-        width, height = (xy.max(axis=0) - origin + extent).tolist()
-        scale = min(1.0, HEATMAP_MAX_PIXELS / max(width, height))
-        canvas_w, canvas_h = max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
-        tissue = Image.new("RGB", (canvas_w, canvas_h), (255, 255, 255))
-    side = max(1, math.ceil(extent * scale))
-    scores = np.full((canvas_h, canvas_w), np.nan)
-    percentile = _percentiles(slide.attention)
-    for i in indices:
-        left, top = ((slide.coords[i] - origin) * scale).astype(int).tolist()
-        if images.get(int(i)) is not None:
-            tissue.paste(images[int(i)].resize((side, side), Image.Resampling.BILINEAR), (left, top))
-        scores[top : top + side, left : left + side] = percentile[i]
-    have_images = thumbnail is not None or any(image is not None for image in images.values())
-
-    # Each panel keeps the slide's aspect ratio within a page-sized box; without tile images the
-    # tissue panel would be empty, so only the attention panel is drawn.
-    aspect = canvas_w / canvas_h
-    panel_w, panel_h = (6.0, float(np.clip(6.0 / aspect, 1.6, 6.0))) if aspect >= 1 else \
-        (float(np.clip(6.0 * aspect, 2.4, 6.0)), 6.0)
-    n_panels = 2 if have_images else 1
-    fig = Figure(figsize=(n_panels * panel_w + 1.6, panel_h + 1.7), dpi=FIGURE_DPI, layout="constrained")
-    axes = list(np.atleast_1d(fig.subplots(1, n_panels)))
-    ax_map = axes[-1]
-    if have_images:
-        axes[0].imshow(tissue)
-        axes[0].set_title("slide (thumbnail)" if thumbnail is not None else "tiles", fontsize=10)
-    ax_map.imshow(tissue)
-    mapped = ax_map.imshow(scores, cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0,
-                           alpha=HEATMAP_ALPHA if have_images else 1.0, interpolation="nearest")
-    ax_map.set_title("attention" if have_images else "attention (tile images not found)", fontsize=10)
-    n = len(slide.attention)
-    k = max(1, min(top_k, n // 2)) if n > 1 else 1
-    outlines = [("top", slide.order[:k], "black", "-"), ("bottom", slide.order[::-1][:k], "black", ":")]
-    for _, chosen, colour, style in outlines if n > 1 else outlines[:1]:
-        for i in chosen:
-            if known[i]:
-                left, top = ((slide.coords[i] - origin) * scale).tolist()
-                ax_map.add_patch(Rectangle((left, top), side, side, fill=False, edgecolor=colour,
-                                           linestyle=style, linewidth=1.6))
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    # The bar shows the colours at full strength; on the map they are blended with the tissue.
-    colorbar = fig.colorbar(ScalarMappable(norm=mapped.norm, cmap=mapped.cmap), ax=ax_map, shrink=0.85)
-    colorbar.set_label("attention percentile within the slide", fontsize=9)
-    colorbar.set_ticks([0, 0.25, 0.5, 0.75, 1.0], labels=["0 (lowest)", "0.25", "0.5", "0.75", "1 (highest)"])
-    handles = [Patch(facecolor="none", edgecolor="black", linestyle="-", label=f"top {k} tiles"),
-               Patch(facecolor="none", edgecolor="black", linestyle=":", label=f"bottom {k} tiles")]
-    if (~known).any():
-        handles.append(Patch(facecolor="white", edgecolor="0.5",
-                             label=f"{int((~known).sum())} tiles without coordinates (not shown)"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False)
-    fig.suptitle(f"{slide.title()}\n{int(known.sum())} of {n} tiles placed{_branch_text(slide)}", fontsize=10)
-    _save(fig, path)
-    return None
-
-
-def explain_slide(
-    out_dir: str | Path, slide: SlideAttention, data_dir: Path | None, top_k: int = DEFAULT_TOP_K
-) -> dict[str, Any]:
-    """Write the CSV, montage and (when coordinates exist) heatmap of one slide; return its index row."""
-    out_dir = Path(out_dir)
-    stem = slide.slide_id
-    write_attention_csv(out_dir / f"{stem}.csv", slide)
-    plot_topk(out_dir / f"{stem}_topk.png", slide, data_dir, top_k)
-    notes: list[str] = []
-    reason = plot_heatmap(out_dir / f"{stem}_heatmap.png", slide, data_dir, top_k, notes)
-    return {
-        "slide_id": slide.slide_id,
-        "patient_id": slide.patient_id,
-        "label": "" if slide.label is None else slide.label,
-        "predicted": slide.predicted,
-        "probability": f"{slide.probs[slide.predicted]:.6f}",
-        "branch": slide.branch,
-        "n_tiles": len(slide.tile_names),
-        "scores_csv": f"{stem}.csv",
-        "topk_png": f"{stem}_topk.png",
-        "heatmap_png": "" if reason else f"{stem}_heatmap.png",
-        "note": "; ".join([reason] if reason else notes),
-    }
-
-
-def write_index(out_dir: str | Path, rows: list[dict[str, Any]]) -> Path:
-    path = Path(out_dir) / "index.csv"
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=INDEX_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-    return path
-
-
-def _branch_text(slide: SlideAttention) -> str:
-    return f", attention branch of {slide.class_names[slide.branch]}" if slide.n_branches > 1 else ""
-
-
-def _percentiles(values: np.ndarray) -> np.ndarray:
-    """Rank of each value scaled to [0, 1] (ties share their mean rank); 1 for a single value."""
-    if len(values) == 1:
-        return np.ones(1)
-    return (rankdata(values, method="average") - 1.0) / (len(values) - 1.0)
-
-
-def _tile_extent(slide: SlideAttention, indices: np.ndarray, images: dict[int, Image.Image | None]) -> int:
-    """Side of one tile in the units of ``coords``: a whole slide's level-0 patch size, else the
-    smallest step between tile positions (tiles on a grid), else a tile image's width."""
-    attrs = slide.bag_attrs
-    if attrs.get("patch_size_level0"):
-        return max(1, int(round(float(attrs["patch_size_level0"]))))
-    width = next((image.width for image in images.values() if image is not None), None)
-    steps = [np.diff(np.unique(slide.coords[indices, axis])) for axis in (0, 1)]
-    steps = np.concatenate([s[s > 0] for s in steps])
-    # A step far below the tile's width means positions that are not on a grid: trust the image.
-    if len(steps) and (width is None or steps.min() >= width / 4):
-        return int(steps.min())
-    return int(width or 256)
-
-
-def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3):]
-
-
-def _save(fig: Figure, path: str | Path) -> None:
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=FIGURE_DPI)
+from clam.eval_config import DEFAULT_TOP_K, add_input_arguments, config_from_args, parse_attention
+from clam.evaluation import explain
+from clam.run_files import ATTENTION_PREFIX, BEST_NAME, fold_name, newest_run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clam import evaluate
-
     parser = argparse.ArgumentParser(
         prog="python -m clam.attention",
         description="Attention scores, top/bottom-k montages and heatmaps for chosen slides, "
                     "without computing metrics. Slides missing from the feature cache are embedded first.",
     )
-    evaluate.add_input_arguments(parser)
+    add_input_arguments(parser)
     parser.add_argument("--slides", nargs="+", default=["all"],
                         help="slide ids to explain (default: all slides of the split)")
     parser.add_argument("--top_k", type=int, default=DEFAULT_TOP_K,
@@ -437,12 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
-    from clam import evaluate
-
     args = build_parser().parse_args(argv)
-    config = evaluate.config_from_args(args, attention=evaluate.parse_attention(args.slides),
-                                       output_prefix="attention")
-    out_dir = evaluate.explain(config)
+    if args.checkpoint is None:
+        chosen = newest_run()
+        print(chosen.describe())
+        if chosen.crossval:
+            example = chosen.run_dir / fold_name(1) / BEST_NAME
+            raise PipelineError(f"{chosen.run_dir} is a cross-validation run, with one model per fold: "
+                                f"name one, e.g. --checkpoint {example}.")
+        args.checkpoint = chosen.checkpoint
+    config = config_from_args(args, attention=parse_attention(args.slides), output_prefix=ATTENTION_PREFIX)
+    out_dir = explain(config)
     print(f"attention maps: {out_dir}")
     return 0
 

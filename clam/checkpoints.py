@@ -1,20 +1,17 @@
-"""The checkpoint system of the specification: run folders, checkpoint files, loading.
+"""The training checkpoint: the one place that builds it (``build_checkpoint``) and reads it
+(``read_checkpoint``), and loads its weights (``load_checkpoint``, ``model_from_checkpoint``).
 
-    <output_dir>/run_YYYYMMDD_HHMMSS/      one folder per run (``_2``, ``_3`` when started the same second)
-        config.json                        training arguments, current and best epoch/loss, metrics
-        split.csv                          which bags were used for training and for validation
-        checkpoint_epoch_N.pt              after every epoch N = 1, 2, ...
-        best_model.pt                      the epoch with the lowest validation loss
-
-A checkpoint (``clam.train.save_epoch``) holds the specification's ``model_state_dict``,
-``optimizer_state_dict``, ``epoch``, ``loss`` and ``args`` and, to rebuild the model, evaluate it
-and resume bit-exactly, ``model_config``, ``cache``, ``class_names``, ``metrics`` (the last
-epoch's), ``history``, ``run_state``, ``rng_state``, ``versions``, ``format_version``,
+A checkpoint holds the specification's ``model_state_dict``, ``optimizer_state_dict``, ``epoch``,
+``loss`` and ``args`` (``CHECKPOINT_KEYS``) and, to rebuild the model, evaluate it and resume
+bit-exactly (``EXTRA_KEYS``): ``model_config``, ``cache``, ``class_names``, ``metrics`` (the last
+epoch's), ``history``, ``run_state`` (best epoch and loss, epochs since the best), ``rng_state``,
+``versions`` (of python, torch and the libraries), ``format_version`` (``FORMAT_VERSION``),
 ``baseline`` (clam.baselines, fitted beside the model) and ``feature_norm`` (the summary of the
-standardisation statistics, which are buffers in ``model_state_dict``). Only
-tensors and plain Python values are stored, so ``torch.load(..., weights_only=True)`` reads them
-without running any pickled code. Every file is written under a temporary name and renamed
-into place.
+standardisation statistics, which are buffers in ``model_state_dict``). Only tensors and plain
+Python values are stored, so ``torch.load(..., weights_only=True)`` reads them without running any
+pickled code. Every file is written under a temporary name and renamed into place. A checkpoint
+of a newer format version than this code knows is refused; older ones (and those without a
+version) are read as they are. The files' names are clam.run_files'.
 
 A bare CLAM state dict, as mahmoodlab/CLAM writes it (``s_0_checkpoint.pt``: ``model.state_dict()``
 alone), also loads, with ``weights_only=True`` too: ``load_checkpoint`` puts its weights into the
@@ -32,7 +29,7 @@ import io
 import math
 import pickle
 import re
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,59 +37,79 @@ import torch
 
 from feature_extraction.atomic import atomic_output
 from feature_extraction.errors import PipelineError
+from feature_extraction.runtime import resolve_device
 
+from clam.baselines import PooledBaseline
 from clam.model import CLAM_SB, MODEL_SIZES, ModelConfig, model_from_config
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-BEST_NAME = "best_model.pt"
-RUN_PREFIX = "run_"
-CHECKPOINT_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "loss", "args")
+FORMAT_VERSION = 1  # the version build_checkpoint writes; a larger one is refused when read
+CHECKPOINT_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "loss", "args")  # the specification's
+EXTRA_KEYS = ("model_config", "cache", "class_names", "metrics", "history", "run_state", "rng_state",
+              "versions", "format_version", "baseline", "feature_norm")
 # ``checkpoint_format`` of the dictionary read_model_file returns for a bare CLAM state dict
 # (checkpoints of clam.train have no such key).
 CLAM_STATE_DICT = "clam_state_dict"
 
 
-def checkpoint_name(epoch: int) -> str:
-    return f"checkpoint_epoch_{epoch}.pt"
+def _device(device: str | torch.device) -> torch.device:
+    # feature_extraction.runtime.resolve_device takes a device name and returns its name.
+    return torch.device(resolve_device(str(device)))
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; an unavailable device is a PipelineError."""
-    if isinstance(device, torch.device):
-        return device
-    name = str(device).lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        resolved = torch.device(name)
-    except RuntimeError as error:
-        raise PipelineError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU. Use --device cpu.")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise PipelineError(f"device {device!r} asked for, but MPS is not available here. Use --device cpu.")
-    return resolved
+@dataclass(frozen=True)
+class SavedProgress:
+    """Where the run of a checkpoint stood: what --resume continues from."""
+
+    epoch: int
+    loss: float
+    best_epoch: int | None = None
+    best_loss: float = math.inf
+    epochs_since_best: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_run_dir(output_dir: str | Path, now: datetime | None = None) -> Path:
-    """Create and return ``output_dir/run_YYYYMMDD_HHMMSS``; a run started in the same second
-    gets ``..._2``, ``..._3``. Creation is atomic (mkdir), so two processes never share a folder."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stamp = f"{RUN_PREFIX}{(now or datetime.now()):%Y%m%d_%H%M%S}"
-    for attempt in range(1, 10_000):
-        run_dir = output_dir / (stamp if attempt == 1 else f"{stamp}_{attempt}")
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-    raise PipelineError(f"cannot create a run folder in {output_dir}: too many runs named {stamp}")
+def build_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: SavedProgress, *,
+                     args: dict[str, Any], model_config: dict[str, Any], cache: dict[str, Any],
+                     class_names: list[str], versions: dict[str, str], baseline: dict[str, Any],
+                     feature_norm: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint of one epoch: exactly ``CHECKPOINT_KEYS + EXTRA_KEYS`` (module docstring),
+    with the current random state and ``FORMAT_VERSION``."""
+    return {
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "epoch": progress.epoch,
+        "loss": progress.loss,
+        "args": args,
+        "model_config": model_config,
+        "cache": cache,
+        "class_names": class_names,
+        "metrics": progress.history[-1] if progress.history else {},
+        "history": progress.history,
+        "run_state": {"best_epoch": progress.best_epoch, "best_loss": progress.best_loss,
+                      "epochs_since_best": progress.epochs_since_best},
+        "rng_state": rng_state(),
+        "versions": versions,
+        "format_version": FORMAT_VERSION,
+        "baseline": baseline,
+        "feature_norm": feature_norm,
+    }
+
+
+def saved_progress(checkpoint: dict[str, Any]) -> SavedProgress:
+    """The run state a checkpoint (``read_checkpoint``'s) was saved in."""
+    saved = checkpoint.get("run_state", {})
+    return SavedProgress(epoch=int(checkpoint["epoch"]), loss=float(checkpoint["loss"]),
+                         best_epoch=saved.get("best_epoch"), best_loss=float(saved.get("best_loss", math.inf)),
+                         epochs_since_best=int(saved.get("epochs_since_best", 0)),
+                         history=list(checkpoint.get("history", [])))
+
+
+def saved_baseline(checkpoint: dict[str, Any]) -> PooledBaseline | None:
+    """The pooled logistic-regression baseline fitted beside the model (clam.baselines), if the
+    checkpoint holds one (checkpoints from before it, bare CLAM state dicts and one-class training
+    sets have none)."""
+    params = (checkpoint.get("baseline") or {}).get("params")
+    return PooledBaseline.from_dict(params) if params else None
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
@@ -126,7 +143,7 @@ def _load_file(path: Path, device: str | torch.device) -> Any:
     if not path.is_file():
         raise PipelineError(f"checkpoint {path} does not exist.")
     try:
-        return torch.load(path, map_location=resolve_device(device), weights_only=True)
+        return torch.load(path, map_location=_device(device), weights_only=True)
     except pickle.UnpicklingError as error:
         raise PipelineError(
             f"checkpoint {path} holds Python objects that would run code when loaded; it is refused "
@@ -149,7 +166,17 @@ def read_checkpoint(checkpoint_path: str | Path, device: str | torch.device = "c
                 "(python -m clam.evaluate --checkpoint) or loaded with load_checkpoint(), not resumed."
                 if is_state_dict(checkpoint) else "")
         raise PipelineError(f"checkpoint {path} is not a training checkpoint: it has no 'model_state_dict'.{hint}")
+    _check_version(checkpoint, path)
     return checkpoint
+
+
+def _check_version(checkpoint: dict[str, Any], path: Path) -> None:
+    """A newer format than this code knows is refused; an older or unversioned one reads as it is."""
+    version = checkpoint.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise PipelineError(f"checkpoint {path} has format version {version}, newer than this code "
+                            f"reads (up to {FORMAT_VERSION}): it was written by a newer clam. Update this "
+                            "project's code to read it.")
 
 
 def read_model_file(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -159,6 +186,7 @@ def read_model_file(checkpoint_path: str | Path, device: str | torch.device = "c
     path = Path(checkpoint_path)
     loaded = _load_file(path, device)
     if isinstance(loaded, dict) and "model_state_dict" in loaded:
+        _check_version(loaded, path)
         return loaded
     if not is_state_dict(loaded):
         raise PipelineError(f"checkpoint {path} is neither a training checkpoint (no 'model_state_dict') nor "
@@ -261,7 +289,7 @@ def load_checkpoint(
     torch.device. A bare CLAM state dict (``s_0_checkpoint.pt``) loads its weights into ``model``
     and leaves ``optimizer`` untouched (it holds no optimizer state); the epoch is then 0 and the
     loss nan. Raises PipelineError when the file is unsafe, unreadable, or does not fit the model."""
-    device = resolve_device(device)
+    device = _device(device)
     checkpoint = read_model_file(checkpoint_path, device)
     try:
         model.load_state_dict(checkpoint["model_state_dict"])
@@ -296,7 +324,7 @@ def model_from_checkpoint(checkpoint_path: str | Path, device: str | torch.devic
     except (TypeError, ValueError) as error:
         raise PipelineError(f"checkpoint {checkpoint_path}: invalid model_config ({error}).") from error
     model.load_state_dict(checkpoint["model_state_dict"])
-    return model.to(resolve_device(device)).eval(), checkpoint
+    return model.to(_device(device)).eval(), checkpoint
 
 
 def _describe(config: Any) -> str:

@@ -6,10 +6,14 @@ sensitivity is its recall, specificity the recall of class 0, F1 its F1. For mor
 the top-level values are macro averages over classes (one-vs-rest) and ``per_class`` holds
 each class's own. A value that is undefined on the data (e.g. an AUC with one class present)
 is ``None`` with the reason under ``undefined``; nothing here raises on such data.
+
+``format_number`` and ``format_auc`` are the one way numbers and AUCs with their CI are written
+in the lines the commands print.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -28,14 +32,33 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from feature_extraction.layout import CLASS_NAMES
+
 DEFAULT_N_BOOTSTRAP = 1000
 DEFAULT_CONFIDENCE = 0.95
 
 
+def format_number(value: float | None, missing: str = "-") -> str:
+    """Three decimals; ``missing`` for None or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return f"{value:.3f}"
+
+
+def format_auc(auc: dict[str, Any], brackets: bool = False, undefined: str = "undefined") -> str:
+    """An AUC (``AucEstimate.to_dict()``) with its CI: ``0.812 (95% CI 0.701-0.905)``, or with
+    ``brackets`` ``0.812 [0.701, 0.905]``; without a CI the AUC alone; ``undefined`` when there is none."""
+    if auc["auc"] is None:
+        return undefined
+    if auc["ci_low"] is None:
+        return f"{auc['auc']:.3f}"
+    if brackets:
+        return f"{auc['auc']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]"
+    return f"{auc['auc']:.3f} (95% CI {auc['ci_low']:.3f}-{auc['ci_high']:.3f})"
+
+
 def default_class_names(n_classes: int) -> list[str]:
     if n_classes == 2:
-        from feature_extraction.layout import CLASS_NAMES
-
         return list(CLASS_NAMES)
     return [f"class_{c}" for c in range(n_classes)]
 

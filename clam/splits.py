@@ -18,9 +18,7 @@ from feature_extraction.atomic import atomic_output
 from feature_extraction.errors import PipelineError
 
 from clam.data import BagRecord
-
-SPLIT_FILE = "split.csv"
-SPLIT_COLUMNS = ("slide_id", "patient_id", "label", "set")
+from clam.run_files import SPLIT_COLUMNS
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""clam.attention: the per-tile scores file, the branch shown for CLAM-MB, the tile-image lookup,
-and the montage and heatmap figures on the example cohort's real tiles."""
+"""clam.heatmaps (and clam.tile_images): the per-tile scores file, the branch shown for CLAM-MB, the
+tile-image lookup, where each tile lands on the heatmap, and the montage and heatmap figures on the
+example cohort's real tiles."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from feature_extraction.bags import COORD_SENTINEL
 from feature_extraction.example_cohort import load_ground_truth
 from feature_extraction.tile_folder import parse_coords
 
-from clam.attention import (SlideAttention, explain_slide, plot_heatmap, plot_topk, read_tile_image,
-                            slide_attention, write_attention_csv, write_index)
+from clam.heatmaps import (SlideAttention, explain_slide, heatmap_layout, plot_heatmap, plot_topk, slide_attention,
+                           write_attention_csv, write_index)
+from clam.tile_images import read_tile_image
 
 NAMES = ("EGFR_negative", "EGFR_positive")
 
@@ -114,8 +116,56 @@ def test_heatmap_places_tiles_with_coordinates_and_counts_the_others(positive_sl
     coords = list(coords)
     coords[0] = (COORD_SENTINEL, COORD_SENTINEL)
     slide = make_slide(names, coords, attrs, branches=2)
+    layout = heatmap_layout(slide, split_dir)
+    assert not layout.known[0] and layout.known[1:].all() and layout.have_images and not layout.thumbnail
+    percentile = np.argsort(np.argsort(slide.attention)) / (len(names) - 1)  # no ties among random scores
+    covered = np.zeros(layout.scores.shape, bool)
+    for i in range(1, len(names)):
+        left, top = layout.cell(slide.coords[i])
+        cell = layout.scores[top : top + layout.side, left : left + layout.side]
+        assert cell.shape == (layout.side, layout.side) and np.all(cell == percentile[i])  # the tile's own colour
+        tissue = np.asarray(layout.tissue)[top + layout.side // 2, left + layout.side // 2]
+        assert tissue.tolist() != [255, 255, 255]  # its image is pasted under it
+        covered[top : top + layout.side, left : left + layout.side] = True
+    assert np.isnan(layout.scores[~covered]).all()  # nothing drawn where no tile lies (and not the tile without xy)
     assert plot_heatmap(tmp_path / "map.png", slide, split_dir) is None
     assert is_png(tmp_path / "map.png")
+
+
+def test_each_tile_lands_on_its_grid_cell_and_empty_cells_stay_empty():
+    """Tiles of 100 px on a 3 x 2 grid with one cell missing: origin at the smallest position, scale 1
+    (the slide is small), every tile's square holds its attention percentile, the missing cell is NaN."""
+    positions = [(100, 50), (200, 50), (300, 50), (100, 150), (300, 150)]  # (200, 150) has no tile
+    names = [f"x{x}_y{y}.png" for x, y in positions]
+    slide = make_slide(names, positions)
+    layout = heatmap_layout(slide, None)
+    assert layout.origin.tolist() == [100, 50] and layout.scale == 1.0 and layout.side == 100
+    assert layout.scores.shape == (200, 300) and not layout.have_images
+    expected = np.full((200, 300), np.nan)
+    ranks = np.argsort(np.argsort(slide.attention)) / (len(names) - 1)
+    for (x, y), rank in zip(positions, ranks):
+        assert layout.cell(np.array([x, y])) == (x - 100, y - 50)
+        expected[y - 50 : y + 50, x - 100 : x] = rank
+    np.testing.assert_array_equal(layout.scores, expected)
+    assert np.isnan(layout.scores[100:200, 100:200]).all()  # the missing tile's cell
+    assert ranks[np.argmax(slide.attention)] == 1.0 and ranks[np.argmin(slide.attention)] == 0.0
+
+
+def test_a_large_slide_is_scaled_to_fit_and_tiles_keep_their_relative_places():
+    positions = [(0, 0), (5000, 0), (0, 2500), (5000, 2500)]
+    names = [f"x{x}_y{y}.png" for x, y in positions]
+    slide = make_slide(names, positions)
+    layout = heatmap_layout(slide, None)
+    width = 5000 + 2500  # the step between tiles (2500) is their extent
+    assert layout.scale == pytest.approx(1000 / width) and max(layout.scores.shape) == 1000
+    assert layout.side == int(np.ceil(2500 * layout.scale))
+    cells = [layout.cell(np.array(p)) for p in positions]
+    assert cells == [(0, 0), (666, 0), (0, 333), (666, 333)]
+    for (left, top), rank in zip(cells, np.argsort(np.argsort(slide.attention)) / 3):
+        # The square's far edge may lie under the next tile (the side is rounded up): its inside is the tile's.
+        assert np.all(layout.scores[top : top + layout.side - 1, left : left + layout.side - 1] == rank)
+    assert heatmap_layout(make_slide(["a.png"], [[COORD_SENTINEL, COORD_SENTINEL]]), None) == (
+        "tile names carry no coordinates, so the slide cannot be reassembled")
 
 
 @pytest.mark.parametrize("n_tiles", [1, 2, 5])

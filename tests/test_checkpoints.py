@@ -11,13 +11,18 @@ import torch
 from feature_extraction.errors import PipelineError
 
 from clam.checkpoints import (
-    make_run_dir,
+    CHECKPOINT_KEYS,
+    EXTRA_KEYS,
+    FORMAT_VERSION,
+    build_checkpoint,
     model_from_checkpoint,
     read_checkpoint,
-    resolve_device,
+    read_model_file,
     save_checkpoint,
+    saved_progress,
 )
 from clam.model import build_model
+from clam.run_files import make_run_dir
 from clam.train import load_checkpoint  # the import the specification shows
 
 
@@ -121,14 +126,59 @@ def test_only_plain_values_are_saved(tmp_path):
     assert not (tmp_path / "c.pt").exists()
 
 
-def test_devices_resolve_or_explain():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+def test_devices_resolve_or_explain(tmp_path):
+    path = tmp_path / "c.pt"
+    saved_checkpoint(path)
+    model, _ = model_from_checkpoint(path, "auto")
+    assert next(model.parameters()).device.type in ("cpu", "cuda", "mps")
     if not torch.cuda.is_available():
         with pytest.raises(PipelineError, match="no CUDA GPU"):
-            resolve_device("cuda")
+            model_from_checkpoint(path, "cuda")
     with pytest.raises(PipelineError, match="unknown device"):
-        resolve_device("tpu9")
+        load_checkpoint(checkpoint_path=path, model=build_model(in_dim=8), device="tpu9")
+
+
+def built_checkpoint(epoch: int = 2) -> dict:
+    from clam.checkpoints import SavedProgress
+
+    model = build_model("clam_sb", in_dim=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    history = [{"epoch": e, "val_loss": 1.0 / e} for e in range(1, epoch + 1)]
+    return build_checkpoint(model, optimizer, SavedProgress(epoch, 0.5, 1, 0.4, epoch - 1, history),
+                            args={"inst_loss": "ce"}, model_config=model.config.to_dict(), cache={},
+                            class_names=["EGFR_negative", "EGFR_positive"], versions={"clam": "0"}, baseline={},
+                            feature_norm={"method": "none"})
+
+
+def test_the_checkpoint_holds_exactly_the_documented_keys_and_reads_back(tmp_path):
+    import clam.checkpoints
+
+    checkpoint = built_checkpoint()
+    assert tuple(checkpoint) == CHECKPOINT_KEYS + EXTRA_KEYS
+    assert checkpoint["format_version"] == FORMAT_VERSION and checkpoint["metrics"] == checkpoint["history"][-1]
+    doc = " ".join(clam.checkpoints.__doc__.split())
+    documented = [key for key in CHECKPOINT_KEYS + EXTRA_KEYS if f"``{key}``" in doc]
+    assert documented == list(CHECKPOINT_KEYS + EXTRA_KEYS) and "``best``" not in doc
+    save_checkpoint(tmp_path / "c.pt", checkpoint)
+    progress = saved_progress(read_checkpoint(tmp_path / "c.pt"))
+    assert (progress.epoch, progress.loss, progress.best_epoch, progress.best_loss, progress.epochs_since_best) == (
+        2, 0.5, 1, 0.4, 1)
+    assert progress.history == checkpoint["history"]
+
+
+def test_a_newer_format_version_is_refused_and_older_ones_read(tmp_path):
+    checkpoint = built_checkpoint()
+    save_checkpoint(tmp_path / "newer.pt", {**checkpoint, "format_version": FORMAT_VERSION + 1})
+    for read in (read_checkpoint, read_model_file):
+        with pytest.raises(PipelineError, match=f"format version {FORMAT_VERSION + 1}, newer than this code"):
+            read(tmp_path / "newer.pt")
+    with pytest.raises(PipelineError, match="newer than this code"):
+        load_checkpoint(checkpoint_path=tmp_path / "newer.pt", model=build_model(in_dim=8), device="cpu")
+    unversioned = {k: v for k, v in checkpoint.items() if k != "format_version"}
+    save_checkpoint(tmp_path / "old.pt", unversioned)
+    assert read_checkpoint(tmp_path / "old.pt")["epoch"] == 2
+    _, _, epoch, loss = load_checkpoint(checkpoint_path=tmp_path / "old.pt", model=build_model(in_dim=8))
+    assert (epoch, loss) == (2, 0.5)
 
 
 # ---------------------------------------------------------------- weights of mahmoodlab/CLAM

@@ -11,10 +11,12 @@ import pytest
 
 from feature_extraction.errors import PipelineError
 
-from clam.crossval import SPLITS_FILE, cross_validate, fold_splits, make_folds, read_folds, write_folds
+from clam.crossval import cross_validate, evaluate_folds
 from clam.data import BagRecord
-from clam.evaluate import EvaluateConfig, evaluate
+from clam.eval_config import EvaluateConfig
+from clam.folds import fold_splits, make_folds, read_folds, write_folds
 from clam.metrics import auc_with_ci, epoch_metrics
+from clam.run_files import SPLITS_FILE
 from clam.train import TrainConfig, main
 from tests.random_data import cohort_slides, write_random_cache
 
@@ -106,7 +108,7 @@ def test_too_many_folds_refused():
 
 
 def test_cross_validation_run_summary_and_evaluation(tmp_path, cache):
-    parent = cross_validate(quick(tmp_path, cache), log=lambda _: None, n_bootstrap=50)
+    parent = cross_validate(quick(tmp_path, cache), n_bootstrap=50)
     for k in (1, 2, 3):
         fold = parent / f"fold_{k}"
         assert {"config.json", "best_model.pt", "checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt"} <= {
@@ -158,7 +160,7 @@ def test_cross_validation_run_summary_and_evaluation(tmp_path, cache):
 
     # reuse of the splits file: identical folds in a new run
     again = cross_validate(quick(tmp_path, cache, folds=0, splits=str(parent / SPLITS_FILE), num_epochs=1),
-                           log=lambda _: None, n_bootstrap=0)
+                           n_bootstrap=0)
     assert again != parent
     assert read_csv(again / SPLITS_FILE) == read_csv(parent / SPLITS_FILE)
 
@@ -166,9 +168,9 @@ def test_cross_validation_run_summary_and_evaluation(tmp_path, cache):
     labels_csv = tmp_path / "labels.csv"
     labels_csv.write_text("slide_id,label,patient_id\n" + "".join(
         f"{s['slide_id']},{s['label']},{s['patient_id']}\n" for s in slides))
-    result = evaluate(EvaluateConfig(checkpoint=parent, labels_csv=labels_csv, features_dir=cache,
-                                     output_dir=tmp_path / "eval", device="cpu", num_workers=0, n_bootstrap=20,
-                                     attention="none", progress=False), log=lambda _: None)
+    result = evaluate_folds(EvaluateConfig(checkpoint=parent, labels_csv=labels_csv, features_dir=cache,
+                                           output_dir=tmp_path / "eval", device="cpu", num_workers=0,
+                                           n_bootstrap=20, attention="none", progress=False))
     assert set(result.metrics["folds"]) == {"fold_1", "fold_2", "fold_3"}
     assert all((tmp_path / "eval" / f"fold_{k}" / "metrics.json").is_file() for k in (1, 2, 3))
     ensemble = read_csv(tmp_path / "eval" / "predictions.csv")
@@ -223,7 +225,7 @@ def test_held_out_folds_remove_the_selection_bias_of_validating_on_the_test_pati
     import torch
 
     from clam.checkpoints import model_from_checkpoint
-    from clam.evaluate import aggregate_patients
+    from clam.inference import aggregate_patients
     from feature_extraction.bags import read_bag
     from tests.test_learning import transform_cache
 
@@ -234,7 +236,7 @@ def test_held_out_folds_remove_the_selection_bias_of_validating_on_the_test_pati
                             lambda f, _: rng.normal(size=f.shape).astype(np.float32))
     parent = cross_validate(quick(tmp_path, noise, folds=8, num_epochs=15, val_fraction=0.25, seed=1,
                                   learning_rate=1e-3),
-                            log=lambda _: None, n_bootstrap=0)
+                            n_bootstrap=0)
     summary = json.loads((parent / "summary.json").read_text())
     held_out = summary["pooled_oof"]["auc"]["auc"]
 

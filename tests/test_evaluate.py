@@ -4,8 +4,10 @@ aggregation, refused caches, one class only, more than two classes, CLAM-MB atte
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,10 @@ from random_data import (RandomSlide, cohort_slides, write_cohort_folders, write
 
 from clam import attention as attention_cli
 from clam import evaluate as evaluate_cli
-from clam.checkpoints import BEST_NAME, read_checkpoint, save_checkpoint
-from clam.evaluate import EvaluateConfig, evaluate, newest_checkpoint
+from clam.checkpoints import read_checkpoint, save_checkpoint
+from clam.eval_config import EvaluateConfig
+from clam.evaluation import evaluate
+from clam.run_files import BEST_NAME, newest_run
 from clam.model import build_model
 
 FEATURE_DIM = 32
@@ -92,7 +96,27 @@ def evaluated(test_cohort):
     checkpoint = make_checkpoint(root / "runs" / "run_20260101_000000", cache_dir, signal_weight=2.0)
     config = EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0,
                             n_bootstrap=N_BOOTSTRAP, top_k=3, progress=False)
-    return evaluate(config, log=lambda _: None)
+    return evaluate(config)
+
+
+@contextlib.contextmanager
+def logged_lines():
+    """The messages clam logs at INFO and above meanwhile, as a list filled while it runs."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger, handler = logging.getLogger("clam"), Collect(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -193,9 +217,53 @@ def test_default_checkpoint_is_the_newest_runs_best_model(tmp_path):
         (runs / name).mkdir(parents=True)
         (runs / name / BEST_NAME).write_bytes(b"x")
     (runs / "run_20270101_000000").mkdir()  # a run that has not saved a best model yet
-    assert newest_checkpoint(runs) == runs / "run_20260102_000000" / BEST_NAME
+    chosen = newest_run(runs)
+    assert chosen.checkpoint == runs / "run_20260102_000000" / BEST_NAME and not chosen.crossval
+    assert chosen.describe().endswith(": run_20260102_000000 (single run: best_model.pt)")
+    # A newer cross-validation run (no best_model.pt of its own, one per fold) wins over them.
+    cv = runs / "run_20260103_000000"
+    for fold in (1, 2, 3):
+        (cv / f"fold_{fold}").mkdir(parents=True)
+        (cv / f"fold_{fold}" / BEST_NAME).write_bytes(b"x")
+    (cv / "splits.csv").write_text("slide_id,patient_id,label,fold\n")
+    chosen = newest_run(runs)
+    assert chosen.checkpoint == cv and chosen.crossval and chosen.n_folds == 3
+    assert f"newest run in {runs}: run_20260103_000000 (cross-validation, 3 folds" in chosen.describe()
     with pytest.raises(PipelineError, match="no training run"):
-        newest_checkpoint(tmp_path / "empty")
+        newest_run(tmp_path / "empty")
+
+
+def write_crossval_run(parent: Path, cache_dir: Path, n_folds: int = 2) -> None:
+    """A --folds run as clam.train writes it, reduced to what evaluation reads: splits.csv, and per fold
+    config.json and best_model.pt."""
+    parent.mkdir(parents=True)
+    (parent / "splits.csv").write_text("slide_id,patient_id,label,fold\nEGFR_negative__P900,P900,0,1\n")
+    for fold in range(1, n_folds + 1):
+        make_checkpoint(parent / f"fold_{fold}", cache_dir, seed=fold, signal_weight=2.0)
+        (parent / f"fold_{fold}" / "config.json").write_text(json.dumps({"epoch": 3, "data": {"n_val_bags": 2}}))
+
+
+def test_without_checkpoint_the_newest_run_is_evaluated_whatever_its_kind(test_cohort, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Issue 19: an older single run and a newer cross-validation run in clam/checkpoints: the newer one
+    is evaluated (each fold's model and their ensemble), and the first line says which run and why."""
+    root, data_dir, cache_dir, _ = test_cohort
+    monkeypatch.setenv("CLAM_PROJECT_ROOT", str(tmp_path))
+    runs = tmp_path / "clam" / "checkpoints"
+    make_checkpoint(runs / "run_20260101_000000", cache_dir)
+    write_crossval_run(runs / "run_20260102_000000", cache_dir)
+    monkeypatch.chdir(tmp_path)
+    code = evaluate_cli.main(["--data_dir", str(data_dir), "--split", "train", "--num_workers", "0",
+                              "--n_bootstrap", "20", "--attention", "none"])
+    assert code == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == ("checkpoint: newest run in clam/checkpoints: run_20260102_000000 (cross-validation, "
+                          "2 folds: each fold's model and their ensemble)")
+    assert not list((runs / "run_20260101_000000").glob("eval_*"))  # the older single run is left alone
+    (evaluated,) = (runs / "run_20260102_000000").glob("eval_*")
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert sorted(metrics["folds"]) == ["fold_1", "fold_2"] and "ensemble" in metrics
+    assert all((evaluated / f"fold_{k}" / "predictions.csv").is_file() for k in (1, 2))
 
 
 def test_a_cache_with_another_key_is_refused(test_cohort, tmp_path, capsys):
@@ -203,7 +271,7 @@ def test_a_cache_with_another_key_is_refused(test_cohort, tmp_path, capsys):
     checkpoint = make_checkpoint(tmp_path / "run_20260101_000000", cache_dir, cache_key="another-key")
     config = EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0, progress=False)
     with pytest.raises(PipelineError, match="another-key"):
-        evaluate(config, log=lambda _: None)
+        evaluate(config)
     # The command line prints the message without a traceback and exits 2.
     code = evaluate_cli.main(["--checkpoint", str(checkpoint), "--data_dir", str(data_dir), "--split", "train",
                               "--num_workers", "0"])
@@ -222,7 +290,7 @@ def test_bags_of_another_cache_in_a_labels_csv_are_refused(test_cohort, tmp_path
     config = EvaluateConfig(checkpoint=checkpoint, labels_csv=labels, features_dir=cache_dir, num_workers=0,
                             progress=False)
     with pytest.raises(PipelineError, match="cache key"):
-        evaluate(config, log=lambda _: None)
+        evaluate(config)
 
 
 def test_a_model_of_another_feature_dimension_is_refused(test_cohort, tmp_path):
@@ -230,7 +298,7 @@ def test_a_model_of_another_feature_dimension_is_refused(test_cohort, tmp_path):
     checkpoint = make_checkpoint(tmp_path / "run_1", cache_dir, in_dim=FEATURE_DIM * 2)
     config = EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0, progress=False)
     with pytest.raises(PipelineError, match="feature dimension"):
-        evaluate(config, log=lambda _: None)
+        evaluate(config)
 
 
 def test_one_class_only_reports_undefined_auc_without_crashing(tmp_path):
@@ -238,9 +306,9 @@ def test_one_class_only_reports_undefined_auc_without_crashing(tmp_path):
     cache_dir = write_random_cache(tmp_path / "features", slides, feature_dim=FEATURE_DIM, cache_key=CACHE_KEY)
     data_dir = write_cohort_folders(tmp_path / "test", slides)
     checkpoint = make_checkpoint(tmp_path / "run_20260101_000000", cache_dir)
-    lines: list[str] = []
-    result = evaluate(EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, num_workers=0, n_bootstrap=50,
-                                     attention="none", progress=False), log=lines.append)
+    with logged_lines() as lines:
+        result = evaluate(EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, num_workers=0, n_bootstrap=50,
+                                         attention="none", progress=False))
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
     for level in ("per_slide", "per_patient"):
         assert metrics[level]["auc"]["auc"] is None and metrics[level]["auc"]["ci_low"] is None
@@ -261,7 +329,7 @@ def test_more_than_two_classes_from_a_labels_csv(tmp_path):
                                  cache_key=None)
     result = evaluate(EvaluateConfig(checkpoint=checkpoint, labels_csv=labels_csv, features_dir=tmp_path / "bags",
                                      num_workers=0, n_bootstrap=N_BOOTSTRAP, attention=("S00", "S05"), top_k=2,
-                                     progress=False), log=lambda _: None)
+                                     progress=False))
     rows = read_csv(result.output_dir / "predictions.csv")
     assert [c for c in rows[0] if c.startswith("prob_")] == ["prob_class_0", "prob_class_1", "prob_class_2"]
     y = np.array([int(r["label"]) for r in rows])
@@ -285,7 +353,7 @@ def test_unknown_attention_slide_is_refused(test_cohort, tmp_path):
     config = EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0,
                             attention=("nope",), progress=False)
     with pytest.raises(PipelineError, match="nope"):
-        evaluate(config, log=lambda _: None)
+        evaluate(config)
 
 
 def test_attention_command_line_for_chosen_slides(test_cohort, tmp_path, capsys):
@@ -332,7 +400,7 @@ def trained_on_tiny_cohort(tiny_cohort, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_run")
     run_dir = train(TrainConfig(data_dir=str(tiny_cohort.split_dirs["train"]), features_dir=str(root / "features"),
                                 weights="random", num_epochs=2, num_workers=0, device="cpu", progress=False,
-                                output_dir=str(root / "runs")), log=lambda _: None)
+                                output_dir=str(root / "runs")))
     return root, run_dir
 
 
@@ -344,7 +412,7 @@ def test_end_to_end_embeds_the_missing_test_slides_with_the_checkpoints_configur
     train_cache = Path(checkpoint["cache"]["cache_dir"])
     test_dir = tiny_cohort.split_dirs["test"]
     result = evaluate(EvaluateConfig(data_dir=test_dir, checkpoint=run_dir / BEST_NAME, num_workers=0,
-                                     n_bootstrap=N_BOOTSTRAP, device="cpu", progress=False), log=lambda _: None)
+                                     n_bootstrap=N_BOOTSTRAP, device="cpu", progress=False))
     rows = read_csv(result.output_dir / "predictions.csv")
     assert len(rows) == 2 and {r["class_folder"] for r in rows} == {"C-S-EGFR_positive", "C-S-EGFR_negative"}
     # The test slides went into the cache the model was trained on: same key, same folder.
@@ -372,7 +440,7 @@ def test_slides_embedded_to_another_key_than_the_checkpoints_are_refused(tiny_co
     config = EvaluateConfig(data_dir=tiny_cohort.split_dirs["test"], checkpoint=tmp_path / "run_1" / BEST_NAME,
                             features_dir=tmp_path / "features", num_workers=0, device="cpu", progress=False)
     with pytest.raises(PipelineError, match="was trained on") as refused:
-        evaluate(config, log=lambda _: None)
+        evaluate(config)
     assert "weights_digest 'ffff" in str(refused.value) and "Nothing was embedded" in str(refused.value)
     assert not list((tmp_path / "run_1").glob("eval_*"))
     assert not list(tmp_path.rglob("*.h5"))  # refused before a tile was embedded, not after the whole split
@@ -389,7 +457,7 @@ def test_slides_that_failed_embedding_are_reported_not_reembedded(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "run_1", cache_dir)
     # The checkpoint's weights ("imagenet") cannot be had here: any embedding attempt would fail.
     result = evaluate(EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, num_workers=0, n_bootstrap=50,
-                                     attention="none", progress=False), log=lambda _: None)
+                                     attention="none", progress=False))
     assert len(result.slides) == len(embedded)
     assert list(result.metrics["left_out"]) == [failed.slide_id]
 
@@ -399,7 +467,7 @@ def test_slides_that_failed_embedding_are_reported_not_reembedded(tmp_path):
 
 def write_split_csv(run_dir: Path, rows: list[tuple[str, str, int, str]]) -> None:
     """A run's split.csv (clam.splits' columns): (slide_id, patient_id, label, set) per row."""
-    from clam.splits import SPLIT_COLUMNS, SPLIT_FILE
+    from clam.run_files import SPLIT_COLUMNS, SPLIT_FILE
 
     with open(run_dir / SPLIT_FILE, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -408,10 +476,10 @@ def write_split_csv(run_dir: Path, rows: list[tuple[str, str, int, str]]) -> Non
 
 
 def evaluate_quietly(checkpoint: Path, data_dir: Path, **kwargs):
-    lines: list[str] = []
     config = EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0, n_bootstrap=20,
                             attention="none", progress=False, **kwargs)
-    return evaluate(config, log=lines.append), lines
+    with logged_lines() as lines:
+        return evaluate(config), lines
 
 
 def test_slides_and_patients_the_run_trained_or_validated_on_are_leakage(test_cohort, tmp_path):
@@ -568,11 +636,10 @@ def test_a_model_trained_on_a_cache_folder_embeds_missing_slides_with_that_cache
     copy = tmp_path / "features" / cache.name
     shutil.copytree(cache, copy, ignore=shutil.ignore_patterns("C-S-*"))  # the train split's bags only
     run_dir = train(TrainConfig(features_dir=str(copy), num_epochs=1, num_workers=0, device="cpu", progress=False,
-                                output_dir=str(tmp_path / "runs")), log=lambda _: None)
+                                output_dir=str(tmp_path / "runs")))
     checkpoint = read_checkpoint(run_dir / BEST_NAME)
     assert checkpoint["args"]["weights"] == "imagenet" and checkpoint["cache"]["weights"] == "random"
     result = evaluate(EvaluateConfig(data_dir=tiny_cohort.split_dirs["test"], checkpoint=run_dir / BEST_NAME,
-                                     num_workers=0, n_bootstrap=0, device="cpu", attention="none", progress=False),
-                      log=lambda _: None)
+                                     num_workers=0, n_bootstrap=0, device="cpu", attention="none", progress=False))
     assert result.metrics["cache_key"] == checkpoint["cache"]["cache_key"]
     assert all((copy / f"{row['slide_id']}.h5").is_file() for row in result.slides)

@@ -4,6 +4,7 @@ logistic-regression baseline every run is compared with (issue: feature scale an
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -16,7 +17,9 @@ from clam.baselines import PooledBaseline, comparison, fit_baseline, pool_bags
 from clam.checkpoints import model_from_checkpoint, read_checkpoint
 from clam.data import feature_statistics
 from clam.model import ModelConfig, model_from_config
-from clam.train import RunState, TrainConfig, compare_with_baseline, train
+from clam.run_record import RunState
+from clam.train import TrainConfig, train
+from clam.training import compare_with_baseline
 from feature_extraction.bags import read_attrs, read_bag, write_bag
 from tests.random_data import cohort_slides, write_random_cache
 
@@ -86,7 +89,7 @@ def test_training_on_features_scaled_x30_offset_30_learns_as_on_the_originals(tm
     scaled = transform_cache(cache, tmp_path / "scaled" / cache.name, lambda f, _: f * 30 + 30)
     runs = {}
     for name, folder in (("original", cache), ("scaled", scaled)):
-        run = train(quick(tmp_path / name, folder), log=lambda m: None)
+        run = train(quick(tmp_path / name, folder))
         runs[name] = json.loads((run / "config.json").read_text())
     original, rescaled = runs["original"]["metrics"], runs["scaled"]["metrics"]
     for a, b in zip(original, rescaled):
@@ -94,13 +97,13 @@ def test_training_on_features_scaled_x30_offset_30_learns_as_on_the_originals(tm
         assert b["val_auc"] == pytest.approx(a["val_auc"], abs=1e-6)
     assert runs["scaled"]["feature_norm"]["method"] == "standard"
     assert runs["scaled"]["feature_norm"]["mean_range"][0] > 20  # the statistics are the scaled ones
-    raw = train(quick(tmp_path / "raw", scaled, feature_norm="none"), log=lambda m: None)
+    raw = train(quick(tmp_path / "raw", scaled, feature_norm="none"))
     raw_metrics = json.loads((raw / "config.json").read_text())["metrics"]
     assert raw_metrics[0]["train_loss"] > 2 * original[0]["train_loss"]  # what main did: a wandering loss
 
 
 def test_statistics_come_from_the_training_bags_only(tmp_path, cache):
-    run = train(quick(tmp_path, cache, num_epochs=1), log=lambda m: None)
+    run = train(quick(tmp_path, cache, num_epochs=1))
     model, checkpoint = model_from_checkpoint(run / "best_model.pt")
     split = (run / "split.csv").read_text().splitlines()[1:]
     train_ids = [line.split(",")[0] for line in split if line.endswith(",train")]
@@ -122,7 +125,7 @@ def test_degenerate_bags_train_and_predict_without_nan(tmp_path, cache, kind):
         return np.repeat(features[:1], len(features), axis=0)
 
     folder = transform_cache(cache, tmp_path / kind / cache.name, degenerate)
-    run = train(quick(tmp_path, folder, num_epochs=2), log=lambda m: None)
+    run = train(quick(tmp_path, folder, num_epochs=2))
     info = json.loads((run / "config.json").read_text())
     assert all(math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]) for row in info["metrics"])
     model, _ = model_from_checkpoint(run / "best_model.pt")
@@ -158,16 +161,16 @@ def test_pooling():
     np.testing.assert_array_equal(pool_bags(bags, "max"), [[3.0, 5.0], [2.0, 2.0]])
 
 
-def test_every_run_records_the_baseline_beside_clam(tmp_path, cache):
-    lines = []
-    run = train(quick(tmp_path, cache), log=lines.append)
+def test_every_run_records_the_baseline_beside_clam(tmp_path, cache, caplog):
+    caplog.set_level(logging.INFO)
+    run = train(quick(tmp_path, cache))
     info = json.loads((run / "config.json").read_text())
     baseline = info["baseline"]
     assert baseline["method"] == "logistic regression on mean-pooled features"
     assert 0.0 <= baseline["val_auc"] <= 1.0 and baseline["n_val_bags"] == info["data"]["n_val_bags"]
     best = next(r for r in info["metrics"] if r["epoch"] == info["best_epoch"])
     assert baseline["clam_val_auc"] == best["val_auc"]
-    assert any("validation AUC: CLAM" in line and "baseline" in line for line in lines)
+    assert any("validation AUC: CLAM" in line and "baseline" in line for line in caplog.messages)
     saved = read_checkpoint(run / "best_model.pt")["baseline"]
     fitted = PooledBaseline.from_dict(saved["params"])
     assert fitted.coef.shape == (1, 16) and saved["val_auc"] == baseline["val_auc"]
@@ -184,18 +187,19 @@ def test_a_clearly_worse_clam_ends_with_a_warning():
 
 
 def test_evaluation_reports_the_baseline_beside_clam_on_the_external_cohort(tmp_path):
-    from clam.evaluate import EvaluateConfig, evaluate, summary_table
+    from clam.eval_config import EvaluateConfig
+    from clam.evaluation import evaluate, summary_table
     from clam.metrics import auc_with_ci
 
     slides = cohort_slides(16, "train", seed=5) + cohort_slides(10, "test", with_cnn=False, seed=6)
     cache = write_random_cache(tmp_path / "features", slides, feature_dim=16)
-    run = train(quick(tmp_path, cache), log=lambda m: None)
+    run = train(quick(tmp_path, cache))
     external = [s for s in slides if s.split == "test"]
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label,patient_id\n" + "".join(f"{s.slide_id},{s.label},{s.patient_id}\n" for s in external))
     result = evaluate(EvaluateConfig(checkpoint=run / "best_model.pt", labels_csv=labels, features_dir=cache,
                                      output_dir=tmp_path / "eval", device="cpu", num_workers=0, n_bootstrap=50,
-                                     attention="none", progress=False), log=lambda m: None)
+                                     attention="none", progress=False))
     baseline = result.metrics["baseline"]
     assert baseline["method"] == "logistic regression on mean-pooled features"
     assert baseline["per_slide"]["n"] == len(external) and baseline["per_patient"]["auc"]["ci_low"] is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -17,7 +18,8 @@ import torch
 from feature_extraction.bags import bag_path
 
 from clam.checkpoints import model_from_checkpoint
-from clam.train import RunState, TrainConfig, load_checkpoint, main, train
+from clam.run_record import RunState
+from clam.train import TrainConfig, load_checkpoint, main, train
 from tests.random_data import cohort_slides, write_cohort_folders, write_random_bag_folder, write_random_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,7 +252,7 @@ def test_the_model_computes_the_instance_loss_in_eval_mode_when_asked():
 def test_validation_logs_the_instance_loss_and_accuracy_and_monitors_the_bag_loss(project, tmp_path):
     from clam.data import BagDataset
     from clam.splits import read_split
-    from clam.train import load_bags
+    from clam.training import load_bags
 
     config = quick(tmp_path, k_sample=2, val_fraction=0.3)
     run = train(config)
@@ -261,7 +263,7 @@ def test_validation_logs_the_instance_loss_and_accuracy_and_monitors_the_bag_los
 
     # The epoch-2 numbers, recomputed bag by bag with CLAM's validation code on the epoch-2 weights.
     model, _ = model_from_checkpoint(run / "checkpoint_epoch_2.pt", "cpu")
-    split = read_split(run / "split.csv", load_bags(config, lambda _: None).records)
+    split = read_split(run / "split.csv", load_bags(config).records)
     bags = BagDataset(split.val, 0, 0, False, in_memory=True, progress=False)
     bag_losses, instance_losses, correct, total = [], [], 0, 0
     with torch.inference_mode():
@@ -282,16 +284,17 @@ def test_validation_logs_the_instance_loss_and_accuracy_and_monitors_the_bag_los
 # ---------------------------------------------------------------- --max_tiles and --sample_tiles
 
 
-def test_max_tiles_cuts_bags_to_the_embedding_subset_and_sample_tiles_draws_per_epoch(project, tmp_path, capsys):
+def test_max_tiles_cuts_bags_to_the_embedding_subset_and_sample_tiles_draws_per_epoch(project, tmp_path, caplog):
     from feature_extraction.bags import read_bag
     from feature_extraction.sources import select_subset
 
     from clam.data import BagDataset
-    from clam.train import load_bags
+    from clam.training import load_bags
 
     config = quick(tmp_path, max_tiles=10)
-    bags = load_bags(config, print)
-    assert "bags hold more tiles" in capsys.readouterr().out
+    caplog.set_level(logging.INFO)
+    bags = load_bags(config)
+    assert "bags hold more tiles" in caplog.text
     big = [r for r in bags.records if r.rows is not None]
     assert big and all(r.n_instances <= 10 for r in bags.records)
     for record in bags.records:
@@ -359,21 +362,21 @@ class _AdamWithoutFused(torch.optim.Adam):
 
 
 def test_adam_falls_back_from_fused_when_torch_refuses_it(project, tmp_path, monkeypatch):
-    from clam import train as train_module
+    from clam.epochs import is_fused, make_optimizer
 
     model = torch.nn.Linear(3, 2)
     config = quick(tmp_path)
-    assert train_module._is_fused(train_module.make_optimizer(model, config, torch.device("cpu")))  # this torch has it
+    assert is_fused(make_optimizer(model, config, torch.device("cpu")))  # this torch has it
     monkeypatch.setattr(torch.optim, "Adam", _AdamWithoutFused)
-    optimizer = train_module.make_optimizer(model, config, torch.device("cpu"))
-    assert not train_module._is_fused(optimizer) and len(optimizer.param_groups[0]["params"]) == 2  # every parameter
+    optimizer = make_optimizer(model, config, torch.device("cpu"))
+    assert not is_fused(optimizer) and len(optimizer.param_groups[0]["params"]) == 2  # every parameter
     run = train(config)  # a whole run on the fallback
     assert json.loads((run / "config.json").read_text())["optimizer"] == {"name": "Adam", "fused": False}
     # A torch older than 2.4 is not even asked for the fused kernel on a CPU.
     asked = []
     monkeypatch.setattr(torch.optim, "Adam", lambda params, **kwargs: asked.append(kwargs) or _AdamWithoutFused(params, **kwargs))
     monkeypatch.setattr(torch, "__version__", "2.2.2+cpu")
-    train_module.make_optimizer(model, config, torch.device("cpu"))
+    make_optimizer(model, config, torch.device("cpu"))
     assert asked == [{"lr": 1e-4, "weight_decay": 1e-5}]
 
 
@@ -390,7 +393,7 @@ def test_a_checkpoint_of_a_fused_run_resumes_on_the_fallback(project, tmp_path, 
 
 
 def test_mb_svm_subtyping_padded_batches(project, tmp_path):
-    run = train(quick(tmp_path, model_type="clam_mb", inst_loss="svm", subtyping=True, batch_size=4,
+    run = train(quick(tmp_path, model_type="clam_mb", instance_loss="svm", subtyping=True, batch_size=4,
                       balance="sampler", model_size="big", k_sample=30))
     checkpoint = torch.load(run / "checkpoint_epoch_2.pt", weights_only=True)
     assert checkpoint["model_config"]["model_type"] == "clam_mb"
