@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -278,17 +277,17 @@ def _embed_missing(
     max_tiles, seed = int(loaded.cache.get("max_tiles", 0)), int(loaded.cache.get("seed", 0))
     log(f"feature cache: {len(missing)} of {len(slide_ids)} slides of {data_dir} are not in {cache_dir}; "
         f"embedding them first with the checkpoint's {backbone} / {weights} (max_tiles {max_tiles}, seed {seed}).")
-    from feature_extraction.embed import CacheKeyMismatch, embed_cohort  # stage 1 is loaded only when needed
-    from feature_extraction.wsi import WsiConfig
+    from feature_extraction.embed import CacheKeyMismatch, EmbedConfig, embed_cohort  # stage 1 only when needed
 
-    tiling = loaded.cache.get("wsi_tiling") or ""  # whole slides are tiled as they were for training
+    # The checkpoint's cache entry replays: whole slides are tiled as for training (its wsi_tiling),
+    # and a configuration that no longer gives its cache key is refused before a tile is embedded.
+    replay = EmbedConfig.from_dict({
+        **loaded.cache, "backbone": backbone, "weights": weights, "max_tiles": max_tiles, "seed": seed,
+        "num_workers": config.num_workers, "device": config.device, "progress": config.progress,
+        "expected_cache_key": loaded.cache_key,
+    })
     try:
-        report = embed_cohort(
-            data_dir, config.split, features_dir=cache_dir.parent, backbone=backbone, weights=weights,
-            max_tiles=max_tiles, seed=seed, num_workers=config.num_workers, device=config.device,
-            progress=config.progress, wsi=WsiConfig.from_dict(json.loads(tiling)) if tiling else None,
-            expected_cache_key=loaded.cache_key,  # refused before a tile is embedded
-        )
+        report = embed_cohort(replay, data_dir, config.split, cache_dir.parent)
     except CacheKeyMismatch as mismatch:
         raise PipelineError(
             f"embedding {data_dir} with the checkpoint's backbone {backbone!r} and weights {weights!r} now gives "
