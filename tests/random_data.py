@@ -95,7 +95,7 @@ def random_bag_attrs(slide: RandomSlide, config: ExtractionConfig | None) -> Bag
         weights_random=False, weights_source="tests/random_data.py", transform=config.transform if config else "",
         tile_size=config.input_size if config else 0, max_tiles=config.max_tiles if config else 0,
         seed=config.seed if config else 0, subset_rule=config.subset_rule if config else "",
-        tiles_digest=hashlib.sha256(slide.slide_id.encode("utf-8")).hexdigest(), n_available=slide.n_instances,
+        tiles_digest="", n_available=slide.n_instances,  # made of no tiles: never stale against a folder
         n_selected=slide.n_instances, n_skipped=0, skipped_tiles=(), n_ignored_files=0, package_version="test",
         runtime="random", precision="fp32", device="cpu", embedded_at="2026-01-01T00:00:00+00:00",
     )

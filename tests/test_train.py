@@ -501,7 +501,7 @@ def auc_on_test_split(checkpoint: Path, cache_dir: Path) -> float | None:
 @pytest.mark.slow
 def test_default_training_on_the_example_cohort_reaches_a_test_auc_of_0_9(tmp_path):
     from feature_extraction.backbones import load_backbone
-    from feature_extraction.embed import embed_cohort
+    from feature_extraction.embed import EmbedConfig, embed_cohort
     from feature_extraction.errors import PipelineError
     from feature_extraction.example_cohort import build_example_cohort
 
@@ -514,8 +514,8 @@ def test_default_training_on_the_example_cohort_reaches_a_test_auc_of_0_9(tmp_pa
     build_example_cohort(tmp_path, seed=0)
     run = train(TrainConfig(data_dir=str(tmp_path / "train"), features_dir=str(tmp_path / "features"),
                             output_dir=str(tmp_path / "runs"), weights=weights, progress=False))  # embeds first
-    report = embed_cohort(tmp_path / "test", "test", features_dir=tmp_path / "features", weights=weights,
-                          progress=False)
+    report = embed_cohort(EmbedConfig(weights=weights, progress=False), tmp_path / "test", "test",
+                          features_dir=tmp_path / "features")
     auc = auc_on_test_split(run / "best_model.pt", report.cache_dir)
     assert auc >= 0.9
     # The same bags x30 + 30 (a scale where CLAM on raw features wandered): standardised, the same AUC.
