@@ -18,7 +18,8 @@ from feature_extraction.bags import bag_path
 
 from clam.checkpoints import model_from_checkpoint
 from clam.train import RunState, TrainConfig, load_checkpoint, main, train
-from tests.random_data import cohort_slides, write_cohort_folders, write_random_bag_folder, write_random_cache
+from tests.random_data import (cohort_slides, random_cache_config, write_cohort_folders, write_random_bag_folder,
+                               write_random_cache)
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_KEYS = {"model_state_dict", "optimizer_state_dict", "epoch", "loss", "args"}
@@ -109,7 +110,7 @@ def test_run_layout_and_checkpoint_contents(project):
     assert config["epoch"] == 2 and config["loss"] == history[-1]["val_loss"]
     best = min(history, key=lambda row: row["val_loss"])
     assert (config["best_epoch"], config["best_loss"]) == (best["epoch"], best["val_loss"])
-    assert config["cache"]["cache_key"] == "resnet50_trunc-imagenet-224px-max100-seed0-testkey0"
+    assert config["cache"]["cache_key"] == random_cache_config(24).cache_key
     assert config["imbalance"]["method"] == "loss" and len(config["imbalance"]["class_weights"]) == 2
     assert {"torch", "numpy", "h5py", "scikit-learn"} <= set(config["versions"])
     assert config["loader"]["in_memory"] is True and config["loader"]["num_workers"] == 0

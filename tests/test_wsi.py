@@ -526,9 +526,9 @@ def test_tile_cli_single_files_and_errors(tmp_path, slides, capsys):
 def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     """A class folder holding an .svs and a patient folder holding a pyramidal TIFF embed into
     bags with level-0 coords and the CLAM/TRIDENT attributes; a corrupt slide is skipped by name."""
-    from feature_extraction.bags import read_bag, validate_bag
     from dataclasses import replace
 
+    from feature_extraction.bags import read_bag, validate_bag
     from feature_extraction.embed import EmbedConfig, embed_cohort, format_summary
 
     data = tmp_path / "data"
