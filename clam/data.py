@@ -40,7 +40,7 @@ from feature_extraction.cache import (
     find_cache,
     is_cache_dir,
     is_usable,
-    read_cache_config,
+    read_cache_config,  # noqa: F401 - imported from here by clam.train, clam.evaluate and benchmarks
     read_manifest,
 )
 from feature_extraction.embed import EmbedConfig, embed_cohort
@@ -50,8 +50,6 @@ from feature_extraction.runtime import available_cores
 from feature_extraction.tiles import select_subset
 
 log = logging.getLogger(__name__)
-# Re-exported for clam.train and clam.evaluate, which find caches through this module.
-__all__ = ["find_cache", "is_cache_dir", "read_cache_config"]
 
 IN_MEMORY_FRACTION = 0.25  # a cache up to this share of the free memory is read into memory once
 
@@ -272,7 +270,7 @@ def validate_records(
         stamp = bag_stamp(record.path)  # before: a bag replaced from here on counts as changed
         summary = validate_bag(record.path, feature_dim=feature_dim, cache_key=expected_key)
         feature_dim = summary.feature_dim
-        typed = summary.bag_attrs  # None for a bag of another tool (a labels CSV's CLAM, TRIDENT or STAMP bags)
+        typed = summary.bag_attrs  # None for another tool's bag (CLAM, TRIDENT or STAMP, from a labels CSV)
         key = (typed.cache_key if typed is not None else summary.attrs.get("cache_key")) or None
         keys.setdefault(key, record.slide_id)
         if len(keys) > 1:

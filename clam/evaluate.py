@@ -277,7 +277,7 @@ def _embed_missing(
     max_tiles, seed = int(loaded.cache.get("max_tiles", 0)), int(loaded.cache.get("seed", 0))
     log(f"feature cache: {len(missing)} of {len(slide_ids)} slides of {data_dir} are not in {cache_dir}; "
         f"embedding them first with the checkpoint's {backbone} / {weights} (max_tiles {max_tiles}, seed {seed}).")
-    from feature_extraction.embed import CacheKeyMismatch, EmbedConfig, embed_cohort  # stage 1 only when needed
+    from feature_extraction.embed import CacheKeyMismatch, EmbedConfig, embed_cohort  # stage 1 when needed
 
     # The checkpoint's cache entry replays: whole slides are tiled as for training (its wsi_tiling),
     # and a configuration that no longer gives its cache key is refused before a tile is embedded.

@@ -95,8 +95,8 @@ class BagAttrs:
         raw = _upgraded(dict(raw), path)
         missing = [key for key in REQUIRED_KEYS if key not in raw]
         if missing:
-            raise BagError(f"bag {path} (format_version {raw[FORMAT_KEY]}) lacks the attributes {missing}: it was "
-                           "not written (completely) by `python -m feature_extraction.embed`. Delete it and "
+            raise BagError(f"bag {path} (format_version {raw[FORMAT_KEY]}) lacks the attributes {missing}: "
+                           "it was not written (completely) by `python -m feature_extraction.embed`. Delete it and "
                            "re-embed the slide.")
         values: dict[str, Any] = {"extra": {k: v for k, v in raw.items() if k not in _KINDS}}
         for key, kind in _KINDS.items():
@@ -131,7 +131,8 @@ def _upgraded(raw: dict[str, Any], path: str | Path) -> dict[str, Any]:
     try:
         version = int(raw[FORMAT_KEY])
     except (TypeError, ValueError):
-        raise BagError(f"bag {path}: {FORMAT_KEY} {raw[FORMAT_KEY]!r} is not a number. Re-embed the slide.") from None
+        raise BagError(f"bag {path}: {FORMAT_KEY} {raw[FORMAT_KEY]!r} is not a number. "
+                       "Re-embed the slide.") from None
     if version > FORMAT_VERSION:
         raise BagError(f"bag {path} has format_version {version}, newer than this clam-egfr reads "
                        f"({FORMAT_VERSION}): update clam-egfr, or re-embed the slide with this version.")
@@ -278,8 +279,8 @@ def validate_bag(
     """Check that a bag can be trained on; raise BagError naming the file and the reason.
 
     Checks: opens as HDF5; has a 2-D float ``features`` (or ``feats``) with at least one row;
-    ``coords`` (if present) is (N, 2) of the same N; a stage-1 bag's attributes parse as
-    ``BagAttrs``; no NaN or Inf; ``feature_dim`` and ``cache_key`` match when given."""
+    ``coords`` (if present) is (N, 2) of the same N; no NaN or Inf; a stage-1 bag's attributes
+    parse as ``BagAttrs``; ``feature_dim`` and ``cache_key`` match when given."""
     path = Path(path)
     with _open(path) as h5:
         name = _features_name(h5, path)
@@ -300,6 +301,11 @@ def validate_bag(
                 f"bag {path}: feature dimension {dim}, expected {feature_dim} like the other bags. "
                 "It comes from another backbone: keep each backbone's bags in their own cache folder."
             )
+        if check_values:
+            for start in range(0, n, 4096):  # bounded memory for very large bags
+                block = dataset[start : start + 4096]
+                if not np.isfinite(block).all():
+                    raise BagError(f"bag {path}: features contain NaN or Inf. Delete it and re-embed the slide.")
         attrs = _attrs(h5)
         typed = BagAttrs.from_attrs(attrs, path) if FORMAT_KEY in attrs else None
         found_key = typed.cache_key if typed is not None else attrs.get("cache_key")
@@ -308,11 +314,6 @@ def validate_bag(
                 f"bag {path}: cache key {found_key!r}, expected {cache_key!r}. It was embedded "
                 "with another backbone, weights, transform or tile subset; bags of different caches are never mixed."
             )
-        if check_values:
-            for start in range(0, n, 4096):  # bounded memory for very large bags
-                block = dataset[start : start + 4096]
-                if not np.isfinite(block).all():
-                    raise BagError(f"bag {path}: features contain NaN or Inf. Delete it and re-embed the slide.")
     return BagSummary(path=path, n_instances=int(n), feature_dim=int(dim), attrs=attrs, bag_attrs=typed)
 
 

@@ -181,7 +181,8 @@ def collect_manifest(cache_dir: str | Path) -> list[ManifestRow]:
             continue
         row = _row_from_attrs(slide_id, path, attrs)
         if attrs.cache_key != cache_key:
-            row = replace(row, status=STATUS_INVALID, error=f"cache key {attrs.cache_key!r} is not this cache's")
+            error = f"cache key {attrs.cache_key!r} is not this cache's"
+            row = replace(row, status=STATUS_INVALID, error=error)
         rows[slide_id] = row
     for record in read_failures(cache_dir):
         if record.get("slide_id") in rows:
@@ -200,8 +201,8 @@ def collect_manifest(cache_dir: str | Path) -> list[ManifestRow]:
 def _row_from_attrs(slide_id: str, path: Path, attrs: BagAttrs) -> ManifestRow:
     return ManifestRow(
         slide_id=slide_id, patient_id=attrs.patient_id, class_folder=attrs.class_folder, label=attrs.label,
-        split=attrs.split, n_tiles=attrs.n_instances, file=path, status=STATUS_OK, tiles_digest=attrs.tiles_digest,
-        n_available=attrs.n_available, n_skipped=attrs.n_skipped, source=attrs.source,
+        split=attrs.split, n_tiles=attrs.n_instances, file=path, status=STATUS_OK,
+        tiles_digest=attrs.tiles_digest, n_available=attrs.n_available, n_skipped=attrs.n_skipped, source=attrs.source,
     )
 
 
@@ -299,7 +300,8 @@ def slide_status(cache_dir: Path, slide_id: str, cache_key: str, tiles_digest: s
         return STATUS_OK
     record = read_failure(cache_dir, slide_id)
     if (failed_since is not None and record and record.get("cache_key") == cache_key
-            and record.get("tiles_digest") == tiles_digest and float(record.get("written_at", 0)) >= failed_since - 2.0):
+            and record.get("tiles_digest") == tiles_digest
+            and float(record.get("written_at", 0)) >= failed_since - 2.0):
         return STATUS_FAILED
     return None
 

@@ -22,12 +22,26 @@ from typing import Any, Mapping
 
 from feature_extraction.backbones import BACKBONES, DEFAULT_BACKBONE, LoadedBackbone, describe, load_backbone
 from feature_extraction.bags import read_bag_attrs
-from feature_extraction.cache import STATUS_OK, ExtractionConfig, ManifestRow, collect_manifest, open_cache, write_manifest
+from feature_extraction.cache import (
+    STATUS_OK,
+    ExtractionConfig,
+    ManifestRow,
+    collect_manifest,
+    open_cache,
+    write_manifest,
+)
 from feature_extraction.errors import PipelineError, cli_main
 from feature_extraction.extractor import EmbeddingRun, Outcome, shard_order
 from feature_extraction.layout import SPLITS, SlideSource, default_data_dir, default_features_dir, discover_slides
 from feature_extraction.reporting import configure_cli_logging
-from feature_extraction.runtime import DEVICES, PRECISIONS, RUNTIMES, ComputePlan, plan_compute, rank_and_world
+from feature_extraction.runtime import (
+    DEVICES,
+    PRECISIONS,
+    RUNTIMES,
+    ComputePlan,
+    plan_compute,
+    rank_and_world,
+)
 from feature_extraction.tiles import SUBSET_RULE, SlideTiles, TileTransform, list_slide_tiles
 from feature_extraction.wsi import PLAN_CACHE_FOLDER, WsiConfig, add_wsi_arguments, require_openslide, wsi_config_from_args
 
@@ -142,8 +156,8 @@ def embed_cohort(config: EmbedConfig, data_dir: str | Path, split: str = "train"
     loaded = load_backbone(config.backbone, config.weights)
     rank, world = rank_and_world()
     if loaded.is_random:
-        log.warning("--weights random: the backbone is randomly initialised (fixed seed). Its features only test "
-                    "the pipeline; the cache folder and every bag say weights=random.")
+        log.warning("--weights random: the backbone is randomly initialised (fixed seed). Its features only "
+                    "test the pipeline; the cache folder and every bag say weights=random.")
     extraction, transform = _extraction_config(config, loaded, slides)
     if config.expected_cache_key is not None and extraction.cache_key != config.expected_cache_key:
         raise CacheKeyMismatch(extraction)
@@ -152,7 +166,8 @@ def embed_cohort(config: EmbedConfig, data_dir: str | Path, split: str = "train"
     log.info(f"{describe(loaded)}\ncache {cache_dir}")
 
     # Bad options fail before any work.
-    plan = plan_compute(config.device, config.precision, config.runtime, config.batch_size, config.num_workers)
+    plan = plan_compute(config.device, config.precision, config.runtime, config.batch_size,
+                        config.num_workers)
     job = EmbeddingRun(cache_dir, extraction, loaded, transform, features_dir, plan,
                        newer_than=started if config.overwrite else None, run_started=started,
                        progress=config.progress and rank == 0)  # one progress bar under torchrun
@@ -211,7 +226,8 @@ def _report(job: EmbeddingRun, listings: list[SlideTiles], slides: list[SlideSou
     return EmbedReport(
         cache_dir=cache_dir, config=config, cache_key=config.cache_key,
         slides=[by_id[s.slide_id] for s in slides if s.slide_id in by_id],
-        n_embedded=counts[Outcome.EMBEDDED], n_reused=counts[Outcome.REUSED], n_by_others=counts[Outcome.BY_OTHER],
+        n_embedded=counts[Outcome.EMBEDDED], n_reused=counts[Outcome.REUSED],
+        n_by_others=counts[Outcome.BY_OTHER],
         failed=failed, skipped_tiles=skipped, n_ignored_files=sum(len(l.ignored) for l in listings),
         n_tiles_embedded=job.n_tiles, embed_seconds=job.seconds, plan=job.plan if job.runner else None,
         runtime=job.runner.name if job.runner else "", random_weights=loaded.is_random,
@@ -290,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device, precision=args.precision, runtime=args.runtime, overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    report = embed_cohort(config, args.data_dir if args.data_dir is not None else default_data_dir(args.split),
-                          args.split, args.features_dir)
+    data_dir = args.data_dir if args.data_dir is not None else default_data_dir(args.split)
+    report = embed_cohort(config, data_dir, args.split, args.features_dir)
     print(format_summary(report))
     usable = sum(row.status == STATUS_OK for row in report.slides)
     if usable == 0:

@@ -272,7 +272,8 @@ def build_runner(backbone: LoadedBackbone, plan: ComputePlan, features_dir: Path
             return OnnxRunner(path, plan.compute_threads)
         except Exception as error:  # any exporter/runtime failure: PyTorch computes the same features
             log.warning(f"ONNX Runtime unavailable for {backbone.spec.name} ({type(error).__name__}: "
-                        f"{str(error)[:300]}); running eager PyTorch instead (same features, about half the speed)")
+                        f"{str(error)[:300]}); running eager PyTorch instead (same features, about half "
+                        "the speed)")
     return TorchRunner(backbone, plan)
 
 
