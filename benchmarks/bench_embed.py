@@ -44,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
 
 from feature_extraction.backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone  # noqa: E402
-from feature_extraction.embed import embed_cohort  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from feature_extraction.embed import EmbedConfig, embed_cohort  # noqa: E402
 from feature_extraction.runtime import available_cores, build_runner, plan_compute  # noqa: E402
 
 SECTION = "## Embedding"
@@ -207,19 +209,19 @@ def main(argv: list[str] | None = None) -> int:
         features_dir = workdir / "features"
         backbone = load_backbone(args.backbone, "random")  # speed does not depend on the weight values
         plan = plan_compute(args.device, args.precision, args.runtime, args.batch_size, num_workers)
-        common = dict(features_dir=features_dir, backbone=args.backbone, weights="random", max_tiles=0,
-                      batch_size=plan.batch_size, num_workers=num_workers, device=args.device,
-                      precision=args.precision, runtime=args.runtime, progress=False)
+        common = EmbedConfig(backbone=args.backbone, weights="random", max_tiles=0, batch_size=plan.batch_size,
+                             num_workers=num_workers, device=args.device, precision=args.precision,
+                             runtime=args.runtime, progress=False)
         # Warm-up on a copy of one slide: exports the ONNX graph, fills the page cache.
         warm = workdir / "warm"
         shutil.copytree(paths[0].parent, warm / "EGFR_positive" / "W0")
         (warm / "EGFR_negative").mkdir(parents=True)
-        embed_cohort(warm, **common)
+        embed_cohort(common, warm, features_dir=features_dir)
 
         decode = decode_ms(paths, backbone.spec.input_size)
         rates: dict[str, list[float]] = {"end_to_end": [], "limit": [], "peer": []}
         for _ in range(args.repeats):  # interleaved, so a burst of load hits all three alike
-            report = embed_cohort(workdir / "train", overwrite=True, **common)
+            report = embed_cohort(replace(common, overwrite=True), workdir / "train", features_dir=features_dir)
             rates["end_to_end"].append(report.tiles_per_second)
             rates["limit"].append(limit_rate(backbone, plan, features_dir, n_tiles))
             rates["peer"].append(peer_rate(paths, args.backbone, plan.device, plan.batch_size, plan.num_workers,

@@ -163,7 +163,7 @@ def cohort_params(variant: Variant, size: Size) -> dict[str, Any]:
 def prepare(workdir: Path, variant: Variant, size: Size, weights: str, backbone: str) -> dict[str, Any]:
     """Build the cohort's train split and embed it, or reuse both from an earlier run with the same
     settings. Returns the cache folder, the ground truth and the seconds each step took (when built)."""
-    from feature_extraction.embed import embed_cohort
+    from feature_extraction.embed import EmbedConfig, embed_cohort
     from feature_extraction.example_cohort import (
         build_example_cohort,
         load_ground_truth,
@@ -185,8 +185,8 @@ def prepare(workdir: Path, variant: Variant, size: Size, weights: str, backbone:
                   "n_slides": summary.n_slides, "embed": {}}
         record_path.write_text(json.dumps(record, indent=1))
     started = time.perf_counter()
-    report = embed_cohort(home / "cohort" / "train", "train", features_dir=home / "features", backbone=backbone,
-                          weights=weights, seed=SEED, progress=False)
+    report = embed_cohort(EmbedConfig(backbone=backbone, weights=weights, seed=SEED, progress=False),
+                          home / "cohort" / "train", "train", features_dir=home / "features")
     wall = time.perf_counter() - started
     if report.failed:
         raise SystemExit(f"[{difficulty}] embedding failed for {report.failed}")

@@ -6,18 +6,18 @@ checkpoint's is refused.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from feature_extraction.bags import bag_path
-from feature_extraction.cache import STATUS_FAILED, read_cache_config, read_manifest
+from feature_extraction.cache import STATUS_FAILED, is_cache_dir, read_cache_config, read_manifest
+from feature_extraction.embed import CacheKeyMismatch, EmbedConfig, embed_cohort
 from feature_extraction.errors import PipelineError
 from feature_extraction.layout import default_data_dir, default_features_dir, discover_slides
 
-from clam.data import BagRecord, is_cache_dir, records_from_cache, records_from_labels_csv, validate_records
+from clam.data import BagRecord, records_from_cache, records_from_labels_csv, validate_records
 from clam.eval_config import EvaluateConfig
 from clam.inference import LoadedModel
 
@@ -60,7 +60,7 @@ def cohort_bags(config: EvaluateConfig, loaded: LoadedModel) -> Cohort:
     slide_ids = {s.slide_id for s in slides}
     cache_dir = _checkpoint_cache_dir(config, loaded)
     if _not_embedded(cache_dir, slide_ids):
-        cache_dir = _embed_missing(config, loaded, data_dir, cache_dir, slide_ids, log.info)
+        cache_dir = _embed_missing(config, loaded, data_dir, cache_dir, slide_ids)
     _check_cache_key(cache_dir, loaded)
     records = records_from_cache(cache_dir, slide_ids, config.split)
     cohort = _validated(records, cache_dir, loaded, read_cache_config(cache_dir), config.progress)
@@ -99,8 +99,7 @@ def _not_embedded(cache_dir: Path, slide_ids: set[str]) -> list[str]:
 
 
 def _embed_missing(
-    config: EvaluateConfig, loaded: LoadedModel, data_dir: Path, cache_dir: Path, slide_ids: set[str],
-    log: Callable[[str], None],  # this module logger's info: the body says ``log(...)``
+    config: EvaluateConfig, loaded: LoadedModel, data_dir: Path, cache_dir: Path, slide_ids: set[str]
 ) -> Path:
     if is_cache_dir(cache_dir):
         _check_cache_key(cache_dir, loaded)  # refuse before spending time embedding
@@ -112,19 +111,18 @@ def _embed_missing(
     recorded = loaded.cache.get("weights")
     weights = recorded if recorded in ("imagenet", "random") else loaded.args.get("weights") or recorded
     max_tiles, seed = int(loaded.cache.get("max_tiles", 0)), int(loaded.cache.get("seed", 0))
-    log(f"feature cache: {len(missing)} of {len(slide_ids)} slides of {data_dir} are not in {cache_dir}; "
-        f"embedding them first with the checkpoint's {backbone} / {weights} (max_tiles {max_tiles}, seed {seed}).")
-    from feature_extraction.embed import CacheKeyMismatch, embed_cohort  # stage 1 is loaded only when needed
-    from feature_extraction.wsi import WsiConfig
-
-    tiling = loaded.cache.get("wsi_tiling") or ""  # whole slides are tiled as they were for training
+    log.info(f"feature cache: {len(missing)} of {len(slide_ids)} slides of {data_dir} are not in {cache_dir}; "
+             f"embedding them first with the checkpoint's {backbone} / {weights} (max_tiles {max_tiles}, "
+             f"seed {seed}).")
+    # The checkpoint's cache entry replays: whole slides are tiled as for training (its wsi_tiling),
+    # and a configuration that no longer gives its cache key is refused before a tile is embedded.
+    replay = EmbedConfig.from_dict({
+        **loaded.cache, "backbone": backbone, "weights": weights, "max_tiles": max_tiles, "seed": seed,
+        "num_workers": config.num_workers, "device": config.device, "progress": config.progress,
+        "expected_cache_key": loaded.cache_key,
+    })
     try:
-        report = embed_cohort(
-            data_dir, config.split, features_dir=cache_dir.parent, backbone=backbone, weights=weights,
-            max_tiles=max_tiles, seed=seed, num_workers=config.num_workers, device=config.device,
-            progress=config.progress, wsi=WsiConfig.from_dict(json.loads(tiling)) if tiling else None,
-            expected_cache_key=loaded.cache_key,  # refused before a tile is embedded
-        )
+        report = embed_cohort(replay, data_dir, config.split, cache_dir.parent)
     except CacheKeyMismatch as mismatch:
         raise PipelineError(
             f"embedding {data_dir} with the checkpoint's backbone {backbone!r} and weights {weights!r} now gives "

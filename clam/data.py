@@ -12,28 +12,44 @@
 - ``feature_statistics`` streams the per-dimension mean and std of the training instances
   (for the model's feature standardisation).
 
-Bags are opened only through ``feature_extraction.bags``.
+Bags are opened only through ``feature_extraction.bags`` and their attributes read as
+``BagAttrs``; whether a cache is current for a cohort is decided by ``feature_extraction.cache``.
+Messages go to ``logging.getLogger(__name__)``.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from feature_extraction.bags import BAG_SUFFIX, read_bag, read_tile_names, validate_bag
-from feature_extraction.cache import CACHE_JSON, STATUS_OK, ManifestRow, read_cache_config, read_manifest
+from feature_extraction.cache import (
+    STATUS_OK,
+    as_int,
+    covered_slides,
+    find_cache,
+    is_cache_dir,
+    is_usable,
+    read_cache_config,  # noqa: F401 - imported from here by clam.train, clam.evaluate and benchmarks
+    read_manifest,
+)
+from feature_extraction.embed import EmbedConfig, embed_cohort
 from feature_extraction.errors import BagError, PipelineError
-from feature_extraction.layout import SPLIT_FOLDERS, discover_slides, list_slide_tiles
-from feature_extraction.sources import SlideSource, select_subset
+from feature_extraction.layout import SPLIT_FOLDERS, discover_slides
+from feature_extraction.runtime import available_cores
+from feature_extraction.sources import select_subset
+
+log = logging.getLogger(__name__)
 
 IN_MEMORY_FRACTION = 0.25  # a cache up to this share of the free memory is read into memory once
 
@@ -100,74 +116,6 @@ class BagSet:
 # ---------------------------------------------------------------- finding the cache
 
 
-def is_cache_dir(path: str | Path) -> bool:
-    return (Path(path) / CACHE_JSON).is_file()
-
-
-def _usable(row: ManifestRow) -> bool:
-    return row.status == STATUS_OK and Path(row.file).is_file()
-
-
-def _covered(cache_dir: Path, slide_ids: set[str]) -> set[str]:
-    """The slides of ``slide_ids`` that have a usable bag in this cache."""
-    try:
-        rows = read_manifest(cache_dir)
-    except (PipelineError, OSError, ValueError, KeyError):
-        return set()
-    return {r.slide_id for r in rows if r.slide_id in slide_ids and _usable(r)}
-
-
-def _current(cache_dir: Path, slides: Sequence[SlideSource]) -> bool:
-    """Every slide has a usable bag, embedded from the tiles its folder holds now (the tile
-    listing digest that stage 1 records; whole-slide files and bags without it are not checked)."""
-    try:
-        rows = {r.slide_id: r for r in read_manifest(cache_dir)}
-    except (PipelineError, OSError, ValueError, KeyError):
-        return False
-    for slide in slides:
-        row = rows.get(slide.slide_id)
-        if row is None or not _usable(row):
-            return False
-        if row.tiles_digest and slide.kind == "tiles" and list_slide_tiles(slide, 0).tiles_digest != row.tiles_digest:
-            return False
-    return True
-
-
-def find_cache(
-    features_dir: Path, backbone: str, weights: str, max_tiles: int, seed: int, slides: Sequence[SlideSource]
-) -> Path | None:
-    """A cache folder under ``features_dir`` of this backbone and weights, holding at least
-    ``max_tiles`` tiles per slide (so any draw of ``max_tiles`` fits), with a current bag for
-    every slide of ``slides``. Prefers the exact (max_tiles, seed), then the fewest tiles.
-
-    Weights are matched by their label ("imagenet", "random"); for a weights file this finds
-    nothing, and ``embed_cohort``, which knows the file's digest, picks the cache instead."""
-    if not Path(features_dir).is_dir():
-        return None
-    candidates = []
-    for cache_dir in sorted(p for p in Path(features_dir).iterdir() if is_cache_dir(p)):
-        try:
-            config = read_cache_config(cache_dir)
-        except (OSError, ValueError, PipelineError):
-            continue
-        cached_tiles = _as_int(config.get("max_tiles"))
-        if config.get("backbone") != backbone or str(config.get("weights")) != str(weights):
-            continue
-        if not (cached_tiles <= 0 or (max_tiles > 0 and cached_tiles >= max_tiles)):
-            continue
-        exact = cached_tiles == max_tiles and _as_int(config.get("seed")) == seed
-        candidates.append((not exact, cached_tiles if cached_tiles > 0 else 1 << 62, cache_dir.name, cache_dir))
-    # Cheapest test first; only the preferred candidates' tile folders are listed.
-    return next((c[-1] for c in sorted(candidates) if _current(c[-1], slides)), None)
-
-
-def _as_int(value) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
-
-
 def resolve_cache(
     features_dir: Path,
     data_dir: Path | None,
@@ -179,19 +127,21 @@ def resolve_cache(
     seed: int,
     device: str = "auto",
     num_workers: int = 4,
-    log: Callable[[str], None] = print,
+    log: object = None,
 ) -> tuple[Path, set[str] | None]:
     """The cache folder to train from and the slide ids of ``data_dir`` (None: all of the split).
 
     ``features_dir`` holding ``cache.json`` is used as is. Otherwise a compatible cache that
-    covers every slide of ``data_dir`` is reused; failing that, the missing slides are embedded
-    first with ``feature_extraction.embed.embed_cohort``, into the same cache."""
+    covers every slide of ``data_dir`` is reused (``cache.find_cache``); failing that, the
+    missing slides are embedded first with ``feature_extraction.embed.embed_cohort``, into the
+    same cache. ``log`` is ignored (messages go to logging); it goes once no caller passes it."""
+    logger = logging.getLogger(__name__)  # not ``log``: the parameter of that name is ignored
     features_dir = Path(features_dir)
     if is_cache_dir(features_dir):
         if data_dir is None:
             return features_dir, None
         slide_ids = {s.slide_id for s in discover_slides(data_dir, split)}
-        missing = slide_ids - _covered(features_dir, slide_ids)
+        missing = slide_ids - covered_slides(features_dir, slide_ids)
         if missing:
             raise PipelineError(
                 f"feature cache {features_dir} has no bag for {len(missing)} of the {len(slide_ids)} slides "
@@ -206,20 +156,17 @@ def resolve_cache(
         raise PipelineError(f"{data_dir} holds no patient folders for --split {split}.")
     found = find_cache(features_dir, backbone, weights, max_tiles, seed, slides)
     if found is not None:
-        log(f"feature cache: {found} (all {len(slide_ids)} slides of {data_dir} embedded)")
+        logger.info(f"feature cache: {found} (all {len(slide_ids)} slides of {data_dir} embedded)")
         return found, slide_ids
-    log(
+    logger.info(
         f"feature cache: no cache in {features_dir} holds current {backbone}/{weights} features of all "
         f"{len(slide_ids)} slides of {data_dir} (--split {split}); embedding them first "
         "(same as `python -m feature_extraction.embed`)."
     )
-    from feature_extraction.embed import embed_cohort  # stage 1 is loaded only when it is needed
-
-    report = embed_cohort(
-        data_dir, split, features_dir=features_dir, backbone=backbone, weights=weights,
-        max_tiles=max_tiles, seed=seed, num_workers=num_workers, device=device,
-    )
-    log(f"feature cache: {report.cache_dir}")
+    config = EmbedConfig(backbone=backbone, weights=weights, max_tiles=max_tiles, seed=seed,
+                         num_workers=num_workers, device=device)
+    report = embed_cohort(config, data_dir, split, features_dir)
+    logger.info(f"feature cache: {report.cache_dir}")
     return Path(report.cache_dir), slide_ids
 
 
@@ -227,11 +174,12 @@ def resolve_cache(
 
 
 def records_from_cache(cache_dir: Path, slide_ids: set[str] | None, split: str,
-                       log: Callable[[str], None] = print) -> list[BagRecord]:
+                       log: object = None) -> list[BagRecord]:
     """Bags of ``slide_ids`` (None: every slide of ``split`` in the manifest), in manifest order.
 
     Slides without a usable bag (stage 1 found no readable tile, or the bag is invalid) are
-    left out and named."""
+    left out and named in a warning. ``log`` is ignored, as in ``resolve_cache``."""
+    logger = logging.getLogger(__name__)  # not ``log``: the parameter of that name is ignored
     cache_dir = Path(cache_dir)
     records, unusable = [], []
     for row in read_manifest(cache_dir):
@@ -239,13 +187,13 @@ def records_from_cache(cache_dir: Path, slide_ids: set[str] | None, split: str,
         in_split = row.split == split or (not row.split and row.status != STATUS_OK)
         if (row.slide_id not in slide_ids) if slide_ids is not None else not in_split:
             continue
-        if not _usable(row):
+        if not is_usable(row):
             unusable.append(f"{row.slide_id} ({row.status}{': ' + row.error if row.error else ''})")
             continue
         records.append(BagRecord(row.slide_id, row.patient_id or row.slide_id, int(row.label), Path(row.file),
                                  row.class_folder))
     if unusable:
-        log(f"warning: {len(unusable)} slides have no usable bag in {cache_dir} and are left out: "
+        logger.warning(f"{len(unusable)} slides have no usable bag in {cache_dir} and are left out: "
             + "; ".join(unusable[:5]) + (" ..." if len(unusable) > 5 else ""))
     if not records:
         raise PipelineError(f"feature cache {cache_dir} holds no usable bags for --split {split}.")
@@ -312,7 +260,7 @@ def validate_records(
     dimension or come from different caches; PipelineError when a label is out of range."""
     cache_config = cache_config or {}
     expected_key = cache_config.get("cache_key") or None
-    feature_dim = _as_int(cache_config.get("feature_dim")) or None
+    feature_dim = as_int(cache_config.get("feature_dim")) or None
     keys: dict[str | None, str] = {}
     checked = []
     for record in tqdm(records, desc="validating bags", unit="bag", disable=not progress, leave=False):
@@ -322,15 +270,15 @@ def validate_records(
         stamp = bag_stamp(record.path)  # before: a bag replaced from here on counts as changed
         summary = validate_bag(record.path, feature_dim=feature_dim, cache_key=expected_key)
         feature_dim = summary.feature_dim
-        key = summary.attrs.get("cache_key") or None
+        typed = summary.bag_attrs  # None for another tool's bag (CLAM, TRIDENT or STAMP, from a labels CSV)
+        key = (typed.cache_key if typed is not None else summary.attrs.get("cache_key")) or None
         keys.setdefault(key, record.slide_id)
         if len(keys) > 1:
             listed = "; ".join(f"{k!r} (e.g. {s})" for k, s in keys.items())
             raise BagError(f"bags in {cache_dir} come from different feature caches: {listed}. "
                            "Bags of different caches are never mixed: keep each cache in its own folder.")
-        label_attr = summary.attrs.get("label")
-        if label_attr not in (None, "") and cache_config and _as_int(label_attr) != record.label:
-            raise BagError(f"bag {record.path}: label attribute {label_attr} disagrees with the manifest's "
+        if typed is not None and cache_config and typed.label != record.label:
+            raise BagError(f"bag {record.path}: label attribute {typed.label} disagrees with the manifest's "
                            f"{record.label}. Re-embed this slide.")
         checked.append(replace(record, n_instances=summary.n_instances, stamp=stamp))
     _check_patient_labels(checked)
@@ -348,7 +296,7 @@ def _check_patient_labels(records: Iterable[BagRecord]) -> None:
 
 def limit_tiles(bags: BagSet, max_tiles: int, seed: int) -> tuple[BagSet, int]:
     """Cut every bag holding more than ``max_tiles`` instances to the ``max_tiles`` tiles that
-    stage 1's subset rule (``tiles.select_subset``: sha256 rank of seed, slide id and tile name)
+    stage 1's subset rule (``sources.select_subset``: sha256 rank of seed, slide id and tile name)
     keeps among its tiles. For a bag of a cache embedded with more tiles and the same seed this is
     exactly the subset an embedding with ``max_tiles`` holds (the rank is nested). Returns the
     bags and how many were cut; ``max_tiles <= 0`` cuts none."""
@@ -580,20 +528,13 @@ def available_memory_bytes() -> int:
         return 4 << 30
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def plan_loading(total_bytes: int, in_memory: str, requested_workers: int, device: torch.device) -> LoaderPlan:
     """Choose memory or streaming, loader workers and compute threads so that they never
     compete for the same cores (oversubscribed, a training loop ran 14 x slower here).
 
     ``in_memory``: "auto" (memory when the cache is at most IN_MEMORY_FRACTION of free memory),
     "yes" or "no"."""
-    cores = usable_cores()
+    cores = available_cores()
     threads = max(1, min(torch.get_num_threads(), cores))  # honours OMP_NUM_THREADS
     fits = total_bytes <= IN_MEMORY_FRACTION * available_memory_bytes()
     use_memory = in_memory == "yes" or (in_memory == "auto" and fits)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -36,6 +36,124 @@ TILE_NAMES = "tile_names"
 COORD_SENTINEL = -1  # coords value of a tile whose name carries no position
 BAG_SUFFIX = ".h5"
 IN_MEMORY_BAG_BYTES = 256 * 2**20  # bags with up to this much feature data are built in memory, then written
+FORMAT_KEY = "format_version"  # the attribute that marks a bag written by stage 1, and its version
+
+
+@dataclass(frozen=True)
+class BagAttrs:
+    """The attributes of a bag written by stage 1: one field per HDF5 attribute, of the same name.
+
+    Built with every field to write a bag (``write_bag`` takes it); ``read_bag_attrs`` returns it
+    for a bag on disk. ``skipped_tiles`` is stored as JSON text. ``extra`` holds the slide
+    reader's own attributes (a whole slide's resolution, ``slide_file``, ...) and any attribute
+    not named here; when written, the named fields win over it. ``format_version``,
+    ``feature_dim`` and ``n_instances`` are written by ``write_bag`` from the matrix itself."""
+
+    slide_id: str
+    patient_id: str
+    class_folder: str
+    label: int
+    split: str
+    source: str  # the patient folder or whole-slide file the tiles came from
+    cache_key: str
+    backbone: str
+    weights: str  # label: imagenet, random, file-<stem>
+    weights_digest: str  # sha256 of the weight values
+    weights_random: bool
+    weights_source: str  # URL, file path or "random(seed=...)"
+    transform: str
+    tile_size: int  # pixels fed to the backbone
+    max_tiles: int
+    seed: int
+    subset_rule: str
+    tiles_digest: str  # sha256 of the slide's tile listing (names, sizes, modification times)
+    n_available: int  # tiles found
+    n_selected: int  # tiles chosen (max_tiles subset)
+    n_skipped: int  # unreadable tiles among them
+    skipped_tiles: tuple[dict[str, str], ...]  # {name, reason} per unreadable tile
+    n_ignored_files: int  # non-image files in the slide folder
+    package_version: str
+    runtime: str
+    precision: str
+    device: str
+    embedded_at: str  # ISO 8601, UTC
+    format_version: int = FORMAT_VERSION
+    feature_dim: int = 0
+    n_instances: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The attribute values to store (without the three ``write_bag`` derives from the matrix)."""
+        named = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _DERIVED + ("extra",)}
+        named["skipped_tiles"] = json.dumps([dict(t) for t in self.skipped_tiles], default=str)
+        return {**self.extra, **named}
+
+    @classmethod
+    def from_attrs(cls, raw: Mapping[str, Any], path: str | Path) -> "BagAttrs":
+        """Parse a bag's stored attributes: an older format is upgraded; a bag of a newer format, one
+        missing a required attribute or one holding a value of the wrong type raises BagError."""
+        raw = _upgraded(dict(raw), path)
+        missing = [key for key in REQUIRED_KEYS if key not in raw]
+        if missing:
+            raise BagError(f"bag {path} (format_version {raw[FORMAT_KEY]}) lacks the attributes {missing}: "
+                           "it was not written (completely) by `python -m feature_extraction.embed`. Delete it and "
+                           "re-embed the slide.")
+        values: dict[str, Any] = {"extra": {k: v for k, v in raw.items() if k not in _KINDS}}
+        for key, kind in _KINDS.items():
+            value = raw.get(key, _EMPTY[kind])
+            try:
+                values[key] = _parse_skipped(value) if kind is tuple else kind(value)
+            except (TypeError, ValueError) as error:
+                raise BagError(f"bag {path}: attribute {key}={value!r} is not a {kind.__name__} ({error}). "
+                               "Delete it and re-embed the slide.") from None
+        return cls(**values)
+
+
+_DERIVED = ("format_version", "feature_dim", "n_instances")  # written by write_bag from the matrix
+# What every stage-1 bag holds, whatever its version: without them it cannot be placed in a cache.
+REQUIRED_KEYS = (*_DERIVED, "slide_id", "label", "cache_key")
+_KINDS: dict[str, type] = {
+    f.name: {"str": str, "int": int, "bool": bool}.get(str(f.type), tuple)
+    for f in fields(BagAttrs) if f.name != "extra"
+}
+_EMPTY: dict[type, Any] = {str: "", int: 0, bool: False, tuple: ()}
+# format_version v -> the function turning v's attributes into v + 1's. Every bag written so far is
+# version 1; a change of the attributes bumps FORMAT_VERSION and adds its upgrade here, so that old
+# caches stay current without re-embedding.
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def _upgraded(raw: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    if FORMAT_KEY not in raw:
+        raise BagError(f"bag {path} has no {FORMAT_KEY} attribute: it was not written by "
+                       "`python -m feature_extraction.embed` (CLAM, TRIDENT or STAMP bags are read through "
+                       "--labels_csv). Re-embed the slide to use it in a feature cache.")
+    try:
+        version = int(raw[FORMAT_KEY])
+    except (TypeError, ValueError):
+        raise BagError(f"bag {path}: {FORMAT_KEY} {raw[FORMAT_KEY]!r} is not a number. "
+                       "Re-embed the slide.") from None
+    if version > FORMAT_VERSION:
+        raise BagError(f"bag {path} has format_version {version}, newer than this clam-egfr reads "
+                       f"({FORMAT_VERSION}): update clam-egfr, or re-embed the slide with this version.")
+    while version < FORMAT_VERSION:
+        if version not in _UPGRADES:
+            raise BagError(f"bag {path} has format_version {version}, which this clam-egfr cannot upgrade. "
+                           "Delete it and re-embed the slide.")
+        raw = {**_UPGRADES[version](raw), FORMAT_KEY: version + 1}
+        version += 1
+    return raw
+
+
+def _parse_skipped(value: Any) -> tuple[dict[str, str], ...]:
+    items = json.loads(value) if isinstance(value, str) else value
+    return tuple({"name": str(item["name"]), "reason": str(item["reason"])} for item in (items or ()))
+
+
+def read_bag_attrs(path: str | Path) -> BagAttrs:
+    """The typed attributes of a stage-1 bag, without reading its matrices. Raises BagError for a
+    missing, unreadable or malformed bag, and for one not written by stage 1."""
+    return BagAttrs.from_attrs(read_attrs(path), path)
 
 
 @dataclass
@@ -43,11 +161,17 @@ class Bag:
     features: np.ndarray  # (N, D) float32
     coords: np.ndarray  # (N, 2) int64
     tile_names: list[str]
-    attrs: dict[str, Any]
+    attrs: dict[str, Any]  # as stored (``BagAttrs.to_attrs`` plus the derived three)
+    path: Path | None = None
 
     @property
     def slide_id(self) -> str:
         return str(self.attrs.get("slide_id", ""))
+
+    @property
+    def typed_attrs(self) -> BagAttrs | None:
+        """The attributes as ``BagAttrs``; None for a bag not written by stage 1 (no format_version)."""
+        return BagAttrs.from_attrs(self.attrs, self.path or "") if FORMAT_KEY in self.attrs else None
 
 
 def bag_path(cache_dir: str | Path, slide_id: str) -> Path:
@@ -59,9 +183,13 @@ def write_bag(
     features: np.ndarray,
     coords: np.ndarray,
     tile_names: Sequence[str],
-    attrs: Mapping[str, Any],
+    attrs: BagAttrs | Mapping[str, Any],
 ) -> None:
-    """Write one bag atomically. ``attrs`` values may be str, int, float, bool or JSON-able."""
+    """Write one bag atomically. Stage 1 passes ``BagAttrs``; a plain mapping (values str, int,
+    float, bool or JSON-able) serves tests and tools. ``format_version``, ``feature_dim`` and
+    ``n_instances`` are always those of this file."""
+    if isinstance(attrs, BagAttrs):
+        attrs = attrs.to_attrs()
     features = np.ascontiguousarray(features, dtype=np.float32)
     coords = np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2)
     if features.ndim != 2 or len(features) != len(coords) or len(features) != len(tile_names):
@@ -88,11 +216,11 @@ def _fill_bag(h5: h5py.File, features: np.ndarray, coords: np.ndarray, tile_name
     h5.create_dataset(FEATURES, data=features)
     h5.create_dataset(COORDS, data=coords)
     h5.create_dataset(TILE_NAMES, data=list(tile_names), dtype=h5py.string_dtype("utf-8"))
-    h5.attrs["format_version"] = FORMAT_VERSION
-    h5.attrs["feature_dim"] = int(features.shape[1])
-    h5.attrs["n_instances"] = int(features.shape[0])
     for key, value in attrs.items():
         h5.attrs[key] = _to_attr(value)
+    h5.attrs[FORMAT_KEY] = FORMAT_VERSION
+    h5.attrs["feature_dim"] = int(features.shape[1])
+    h5.attrs["n_instances"] = int(features.shape[0])
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
@@ -121,6 +249,7 @@ def read_bag(path: str | Path, rows: np.ndarray | None = None) -> Bag:
             coords=np.asarray(coords, dtype=np.int64).reshape(-1, 2),
             tile_names=names,
             attrs=_attrs(h5),
+            path=Path(path),
         )
 
 
@@ -137,7 +266,8 @@ class BagSummary:
     path: Path
     n_instances: int
     feature_dim: int
-    attrs: dict[str, Any]
+    attrs: dict[str, Any]  # as stored
+    bag_attrs: BagAttrs | None = None  # typed; None for a bag not written by stage 1 (CLAM, TRIDENT, STAMP)
 
 
 def validate_bag(
@@ -149,8 +279,8 @@ def validate_bag(
     """Check that a bag can be trained on; raise BagError naming the file and the reason.
 
     Checks: opens as HDF5; has a 2-D float ``features`` (or ``feats``) with at least one row;
-    ``coords`` (if present) is (N, 2) of the same N; no NaN or Inf; ``feature_dim`` and
-    ``cache_key`` match when given."""
+    ``coords`` (if present) is (N, 2) of the same N; no NaN or Inf; a stage-1 bag's attributes
+    parse as ``BagAttrs``; ``feature_dim`` and ``cache_key`` match when given."""
     path = Path(path)
     with _open(path) as h5:
         name = _features_name(h5, path)
@@ -171,18 +301,20 @@ def validate_bag(
                 f"bag {path}: feature dimension {dim}, expected {feature_dim} like the other bags. "
                 "It comes from another backbone: keep each backbone's bags in their own cache folder."
             )
-        attrs = _attrs(h5)
-        if cache_key is not None and attrs.get("cache_key") != cache_key:
-            raise BagError(
-                f"bag {path}: cache key {attrs.get('cache_key')!r}, expected {cache_key!r}. It was embedded "
-                "with another backbone, weights, transform or tile subset; bags of different caches are never mixed."
-            )
         if check_values:
             for start in range(0, n, 4096):  # bounded memory for very large bags
                 block = dataset[start : start + 4096]
                 if not np.isfinite(block).all():
                     raise BagError(f"bag {path}: features contain NaN or Inf. Delete it and re-embed the slide.")
-    return BagSummary(path=path, n_instances=int(n), feature_dim=int(dim), attrs=attrs)
+        attrs = _attrs(h5)
+        typed = BagAttrs.from_attrs(attrs, path) if FORMAT_KEY in attrs else None
+        found_key = typed.cache_key if typed is not None else attrs.get("cache_key")
+        if cache_key is not None and found_key != cache_key:
+            raise BagError(
+                f"bag {path}: cache key {found_key!r}, expected {cache_key!r}. It was embedded "
+                "with another backbone, weights, transform or tile subset; bags of different caches are never mixed."
+            )
+    return BagSummary(path=path, n_instances=int(n), feature_dim=int(dim), attrs=attrs, bag_attrs=typed)
 
 
 def _open(path: str | Path) -> h5py.File:

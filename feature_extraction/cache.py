@@ -16,9 +16,13 @@ share the folder; the manifest's ``split`` column tells them apart.
 The manifest is never edited in place: it is derived from the bags and failure records on
 disk and replaced atomically under the lock ``.locks/manifest.csv.lock``, so concurrent
 processes cannot corrupt it and the temporary file of a writer killed mid-write is known to be
-dead. Per-slide lock files (``O_CREAT | O_EXCL``) keep two processes from embedding the same
-slide; a lock whose process is gone (or that has not been refreshed for ``LOCK_STALE_SECONDS``)
-is taken over.
+dead. Per-slide lock files (``feature_extraction.locks``) keep two processes from embedding
+the same slide; ``sweep_leftovers`` removes what a killed process left.
+
+Freshness is decided here and nowhere else: ``current_bag`` and ``slide_status`` (is this
+slide's bag current, or has it failed in this run?) for stage 1; ``is_cache_dir``,
+``is_usable``, ``covered_slides``, ``cache_is_current`` and ``find_cache`` (which cache serves a
+cohort, which slides does it lack?) for the trainer and the evaluator.
 """
 
 from __future__ import annotations
@@ -29,26 +33,23 @@ import glob
 import hashlib
 import io
 import json
-import os
 import re
-import socket
-import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
-from feature_extraction.atomic import atomic_write_json, atomic_write_text, pid_alive
-from feature_extraction.bags import BAG_SUFFIX, bag_path, read_attrs
+from feature_extraction.atomic import atomic_write_json, atomic_write_text
+from feature_extraction.bags import BAG_SUFFIX, BagAttrs, bag_path, read_bag_attrs
 from feature_extraction.errors import BagError, PipelineError
+from feature_extraction.layout import SlideSource
+from feature_extraction.locks import LOCK_DIR, LOCK_STALE_SECONDS, SlideLocks
+from feature_extraction.tiles import list_slide_tiles
 
 CACHE_FORMAT = 1  # bump when the meaning of a cached feature changes without a config change
 CACHE_JSON = "cache.json"
 MANIFEST_CSV = "manifest.csv"
 FAILED_DIR = ".failed"
-LOCK_DIR = ".locks"
-LOCK_STALE_SECONDS = 600.0  # a live holder refreshes its locks every LOCK_REFRESH_SECONDS
-LOCK_REFRESH_SECONDS = 60.0
 # ".<slide_id>.h5.<pid>.tmp" (atomic.temp_path_for of a bag) or ".<slide_id>.spill.<pid>.tmp"
 _SLIDE_TEMPORARY = re.compile(rf"^\.(.+)\.(?:{re.escape(BAG_SUFFIX[1:])}|spill)\.\d+\.tmp$")
 MANIFEST_LOCK = "manifest.csv"  # held (in LOCK_DIR) while manifest.csv is replaced; slide ids all hold "__"
@@ -172,15 +173,16 @@ def collect_manifest(cache_dir: str | Path) -> list[ManifestRow]:
             continue
         slide_id = path.name[: -len(BAG_SUFFIX)]
         try:
-            attrs = read_attrs(path)
+            attrs = read_bag_attrs(path)
         except BagError as error:
             class_folder, _, patient_id = slide_id.partition("__")  # layout.slide_id_for's convention
             rows[slide_id] = ManifestRow(slide_id, patient_id, class_folder, -1, "", 0, path, STATUS_INVALID,
                                          error=str(error))
             continue
         row = _row_from_attrs(slide_id, path, attrs)
-        if attrs.get("cache_key") != cache_key:
-            row = _replace(row, status=STATUS_INVALID, error=f"cache key {attrs.get('cache_key')!r} is not this cache's")
+        if attrs.cache_key != cache_key:
+            error = f"cache key {attrs.cache_key!r} is not this cache's"
+            row = replace(row, status=STATUS_INVALID, error=error)
         rows[slide_id] = row
     for record in read_failures(cache_dir):
         if record.get("slide_id") in rows:
@@ -196,18 +198,12 @@ def collect_manifest(cache_dir: str | Path) -> list[ManifestRow]:
     return sorted(rows.values(), key=lambda r: (r.split, r.slide_id))
 
 
-def _row_from_attrs(slide_id: str, path: Path, attrs: dict[str, Any]) -> ManifestRow:
+def _row_from_attrs(slide_id: str, path: Path, attrs: BagAttrs) -> ManifestRow:
     return ManifestRow(
-        slide_id=slide_id, patient_id=str(attrs.get("patient_id", "")), class_folder=str(attrs.get("class_folder", "")),
-        label=int(attrs.get("label", -1)), split=str(attrs.get("split", "")),
-        n_tiles=int(attrs.get("n_instances", 0)), file=path, status=STATUS_OK,
-        tiles_digest=str(attrs.get("tiles_digest", "")), n_available=int(attrs.get("n_available", 0)),
-        n_skipped=int(attrs.get("n_skipped", 0)), source=str(attrs.get("source", "")),
+        slide_id=slide_id, patient_id=attrs.patient_id, class_folder=attrs.class_folder, label=attrs.label,
+        split=attrs.split, n_tiles=attrs.n_instances, file=path, status=STATUS_OK,
+        tiles_digest=attrs.tiles_digest, n_available=attrs.n_available, n_skipped=attrs.n_skipped, source=attrs.source,
     )
-
-
-def _replace(row: ManifestRow, **changes: Any) -> ManifestRow:
-    return ManifestRow(**{**{f.name: getattr(row, f.name) for f in fields(row)}, **changes})
 
 
 def write_manifest(cache_dir: str | Path, rows: list[ManifestRow]) -> Path:
@@ -270,27 +266,117 @@ def read_manifest(cache_dir: str | Path) -> list[ManifestRow]:
     return rows
 
 
-# ------------------------------------------------------------------------------- per-slide state
+# ----------------------------------------------------------------------------------- freshness
+# Whether a bag is current is decided here only: stage 1 (what to embed) and clam.data (which
+# cache to train from, what is missing) ask these functions.
 
-def current_bag_attrs(cache_dir: Path, slide_id: str, cache_key: str, tiles_digest: str,
-                      newer_than: float | None = None) -> dict[str, Any] | None:
-    """The attrs of the slide's bag if it is complete, of this key and of these tiles (and,
-    with ``newer_than``, written after that time); else None."""
+def is_cache_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a feature cache folder (it holds ``cache.json``)."""
+    return (Path(path) / CACHE_JSON).is_file()
+
+
+def current_bag(cache_dir: Path, slide_id: str, cache_key: str, tiles_digest: str,
+                newer_than: float | None = None) -> BagAttrs | None:
+    """The attributes of the slide's bag if it is complete, of this key and of these tiles (and,
+    with ``newer_than``, written after that time); else None (the slide is to be embedded)."""
     path = bag_path(cache_dir, slide_id)
     try:
         if newer_than is not None and path.stat().st_mtime < newer_than:
             return None
-        attrs = read_attrs(path)
+        attrs = read_bag_attrs(path)
     except (OSError, BagError):
         return None
-    if attrs.get("cache_key") != cache_key or attrs.get("tiles_digest") != tiles_digest:
+    if attrs.cache_key != cache_key or attrs.tiles_digest != tiles_digest:
         return None
     return attrs
 
 
+def slide_status(cache_dir: Path, slide_id: str, cache_key: str, tiles_digest: str, *,
+                 newer_than: float | None = None, failed_since: float | None = None) -> str | None:
+    """STATUS_OK if the slide's bag is current (``current_bag``); STATUS_FAILED if a failure of
+    this key and these tiles was recorded at or after ``failed_since`` (2 s of slack for coarse
+    file-system clocks; an older record is retried); else None: the slide is still to be done."""
+    if current_bag(cache_dir, slide_id, cache_key, tiles_digest, newer_than) is not None:
+        return STATUS_OK
+    record = read_failure(cache_dir, slide_id)
+    if (failed_since is not None and record and record.get("cache_key") == cache_key
+            and record.get("tiles_digest") == tiles_digest
+            and float(record.get("written_at", 0)) >= failed_since - 2.0):
+        return STATUS_FAILED
+    return None
+
+
+def is_usable(row: ManifestRow) -> bool:
+    """A manifest row whose bag can be trained on: status ok and the file present."""
+    return row.status == STATUS_OK and Path(row.file).is_file()
+
+
+def covered_slides(cache_dir: Path, slide_ids: Iterable[str]) -> set[str]:
+    """The slides of ``slide_ids`` that have a usable bag in this cache (by its manifest)."""
+    wanted = set(slide_ids)
+    try:
+        rows = read_manifest(cache_dir)
+    except (PipelineError, OSError, ValueError, KeyError):
+        return set()
+    return {r.slide_id for r in rows if r.slide_id in wanted and is_usable(r)}
+
+
+def cache_is_current(cache_dir: Path, slides: Sequence[SlideSource]) -> bool:
+    """Every slide has a usable bag, embedded from the tiles its folder holds now (the tile
+    listing digest that stage 1 records; whole-slide files and bags without it are not checked)."""
+    try:
+        rows = {r.slide_id: r for r in read_manifest(cache_dir)}
+    except (PipelineError, OSError, ValueError, KeyError):
+        return False
+    for slide in slides:
+        row = rows.get(slide.slide_id)
+        if row is None or not is_usable(row):
+            return False
+        if row.tiles_digest and slide.kind == "tiles" and list_slide_tiles(slide, 0).tiles_digest != row.tiles_digest:
+            return False
+    return True
+
+
+def find_cache(features_dir: Path, backbone: str, weights: str, max_tiles: int, seed: int,
+               slides: Sequence[SlideSource]) -> Path | None:
+    """A cache folder under ``features_dir`` of this backbone and weights, holding at least
+    ``max_tiles`` tiles per slide (so any draw of ``max_tiles`` fits), current for every slide of
+    ``slides`` (``cache_is_current``). Prefers the exact (max_tiles, seed), then the fewest tiles.
+
+    Weights are matched by their label ("imagenet", "random"); for a weights file this finds
+    nothing, and ``embed_cohort``, which knows the file's digest, picks the cache instead."""
+    if not Path(features_dir).is_dir():
+        return None
+    candidates = []
+    for cache_dir in sorted(p for p in Path(features_dir).iterdir() if is_cache_dir(p)):
+        try:
+            config = read_cache_config(cache_dir)
+        except PipelineError:
+            continue
+        cached_tiles = as_int(config.get("max_tiles"))
+        if config.get("backbone") != backbone or str(config.get("weights")) != str(weights):
+            continue
+        if not (cached_tiles <= 0 or (max_tiles > 0 and cached_tiles >= max_tiles)):
+            continue
+        exact = cached_tiles == max_tiles and as_int(config.get("seed")) == seed
+        candidates.append((not exact, cached_tiles if cached_tiles > 0 else 1 << 62, cache_dir.name, cache_dir))
+    # Cheapest test first; only the preferred candidates' tile folders are listed.
+    return next((c[-1] for c in sorted(candidates) if cache_is_current(c[-1], slides)), None)
+
+
+def as_int(value: Any) -> int:
+    """``int(value)``, 0 for a missing or malformed value (a cache.json field)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+# ------------------------------------------------------------------------------- failure records
+
 def write_failure(cache_dir: Path, record: dict[str, Any]) -> None:
     """Record that ``record['slide_id']`` produced no bag (and why). Call only while holding
-    the slide's lock: ``SlideLocks.sweep`` removes the temporary file of a killed writer."""
+    the slide's lock: ``sweep_leftovers`` removes the temporary file of a killed writer."""
     path = cache_dir / FAILED_DIR / f"{record['slide_id']}.json"
     try:
         atomic_write_json(path, record)
@@ -330,118 +416,24 @@ def remove_stale_temporaries(cache_dir: Path, slide_id: str) -> None:
                 path.unlink()
 
 
-# ----------------------------------------------------------------------------------------- locks
+# ------------------------------------------------------------------------------------ leftovers
 
-class SlideLocks:
-    """Per-slide lock files in ``<cache_dir>/.locks``, held by this process. Thread-safe."""
-
-    def __init__(self, cache_dir: Path) -> None:
-        self.directory = Path(cache_dir) / LOCK_DIR
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.host = socket.gethostname()
-        self.held: set[str] = set()
-        self._mutex = threading.Lock()
-        self._refreshed = time.monotonic()
-
-    def _path(self, slide_id: str) -> Path:
-        return self.directory / f"{slide_id}.lock"
-
-    def try_acquire(self, slide_id: str) -> bool:
-        """Take the slide's lock; False if a live process holds it. A stale lock is taken over."""
-        path = self._path(slide_id)
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._break_if_stale(path):
-                    return False
-                continue
-            except OSError as error:  # a read-only or full file system, a folder without write permission
-                raise PipelineError(f"cannot write to the feature cache {self.directory.parent} ({error}); "
-                                    "pass a writable --features_dir") from error
-            with os.fdopen(fd, "w") as handle:
-                handle.write(f"{self.host} {os.getpid()} {time.time():.3f}\n")
-            with self._mutex:
-                self.held.add(slide_id)
-            return True
-        return False
-
-    def release(self, slide_id: str) -> None:
-        with self._mutex:
-            self.held.discard(slide_id)
-        with contextlib.suppress(FileNotFoundError):
-            self._path(slide_id).unlink()
-
-    def release_all(self) -> None:
-        for slide_id in list(self.held):
-            self.release(slide_id)
-
-    def refresh(self, force: bool = False) -> None:
-        """Touch the held locks (at most every LOCK_REFRESH_SECONDS) so others see them alive."""
-        if not force and time.monotonic() - self._refreshed < LOCK_REFRESH_SECONDS:
-            return
-        self._refreshed = time.monotonic()
-        with self._mutex:
-            held = list(self.held)
-        for slide_id in held:
-            with contextlib.suppress(OSError):
-                os.utime(self._path(slide_id))
-
-    def held_by_other(self, slide_id: str) -> bool:
-        """True while another live process holds the slide's lock."""
-        path = self._path(slide_id)
-        with self._mutex:
-            if slide_id in self.held:
-                return False
-        return path.exists() and not self._is_stale(path)
-
-    def sweep(self, cache_dir: Path) -> None:
-        """Remove stale locks, and the temporary files of slides (bags, spills, failure records)
-        and of the manifest that no live process holds the lock of: a kill left them. Any
-        other temporary file goes once older than the stale age."""
-        for lock in sorted(self.directory.glob("*.lock")):
-            self._break_if_stale(lock)
-        failed = Path(cache_dir) / FAILED_DIR
-        for path in [*Path(cache_dir).glob(".*.tmp"), *failed.glob(".*.tmp")]:
-            if path.parent == failed:
-                match = _FAILURE_TEMPORARY.match(path.name)
-                owner = match.group(1) if match else None
-            else:
-                match = _SLIDE_TEMPORARY.match(path.name)
-                owner = match.group(1) if match else MANIFEST_LOCK if _MANIFEST_TEMPORARY.match(path.name) else None
-            with contextlib.suppress(OSError):
-                if owner is not None:
-                    if not self.held_by_other(owner) and owner not in self.held:
-                        path.unlink()
-                elif time.time() - path.stat().st_mtime > LOCK_STALE_SECONDS:
-                    path.unlink()
-
-    def _is_stale(self, path: Path) -> bool:
-        try:
-            text = path.read_text(encoding="utf-8").split()
-            age = time.time() - path.stat().st_mtime
-        except (OSError, UnicodeDecodeError):
-            return False  # vanished, or being written right now
-        if age > LOCK_STALE_SECONDS:
-            return True
-        if len(text) >= 2 and text[0] == self.host and text[1].isdigit():
-            return not pid_alive(int(text[1]))
-        return False
-
-    def _break_if_stale(self, path: Path) -> bool:
-        """Remove ``path`` if stale; rename first so two breakers cannot remove a fresh lock."""
-        if not self._is_stale(path):
-            return False
-        try:
-            before = path.read_text(encoding="utf-8")
-            moved = path.with_name(f"{path.name}.stale.{self.host}.{os.getpid()}")
-            os.rename(path, moved)
-        except OSError:
-            return True  # someone else broke it first: try to acquire again
-        if moved.read_text(encoding="utf-8") != before:
-            # We moved a lock that another process created after our check: put it back.
-            with contextlib.suppress(OSError):
-                os.link(moved, path)
+def sweep_leftovers(cache_dir: Path, locks: SlideLocks) -> None:
+    """Remove stale locks, and the temporary files of slides (bags, spills, failure records)
+    and of the manifest that no live process holds the lock of: a kill left them. Any
+    other temporary file goes once older than the stale age."""
+    locks.break_stale()
+    failed = Path(cache_dir) / FAILED_DIR
+    for path in [*Path(cache_dir).glob(".*.tmp"), *failed.glob(".*.tmp")]:
+        if path.parent == failed:
+            match = _FAILURE_TEMPORARY.match(path.name)
+            owner = match.group(1) if match else None
+        else:
+            match = _SLIDE_TEMPORARY.match(path.name)
+            owner = match.group(1) if match else MANIFEST_LOCK if _MANIFEST_TEMPORARY.match(path.name) else None
         with contextlib.suppress(OSError):
-            moved.unlink()
-        return True
+            if owner is not None:
+                if not locks.held_by_other(owner) and owner not in locks.held:
+                    path.unlink()
+            elif time.time() - path.stat().st_mtime > LOCK_STALE_SECONDS:
+                path.unlink()

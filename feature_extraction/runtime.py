@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import math
 import os
 import warnings
@@ -41,6 +42,7 @@ ONNX_OPSET = 18
 EXPORT_TOLERANCE = 1e-4  # relative to the largest feature: float32 rounding, not a different model
 
 Result = Callable[[], np.ndarray]
+log = logging.getLogger(__name__)
 
 
 class NormalizedBackbone(nn.Module):
@@ -80,9 +82,18 @@ def _count(n: int, noun: str) -> str:
 
 
 def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask), else the machine's count."""
     with contextlib.suppress(AttributeError, OSError):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (torchrun's RANK / WORLD_SIZE; 0, 1 alone)."""
+    try:
+        return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 0, 1
 
 
 def thread_budget() -> int:
@@ -95,25 +106,37 @@ def onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
 
 
-def resolve_device(device: str = "auto") -> str:
-    """"auto" -> cuda:<LOCAL_RANK> if CUDA is usable, else mps, else cpu. Raises PipelineError
-    when an explicitly requested device is not there."""
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise PipelineError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device of a name: auto, cpu, cuda, cuda:N or mps (any letter case), or a torch.device
+    (returned as is). "auto" is cuda:<LOCAL_RANK> when CUDA is usable (one GPU per torchrun process),
+    else mps, else cpu; "cuda" is cuda:<LOCAL_RANK>. Raises PipelineError for an unknown name or a
+    device that is not there."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    if device == "auto":
+    if name == "auto":
         if torch.cuda.is_available():
-            return f"cuda:{local_rank % torch.cuda.device_count()}"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError("--device cuda was requested but PyTorch sees no CUDA GPU; use --device auto or cpu")
-    if device == "cuda":
-        return f"cuda:{local_rank % torch.cuda.device_count()}"
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise PipelineError("--device mps was requested but this PyTorch has no usable MPS device")
-    return device
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except (RuntimeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise PipelineError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PipelineError(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU. "
+                                "Use --device auto or cpu.")
+        index = local_rank % torch.cuda.device_count() if resolved.index is None else resolved.index
+        if index >= torch.cuda.device_count():
+            raise PipelineError(f"device {device!r} asked for, but PyTorch sees {torch.cuda.device_count()} "
+                                "CUDA GPUs (cuda:0 is the first).")
+        return torch.device("cuda", index)
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise PipelineError(f"device {device!r} asked for, but MPS is not available here. Use --device cpu.")
+    return resolved
 
 
 def plan_compute(device: str = "auto", precision: str = "auto", runtime: str = "auto",
@@ -129,7 +152,7 @@ def plan_compute(device: str = "auto", precision: str = "auto", runtime: str = "
         raise PipelineError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if runtime not in RUNTIMES:
         raise PipelineError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-    resolved = resolve_device(device)
+    resolved = str(resolve_device(device))  # "cpu", "cuda:0", "mps"
     on_cpu = resolved == "cpu"
     if precision == "auto":
         precision = "fp32" if on_cpu else "fp16"
@@ -237,19 +260,20 @@ class OnnxRunner:
         self._thread.shutdown(wait=True)
 
 
-def build_runner(backbone: LoadedBackbone, plan: ComputePlan, features_dir: Path,
-                 log: Callable[[str], None] = print) -> TorchRunner | OnnxRunner:
+def build_runner(backbone: LoadedBackbone, plan: ComputePlan, features_dir: Path) -> TorchRunner | OnnxRunner:
     """The runner of ``plan``. If the ONNX export fails or disagrees with PyTorch, say so and
     run eager PyTorch instead (the features are the same either way)."""
     if plan.runtime == "onnxruntime":
         try:
-            if not onnx_path(backbone, features_dir).is_file():
-                log(f"exporting {backbone.spec.name} to ONNX, once for these weights: {onnx_path(backbone, features_dir)}")
+            target = onnx_path(backbone, features_dir)
+            if not target.is_file():
+                log.info(f"exporting {backbone.spec.name} to ONNX, once for these weights: {target}")
             path = export_onnx(backbone, features_dir)
             return OnnxRunner(path, plan.compute_threads)
         except Exception as error:  # any exporter/runtime failure: PyTorch computes the same features
-            log(f"warning: ONNX Runtime unavailable for {backbone.spec.name} ({type(error).__name__}: "
-                f"{str(error)[:300]}); running eager PyTorch instead (same features, about half the speed)")
+            log.warning(f"ONNX Runtime unavailable for {backbone.spec.name} ({type(error).__name__}: "
+                        f"{str(error)[:300]}); running eager PyTorch instead (same features, about half "
+                        "the speed)")
     return TorchRunner(backbone, plan)
 
 

@@ -1,4 +1,5 @@
-"""The cache: its key and folder name, cache.json, the manifest derived from disk, the slide locks."""
+"""The cache: its key and folder name, cache.json, the manifest derived from disk, freshness, the
+slide locks; and the typed attributes of a bag (``bags.BagAttrs``), which the cache reads."""
 
 from __future__ import annotations
 
@@ -12,20 +13,23 @@ import time
 import numpy as np
 import pytest
 
-from feature_extraction import cache
-from feature_extraction.bags import bag_path, write_bag
+from feature_extraction import bags, cache, locks as locks_module
+from feature_extraction.bags import BagAttrs, bag_path, read_attrs, read_bag, read_bag_attrs, validate_bag, write_bag
 from feature_extraction.cache import (
     ExtractionConfig,
     SlideLocks,
     collect_manifest,
-    current_bag_attrs,
+    current_bag,
     open_cache,
     read_cache_config,
     read_manifest,
+    slide_status,
+    sweep_leftovers,
     write_failure,
     write_manifest,
 )
-from feature_extraction.errors import PipelineError
+from feature_extraction.errors import BagError, PipelineError
+from random_data import RandomSlide, random_bag_attrs
 
 CONFIG = ExtractionConfig(
     backbone="resnet50_trunc", weights="imagenet", weights_digest="ab" * 32, transform="resize(224)",
@@ -61,9 +65,11 @@ def test_open_cache_writes_cache_json_and_refuses_a_folder_of_another_key(tmp_pa
 
 
 def _bag(cache_dir, slide_id, split="train", n=3, key=CONFIG.cache_key, digest="d1"):
-    attrs = dict(slide_id=slide_id, patient_id=slide_id.split("__")[1], class_folder=slide_id.split("__")[0],
-                 label=1, split=split, cache_key=key, tiles_digest=digest, n_available=n + 1, n_skipped=1,
-                 source=f"/data/{slide_id}")
+    class_folder, _, patient_id = slide_id.partition("__")
+    attrs = dataclasses.replace(
+        random_bag_attrs(RandomSlide(slide_id, patient_id, class_folder, 1, split, n), CONFIG),
+        cache_key=key, tiles_digest=digest, n_available=n + 1, n_skipped=1, source=f"/data/{slide_id}",
+        skipped_tiles=({"name": "t9", "reason": "truncated"},))
     write_bag(bag_path(cache_dir, slide_id), np.ones((n, 4), np.float32), np.zeros((n, 2)), [f"t{i}" for i in range(n)],
               attrs)
 
@@ -102,11 +108,67 @@ def test_read_manifest_of_a_missing_cache_says_to_run_embed(tmp_path):
 def test_current_bag_needs_the_same_key_and_tiles(tmp_path):
     cache_dir = open_cache(tmp_path, CONFIG)
     _bag(cache_dir, "EGFR_positive__P1", digest="d1")
-    assert current_bag_attrs(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "d1")["slide_id"] == "EGFR_positive__P1"
-    assert current_bag_attrs(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "changed") is None
-    assert current_bag_attrs(cache_dir, "EGFR_positive__P1", "other key", "d1") is None
-    assert current_bag_attrs(cache_dir, "EGFR_positive__P9", CONFIG.cache_key, "d1") is None
-    assert current_bag_attrs(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "d1", newer_than=time.time() + 60) is None
+    assert current_bag(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "d1").slide_id == "EGFR_positive__P1"
+    assert current_bag(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "changed") is None
+    assert current_bag(cache_dir, "EGFR_positive__P1", "other key", "d1") is None
+    assert current_bag(cache_dir, "EGFR_positive__P9", CONFIG.cache_key, "d1") is None
+    assert current_bag(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "d1", newer_than=time.time() + 60) is None
+    bag_path(cache_dir, "EGFR_positive__P2").write_bytes(b"half a file")
+    assert current_bag(cache_dir, "EGFR_positive__P2", CONFIG.cache_key, "d1") is None
+
+
+def test_slide_status_is_ok_for_a_current_bag_and_failed_only_for_a_failure_of_this_run(tmp_path):
+    cache_dir = open_cache(tmp_path, CONFIG)
+    _bag(cache_dir, "EGFR_positive__P1", digest="d1")
+    assert slide_status(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "d1") == cache.STATUS_OK
+    record = dict(slide_id="EGFR_negative__P2", cache_key=CONFIG.cache_key, tiles_digest="d2", reason="no tiles",
+                  written_at=time.time())
+    write_failure(cache_dir, record)
+    status = lambda **kw: slide_status(cache_dir, "EGFR_negative__P2", CONFIG.cache_key, "d2", **kw)  # noqa: E731
+    assert status(failed_since=time.time() - 10) == cache.STATUS_FAILED
+    assert status(failed_since=time.time() + 60) is None  # recorded by an earlier run: retried
+    assert status() is None
+    assert slide_status(cache_dir, "EGFR_negative__P2", CONFIG.cache_key, "changed", failed_since=0.0) is None
+
+
+def test_bag_attributes_have_one_typed_definition_that_writes_reads_and_validates(tmp_path):
+    cache_dir = open_cache(tmp_path, CONFIG)
+    _bag(cache_dir, "EGFR_positive__P1")
+    path = bag_path(cache_dir, "EGFR_positive__P1")
+    typed = read_bag_attrs(path)
+    assert isinstance(typed, BagAttrs) and typed.label == 1 and typed.n_instances == 3 and typed.feature_dim == 4
+    assert typed.format_version == bags.FORMAT_VERSION == 1
+    assert typed.skipped_tiles == ({"name": "t9", "reason": "truncated"},)
+    stored = read_attrs(path)  # the keys and values on disk are those of BagAttrs.to_attrs
+    assert json.loads(stored["skipped_tiles"]) == [{"name": "t9", "reason": "truncated"}]
+    assert set(stored) == {f.name for f in dataclasses.fields(BagAttrs)} - {"extra"}
+    assert read_bag(path).typed_attrs == typed and validate_bag(path).bag_attrs == typed
+    with_extra = dataclasses.replace(typed, extra={"slide_kind": "wsi", "slide_id": "not this"})
+    write_bag(path, np.ones((2, 4), np.float32), np.zeros((2, 2)), ["a", "b"], with_extra)
+    again = read_bag_attrs(path)
+    assert again.extra == {"slide_kind": "wsi"} and again.slide_id == "EGFR_positive__P1"  # named fields win
+    assert again.n_instances == 2  # always that of the file
+
+    write_bag(path, np.ones((2, 4), np.float32), np.zeros((2, 2)), ["a", "b"], {"slide_id": "x", "label": 1})
+    with pytest.raises(BagError, match=r"EGFR_positive__P1\.h5.*lacks the attributes \['cache_key'\].*re-embed"):
+        read_bag_attrs(path)
+    write_bag(path, np.ones((2, 4), np.float32), np.zeros((2, 2)), ["a", "b"], {**stored, "label": "one"})
+    with pytest.raises(BagError, match="attribute label='one' is not a int"):
+        read_bag_attrs(path)
+
+
+def test_a_bag_of_another_format_version_is_upgraded_or_refused_by_name(tmp_path, monkeypatch):
+    cache_dir = open_cache(tmp_path, CONFIG)
+    _bag(cache_dir, "EGFR_positive__P1")
+    path = bag_path(cache_dir, "EGFR_positive__P1")
+    monkeypatch.setattr(bags, "FORMAT_VERSION", 2)  # as if this were a newer clam-egfr: version 1 is older
+    with pytest.raises(BagError, match=r"format_version 1, which this clam-egfr cannot upgrade.*re-embed"):
+        read_bag_attrs(path)
+    monkeypatch.setitem(bags._UPGRADES, 1, lambda raw: {**raw, "weights": raw["weights"].upper()})
+    assert read_bag_attrs(path).weights == "IMAGENET" and read_bag_attrs(path).format_version == 2
+    monkeypatch.setattr(bags, "FORMAT_VERSION", 0)  # as if this were an older clam-egfr
+    with pytest.raises(BagError, match="newer than this clam-egfr reads"):
+        read_bag_attrs(path)
 
 
 def test_a_lock_is_exclusive_until_released(tmp_path):
@@ -131,7 +193,7 @@ def test_locks_of_dead_processes_and_unrefreshed_locks_are_taken_over(tmp_path, 
     foreign = tmp_path / ".locks" / "S2.lock"
     foreign.write_text("another-node 12345 0\n")
     assert locks.held_by_other("S2") and not locks.try_acquire("S2")  # another host: trust it while fresh
-    old = time.time() - cache.LOCK_STALE_SECONDS - 10
+    old = time.time() - locks_module.LOCK_STALE_SECONDS - 10
     os.utime(foreign, (old, old))
     assert locks.try_acquire("S2")
     assert (tmp_path / ".locks" / "S2.lock").read_text().split()[1] == str(os.getpid())
@@ -159,9 +221,9 @@ def test_sweep_removes_what_a_killed_run_left_and_spares_live_work(tmp_path):
     (cache_dir / ".failed" / ".S3.json.5.tmp").write_text("{")  # fresh, and no lock: nobody is writing it
     odd = cache_dir / ".failed" / ".notes.tmp"  # no owner can be told from the name: goes once old
     odd.write_text("?")
-    os.utime(odd, (time.time() - cache.LOCK_STALE_SECONDS - 1,) * 2)
+    os.utime(odd, (time.time() - locks_module.LOCK_STALE_SECONDS - 1,) * 2)
 
-    locks.sweep(cache_dir)
+    sweep_leftovers(cache_dir, locks)
     left = sorted(p.name for p in cache_dir.rglob("*") if p.is_file() and p.name != "cache.json")
     assert left == [".S2.h5.777.tmp", ".S2.json.777.tmp", ".manifest.csv.778.tmp", "S2.lock", "manifest.csv.lock"]
 
@@ -173,7 +235,7 @@ def test_the_manifest_is_replaced_under_a_lock_and_a_killed_writers_temp_file_is
     dead.wait()
     (cache_dir / ".locks" / "manifest.csv.lock").write_text(f"{locks.host} {dead.pid} 0\n")  # killed mid-write
     (cache_dir / f".manifest.csv.{dead.pid}.tmp").write_text("slide_id,half a row")
-    locks.sweep(cache_dir)
+    sweep_leftovers(cache_dir, locks)
     assert not list(cache_dir.glob(".manifest.csv.*")) and not list((cache_dir / ".locks").iterdir())
 
     (cache_dir / ".locks" / "manifest.csv.lock").write_text("another-node 778 0\n")  # a live writer elsewhere

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 import types
 from collections import Counter
 from pathlib import Path
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from feature_extraction.bags import bag_path, write_bag
+from feature_extraction.bags import bag_path, read_attrs, write_bag
+from feature_extraction.embed import EmbedConfig
 from feature_extraction.errors import BagError, PipelineError
 from feature_extraction.layout import discover_slides
 from feature_extraction.sources import SlideSource
@@ -32,8 +33,10 @@ from clam.data import (
     validate_records,
 )
 from clam.splits import assign_patient_folds, patient_labels, read_split, train_val_split, write_split
+from feature_extraction.cache import read_manifest
 from tests.random_data import (
     cohort_slides,
+    random_cache_config,
     refresh_manifest,
     write_cohort_folders,
     write_random_bag_folder,
@@ -71,18 +74,26 @@ def test_nan_bag_is_named(cache):
     path = bag_path(cache, "EGFR_negative__P002")
     features = np.ones((4, 16), np.float32)
     features[2, 3] = np.nan
-    write_bag(path, features, np.zeros((4, 2)), ["a", "b", "c", "d"],
-              {"cache_key": read_cache_config(cache)["cache_key"], "label": 0, "slide_id": "EGFR_negative__P002"})
+    write_bag(path, features, np.zeros((4, 2)), ["a", "b", "c", "d"], read_attrs(path))  # the same bag, but a NaN
     with pytest.raises(BagError, match=r"EGFR_negative__P002\.h5.*NaN"):
         validated(cache)
 
 
 def test_bag_from_another_cache_is_refused(cache):
     other = write_random_cache(cache.parent, cohort_slides(2, seed=5), feature_dim=16, cache_key="otherkey")
+    other_key = read_cache_config(other)["cache_key"]
+    assert other_key != read_cache_config(cache)["cache_key"]  # another name, another real key
     # A bag of the other cache copied into this one, under a slide id of this cohort.
     bag_path(cache, "EGFR_negative__P000").write_bytes(bag_path(other, "EGFR_negative__P000").read_bytes())
-    with pytest.raises(BagError, match="cache key 'otherkey'.*never mixed"):
+    with pytest.raises(BagError, match=f"cache key '{other_key}'.*never mixed"):
         validated(cache)
+
+
+def test_random_caches_have_the_real_key_of_their_configuration(cache):
+    config = read_cache_config(cache)
+    assert random_cache_config(16).cache_key == config["cache_key"] and len(config["cache_key"]) == 64
+    assert cache.name == random_cache_config(16).folder_name
+    assert all(r.status == "ok" for r in read_manifest(cache))
 
 
 def test_mixed_caches_in_a_bag_folder_are_refused(tmp_path):
@@ -175,7 +186,7 @@ def test_class_weights_average_one_per_bag():
 
 
 def test_loading_plan_never_oversubscribes(monkeypatch):
-    monkeypatch.setattr("clam.data.usable_cores", lambda: 2)
+    monkeypatch.setattr("clam.data.available_cores", lambda: 2)
     cpu = torch.device("cpu")
     memory = plan_loading(10 << 20, "auto", 4, cpu)
     assert memory.in_memory and memory.num_workers == 0
@@ -191,8 +202,8 @@ def test_loading_plan_never_oversubscribes(monkeypatch):
 def test_find_cache_reuses_a_cache_with_enough_tiles(tmp_path):
     slides = cohort_slides(4)
     sources = discover_slides(write_cohort_folders(tmp_path / "train", slides), "train")
-    small = write_random_cache(tmp_path / "features", slides, cache_key="k50", max_tiles=50)
-    big = write_random_cache(tmp_path / "features", slides, cache_key="k500", max_tiles=500)
+    small = write_random_cache(tmp_path / "features", slides, max_tiles=50)
+    big = write_random_cache(tmp_path / "features", slides, max_tiles=500)
     find = lambda *args: find_cache(tmp_path / "features", "resnet50_trunc", *args)  # noqa: E731
     assert find("imagenet", 100, 0, sources) == big  # 50 tiles cannot serve a draw of 100
     assert find("imagenet", 50, 0, sources) == small  # the exact configuration first
@@ -201,26 +212,28 @@ def test_find_cache_reuses_a_cache_with_enough_tiles(tmp_path):
     assert find("imagenet", 50, 0, sources + [extra]) is None  # a slide without a bag
 
 
-def test_missing_slides_are_embedded_first_and_said(tmp_path, monkeypatch, capsys):
+def test_missing_slides_are_embedded_first_and_said(tmp_path, monkeypatch, caplog):
     slides = cohort_slides(4)
     data_dir = write_cohort_folders(tmp_path / "train", slides)
     existing = write_random_cache(tmp_path / "features", slides[:-1])  # the last slide is not embedded yet
     calls = []
 
-    def embed_cohort(data_dir, split, **kwargs):  # stands in for stage 1: completes the cache
-        calls.append((Path(data_dir), split, kwargs))
+    def embed_cohort(config, data_dir, split, features_dir):  # stands in for stage 1: completes the cache
+        calls.append((config, Path(data_dir), split, features_dir))
         write_random_cache(tmp_path / "features", slides)
         return types.SimpleNamespace(cache_dir=existing)
 
-    monkeypatch.setitem(sys.modules, "feature_extraction.embed", types.SimpleNamespace(embed_cohort=embed_cohort))
+    monkeypatch.setattr("clam.data.embed_cohort", embed_cohort)
+    caplog.set_level(logging.INFO)
     cache_dir, ids = resolve_cache(tmp_path / "features", data_dir, "train", backbone="resnet50_trunc",
                                    weights="random", max_tiles=30, seed=4, device="cpu", num_workers=0)
     assert cache_dir == existing and ids == {s.slide_id for s in slides}
-    (called_dir, split, kwargs), = calls
+    (config, called_dir, split, features_dir), = calls
     assert called_dir == data_dir and split == "train"
-    assert kwargs["features_dir"] == tmp_path / "features"
-    assert (kwargs["backbone"], kwargs["weights"], kwargs["max_tiles"], kwargs["seed"]) == ("resnet50_trunc", "random", 30, 4)
-    assert "embedding them first" in capsys.readouterr().out
+    assert features_dir == tmp_path / "features"
+    assert config == EmbedConfig(backbone="resnet50_trunc", weights="random", max_tiles=30, seed=4, num_workers=0,
+                                 device="cpu")
+    assert "embedding them first" in caplog.text
 
 
 def test_a_cache_folder_is_used_as_is_and_gaps_are_named(tmp_path):
@@ -232,14 +245,15 @@ def test_a_cache_folder_is_used_as_is_and_gaps_are_named(tmp_path):
         resolve_cache(cache_dir, data_dir, "train", backbone="x", weights="y", max_tiles=1, seed=0)
 
 
-def test_slides_without_a_usable_bag_are_left_out_and_named(cache, capsys):
+def test_slides_without_a_usable_bag_are_left_out_and_named(cache, caplog):
     bag_path(cache, "EGFR_positive__P003").unlink()
     refresh_manifest(cache)
     (cache / "EGFR_negative__P000.h5").write_bytes(b"not hdf5")
     refresh_manifest(cache)
     records = records_from_cache(cache, None, "train")
     assert {r.slide_id for r in records}.isdisjoint({"EGFR_positive__P003", "EGFR_negative__P000"})
-    assert "EGFR_negative__P000 (invalid" in capsys.readouterr().out
+    (warning,) = [r for r in caplog.records if r.name == "clam.data" and r.levelno == logging.WARNING]
+    assert "EGFR_negative__P000 (invalid" in warning.getMessage()
 
 
 # ---------------------------------------------------------------- splits

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,63 +19,22 @@ from PIL import Image
 from torchvision import transforms
 
 from feature_extraction import embed as embed_module
+from feature_extraction import extractor
 from feature_extraction.backbones import load_backbone
 from feature_extraction.bags import COORD_SENTINEL, read_bag, validate_bag
 from feature_extraction.cache import read_cache_config, read_manifest
-from feature_extraction.embed import _compact, embed_cohort, format_summary, main
+from feature_extraction.embed import EmbedConfig, embed_cohort, format_summary, main
 from feature_extraction.errors import PipelineError
-from feature_extraction.runtime import NormalizedBackbone, onnxruntime_available, plan_compute
+from feature_extraction.extractor import Outcome, compact_rows
+from feature_extraction.runtime import NormalizedBackbone, onnxruntime_available, plan_compute, resolve_device
 from feature_extraction.sources import select_subset
-
-ROOT = Path(__file__).resolve().parents[1]
-FAST = dict(backbone="resnet18", weights="random", runtime="torch", num_workers=0, progress=False)
-LAYOUT = {"EGFR_positive": {"P1": 3, "P2": 2}, "EGFR_negative": {"P3": 2}, "EGFR_negative_cnn": {"P3": 2}}
-
-
-def write_cohort(root: Path, layout=None, size: int = 32, seed: int = 0) -> Path:
-    """Tiles ``tile_x{X}_y{Y}.png`` of H&E-ish random colours in the spec's layout; returns ``root``."""
-    rng = np.random.default_rng(seed)
-    layout = layout or LAYOUT
-    for folder in ("EGFR_positive", "EGFR_negative"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    for folder, patients in layout.items():
-        for patient, n_tiles in patients.items():
-            for i in range(n_tiles):
-                write_tile(root / folder / patient / f"tile_x{i * size}_y{size}.png", rng, size)
-    return root
-
-
-def write_tile(path: Path, rng: np.random.Generator, size: int = 32) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = rng.integers(0, 90, (size, size, 3)) + np.array([150, 80, 150])
-    Image.fromarray(pixels.astype(np.uint8)).save(path)
-    return path
-
-
-def bags_of(cache_dir: Path) -> dict[str, object]:
-    return {p.stem: read_bag(p) for p in sorted(cache_dir.glob("*.h5"))}
-
-
-def assert_same_bags(left: Path, right: Path, exact: bool = False) -> None:
-    a, b = bags_of(left), bags_of(right)
-    assert a.keys() == b.keys() and a
-    for slide_id in a:
-        assert a[slide_id].tile_names == b[slide_id].tile_names, slide_id
-        assert np.array_equal(a[slide_id].coords, b[slide_id].coords)
-        if exact:
-            assert np.array_equal(a[slide_id].features, b[slide_id].features), slide_id
-        else:
-            np.testing.assert_allclose(a[slide_id].features, b[slide_id].features, rtol=1e-4, atol=1e-5)
-        volatile = {"embedded_at"}
-        assert {k: v for k, v in a[slide_id].attrs.items() if k not in volatile} == \
-               {k: v for k, v in b[slide_id].attrs.items() if k not in volatile}
-
+from random_data import FAST, ROOT, assert_same_bags, bags_of, write_cohort, write_tile
 
 def test_embed_writes_one_valid_bag_per_slide_and_a_manifest(tmp_path):
     data = write_cohort(tmp_path / "train")
     (data / "EGFR_positive" / "P1" / "notes.txt").write_text("ignored")
     write_tile(data / "EGFR_negative" / "P5" / "plain.png", np.random.default_rng(1))  # no position in its name
-    report = embed_cohort(data, features_dir=tmp_path / "features", **FAST)
+    report = embed_cohort(FAST, data, features_dir=tmp_path / "features")
 
     assert report.n_embedded == 5 and report.n_reused == 0 and not report.failed
     assert report.cache_dir.parent == tmp_path / "features"
@@ -113,7 +73,7 @@ def test_embed_writes_one_valid_bag_per_slide_and_a_manifest(tmp_path):
 
 def test_features_equal_eager_pytorch_on_the_decoded_tile(tmp_path):
     data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P1": 2}, "EGFR_negative": {"P2": 1}}, size=256)
-    report = embed_cohort(data, features_dir=tmp_path / "features", **FAST)
+    report = embed_cohort(FAST, data, features_dir=tmp_path / "features")
     bag = read_bag(report.cache_dir / "EGFR_positive__P1.h5")
 
     backbone = load_backbone("resnet18", "random")
@@ -138,8 +98,8 @@ def test_features_equal_eager_pytorch_on_the_decoded_tile(tmp_path):
 @pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime, onnx and onnxscript are not installed")
 def test_onnx_runtime_features_match_eager_pytorch(tmp_path):
     data = write_cohort(tmp_path / "train")
-    eager = embed_cohort(data, features_dir=tmp_path / "eager", **FAST)
-    onnx = embed_cohort(data, features_dir=tmp_path / "onnx", **{**FAST, "runtime": "onnxruntime"})
+    eager = embed_cohort(FAST, data, features_dir=tmp_path / "eager")
+    onnx = embed_cohort(replace(FAST, runtime="onnxruntime"), data, features_dir=tmp_path / "onnx")
     assert onnx.runtime == "onnxruntime" and eager.runtime == "torch"
     assert eager.cache_dir.name == onnx.cache_dir.name  # the runtime does not change the cache
     assert list((tmp_path / "onnx" / ".onnx").glob("resnet18-*-224px-*.onnx"))
@@ -151,43 +111,43 @@ def test_onnx_runtime_features_match_eager_pytorch(tmp_path):
 
 def test_batches_spanning_slides_and_large_slide_buffers_give_the_same_bags(tmp_path, monkeypatch):
     data = write_cohort(tmp_path / "train")
-    embed_cohort(data, features_dir=tmp_path / "one", batch_size=1, **FAST)
-    monkeypatch.setattr(embed_module, "SPILL_BYTES", 0)  # every slide gathered in a file-backed buffer
-    report = embed_cohort(data, features_dir=tmp_path / "five", batch_size=5, **FAST)
+    embed_cohort(replace(FAST, batch_size=1), data, features_dir=tmp_path / "one")
+    monkeypatch.setattr(extractor, "SPILL_BYTES", 0)  # every slide gathered in a file-backed buffer
+    report = embed_cohort(replace(FAST, batch_size=5), data, features_dir=tmp_path / "five")
     assert_same_bags(tmp_path / "one" / report.cache_dir.name, report.cache_dir)
     assert not list(report.cache_dir.glob(".*spill*"))
 
 
 def test_rerun_recomputes_nothing_and_a_changed_slide_is_re_embedded(tmp_path):
     data = write_cohort(tmp_path / "train")
-    first = embed_cohort(data, features_dir=tmp_path / "features", **FAST)
+    first = embed_cohort(FAST, data, features_dir=tmp_path / "features")
     stamps = {p.name: p.stat().st_mtime_ns for p in first.cache_dir.glob("*.h5")}
 
-    again = embed_cohort(data, features_dir=tmp_path / "features", **FAST)
+    again = embed_cohort(FAST, data, features_dir=tmp_path / "features")
     assert (again.n_embedded, again.n_reused, again.n_tiles_embedded) == (0, 4, 0)
     assert again.plan is None  # not even a runner was built
     assert {p.name: p.stat().st_mtime_ns for p in first.cache_dir.glob("*.h5")} == stamps
 
     write_tile(data / "EGFR_positive" / "P2" / "tile_x64_y32.png", np.random.default_rng(5))
     write_tile(data / "EGFR_positive" / "P9" / "tile_x0_y0.png", np.random.default_rng(6))  # a new slide
-    changed = embed_cohort(data, features_dir=tmp_path / "features", **FAST)
+    changed = embed_cohort(FAST, data, features_dir=tmp_path / "features")
     assert (changed.n_embedded, changed.n_reused) == (2, 3)
     after = {p.name: p.stat().st_mtime_ns for p in first.cache_dir.glob("*.h5")}
     assert [name for name in stamps if after[name] != stamps[name]] == ["EGFR_positive__P2.h5"]
     assert read_bag(first.cache_dir / "EGFR_positive__P2.h5").features.shape == (3, 512)
 
-    overwritten = embed_cohort(data, features_dir=tmp_path / "features", overwrite=True, **FAST)
+    overwritten = embed_cohort(replace(FAST, overwrite=True), data, features_dir=tmp_path / "features")
     assert overwritten.n_embedded == 5 and overwritten.n_reused == 0
 
-    other = embed_cohort(data, features_dir=tmp_path / "features", **{**FAST, "max_tiles": 2})
+    other = embed_cohort(replace(FAST, max_tiles=2), data, features_dir=tmp_path / "features")
     assert other.cache_dir != first.cache_dir and other.n_embedded == 5  # another configuration, another cache
     assert read_bag(first.cache_dir / "EGFR_positive__P1.h5").features.shape == (3, 512)
 
 
 def test_max_tiles_takes_a_stable_seeded_subset(tmp_path):
     data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P1": 9}, "EGFR_negative": {"P2": 2}})
-    first = embed_cohort(data, features_dir=tmp_path / "a", max_tiles=4, seed=7, **FAST)
-    second = embed_cohort(data, features_dir=tmp_path / "b", max_tiles=4, seed=7, **FAST)
+    first = embed_cohort(replace(FAST, max_tiles=4, seed=7), data, features_dir=tmp_path / "a")
+    second = embed_cohort(replace(FAST, max_tiles=4, seed=7), data, features_dir=tmp_path / "b")
     assert_same_bags(first.cache_dir, second.cache_dir, exact=True)
 
     bag = read_bag(first.cache_dir / "EGFR_positive__P1.h5")
@@ -196,7 +156,7 @@ def test_max_tiles_takes_a_stable_seeded_subset(tmp_path):
     assert bag.attrs["n_available"] == 9 and bag.attrs["n_selected"] == 4 and bag.attrs["max_tiles"] == 4
     assert read_bag(first.cache_dir / "EGFR_negative__P2.h5").features.shape[0] == 2
 
-    everything = embed_cohort(data, features_dir=tmp_path / "a", max_tiles=0, **FAST)
+    everything = embed_cohort(replace(FAST, max_tiles=0), data, features_dir=tmp_path / "a")
     assert "-maxall-" in everything.cache_dir.name
     assert read_bag(everything.cache_dir / "EGFR_positive__P1.h5").features.shape[0] == 9
 
@@ -218,7 +178,7 @@ def test_bad_tiles_are_skipped_and_named_and_an_unreadable_slide_gets_no_bag(tmp
     assert code == 0  # some slides were embedded
     assert "zero.png" in out.out and "text.jpg" in out.out and "cut.png" in out.out
     assert "EGFR_positive__P2" in out.out and "EGFR_negative__P8" in out.out
-    assert "random" in out.err.lower()
+    assert "warning: --weights random" in out.out  # said even with --quiet
 
     cache_dir = next((tmp_path / "features").iterdir())
     bag = read_bag(cache_dir / "EGFR_positive__P1.h5")
@@ -231,7 +191,7 @@ def test_bad_tiles_are_skipped_and_named_and_an_unreadable_slide_gets_no_bag(tmp
     assert rows["EGFR_positive__P2"].status == "failed" and "could be read" in rows["EGFR_positive__P2"].error
     assert rows["EGFR_negative__P8"].status == "failed" and "no image tiles" in rows["EGFR_negative__P8"].error
 
-    report = embed_cohort(data, features_dir=tmp_path / "features", **FAST)  # reused; failures retried, reported
+    report = embed_cohort(FAST, data, features_dir=tmp_path / "features")  # reused; failures retried, reported
     assert report.n_embedded == 0 and len(report.failed) == 2
     assert sorted(t.name for t in report.skipped_tiles) == ["cut.png", "text.jpg", "zero.png"]
     assert "skipped 3 unreadable tiles" in format_summary(report)
@@ -247,7 +207,7 @@ def test_a_slide_that_cannot_be_listed_fails_alone(tmp_path, monkeypatch):
         return real(slide, max_tiles, seed, wsi, **kwargs)
 
     monkeypatch.setattr(embed_module, "list_slide_tiles", list_or_fail)
-    report = embed_cohort(data, features_dir=tmp_path / "features", **FAST)
+    report = embed_cohort(FAST, data, features_dir=tmp_path / "features")
     assert report.n_embedded == 3
     assert report.failed == [("EGFR_positive__P2", f"{data / 'EGFR_positive' / 'P2'} is not a readable whole-slide image")]
     assert {row.slide_id: row.status for row in report.slides}["EGFR_positive__P2"] == "failed"
@@ -272,8 +232,8 @@ def test_nothing_embeddable_exits_non_zero_and_a_missing_class_folder_shows_the_
 def test_train_and_test_share_the_cache_and_each_report_lists_its_own_slides(tmp_path):
     train = write_cohort(tmp_path / "train")
     test = write_cohort(tmp_path / "test", {"C-S-EGFR_positive": {"T1": 2}, "C-S-EGFR_negative": {"T2": 1}})
-    first = embed_cohort(train, "train", features_dir=tmp_path / "features", **FAST)
-    second = embed_cohort(test, "test", features_dir=tmp_path / "features", **FAST)
+    first = embed_cohort(FAST, train, "train", features_dir=tmp_path / "features")
+    second = embed_cohort(FAST, test, "test", features_dir=tmp_path / "features")
     assert first.cache_dir == second.cache_dir
     assert [row.slide_id for row in second.slides] == ["C-S-EGFR_negative__T2", "C-S-EGFR_positive__T1"]
     assert {row.split for row in read_manifest(first.cache_dir)} == {"train", "test"}
@@ -284,7 +244,7 @@ def test_compact_moves_rows_in_place():
     features = np.arange(20, dtype=np.float32).reshape(10, 2)
     rows = [1, 2, 5, 9]
     expected = features[rows].copy()
-    assert np.array_equal(_compact(features, rows), expected)
+    assert np.array_equal(compact_rows(features, rows), expected)
 
 
 def test_cpu_plan_leaves_the_cores_to_the_backbone(monkeypatch):
@@ -323,8 +283,52 @@ def test_kill_minus_9_then_rerun_gives_the_bags_of_an_uninterrupted_run(tmp_path
     resumed = subprocess.run([*command, *args, "--features_dir", str(killed)], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{10 - n_before} embedded" in resumed.stdout and f"{n_before} reused" in resumed.stdout
-    embed_cohort(data, features_dir=tmp_path / "clean", batch_size=1, **FAST)
+    embed_cohort(replace(FAST, batch_size=1), data, features_dir=tmp_path / "clean")
     (cache_dir,) = killed.iterdir()
     assert_same_bags(tmp_path / "clean" / cache_dir.name, cache_dir)
     assert not [p for p in cache_dir.rglob("*") if p.suffix in (".tmp", ".lock")]
     assert len(read_manifest(cache_dir)) == 10
+
+
+def test_embed_config_round_trips_through_json_and_ignores_unknown_keys():
+    from feature_extraction.wsi import WsiConfig
+
+    config = EmbedConfig(backbone="resnet18", weights="random", max_tiles=7, seed=3, wsi=WsiConfig(tile_size=128),
+                         batch_size=2, device="cpu", overwrite=True, expected_cache_key="ab" * 32)
+    assert EmbedConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert EmbedConfig.from_dict({**FAST.to_dict(), "something_newer": 1}) == FAST
+    assert Outcome.REUSED == "reused" and f"{Outcome.BY_OTHER}" == "by_other"  # manifest/CSV values unchanged
+
+
+def test_a_checkpoints_cache_entry_replays_to_the_same_cache_key(tiny_cohort, tmp_path):
+    """The ``cache`` entry of a checkpoint written by main 0d6f26e (cache.json plus cache_dir) replays:
+    embedding with it gives the cache key the model was trained on, and a changed entry is refused."""
+    from clam.checkpoints import read_checkpoint
+
+    entry = read_checkpoint(ROOT / "tests" / "fixtures" / "main_0d6f26e" / "run" / "checkpoint_epoch_2.pt")["cache"]
+    replay = EmbedConfig.from_dict({**entry, "runtime": "torch", "num_workers": 0, "progress": False})
+    assert (replay.backbone, replay.weights, replay.max_tiles, replay.seed, replay.wsi) == ("resnet18", "random", 100,
+                                                                                          0, None)
+    assert replay.expected_cache_key == entry["cache_key"]
+    data = tiny_cohort.split_dirs["test"]
+    report = embed_cohort(replay, data, "test", features_dir=tmp_path / "features")
+    assert report.cache_key == entry["cache_key"] and report.cache_dir.name == Path(entry["cache_dir"]).name
+    with pytest.raises(embed_module.CacheKeyMismatch):
+        embed_cohort(replace(replay, max_tiles=50), data, "test", features_dir=tmp_path / "features")
+
+
+def test_devices_resolve_to_torch_devices_or_explain(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("CPU") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    for bad in ("tpu9", "meta", "cuda:x", ""):
+        with pytest.raises(PipelineError, match="unknown device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(PipelineError, match="no CUDA GPU"):
+            resolve_device("cuda:0")
+    else:
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert resolve_device("cuda") == torch.device("cuda", 0)
+        with pytest.raises(PipelineError, match="CUDA GPUs"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")

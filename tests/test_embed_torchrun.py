@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,7 @@ from PIL import Image
 from feature_extraction.bags import read_bag
 from feature_extraction.cache import read_manifest
 from feature_extraction.embed import embed_cohort
-
-ROOT = Path(__file__).resolve().parents[1]
+from random_data import FAST, ROOT
 
 
 def _torchrun() -> str | None:
@@ -52,8 +52,7 @@ def test_two_processes_under_torchrun_build_the_cache_of_one(tmp_path):
     per_rank = [int(n) for n in re.findall(r"slides: (\d+) embedded", result.stdout)]
     assert len(per_rank) == 2 and sum(per_rank) == 8, result.stdout  # every slide embedded exactly once
 
-    single = embed_cohort(data, features_dir=tmp_path / "one", backbone="resnet18", weights="random",
-                          runtime="torch", num_workers=0, batch_size=2, progress=False)
+    single = embed_cohort(replace(FAST, batch_size=2), data, features_dir=tmp_path / "one")
     two = tmp_path / "two" / single.cache_dir.name
     assert sorted(p.name for p in two.glob("*.h5")) == sorted(p.name for p in single.cache_dir.glob("*.h5"))
     for path in single.cache_dir.glob("*.h5"):

@@ -19,8 +19,8 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_
 from feature_extraction.bags import read_bag
 from feature_extraction.errors import PipelineError
 from feature_extraction.layout import CLASS_NAMES
-from random_data import (RandomSlide, cohort_slides, write_cohort_folders, write_random_bag_folder,
-                         write_random_cache)
+from random_data import (RandomSlide, cohort_slides, random_cache_config, write_cohort_folders,
+                         write_random_bag_folder, write_random_cache)
 
 from clam import attention as attention_cli
 from clam import evaluate as evaluate_cli
@@ -31,7 +31,7 @@ from clam.run_files import BEST_NAME, newest_run
 from clam.model import build_model
 
 FEATURE_DIM = 32
-CACHE_KEY = "resnet50_trunc-imagenet-224px-max100-seed0-testkey0"
+CACHE_KEY = random_cache_config(FEATURE_DIM).cache_key  # the real key of write_random_cache's default cache
 N_BOOTSTRAP = 200  # the default (1,000) is tested in test_metrics; fewer keep these tests fast
 
 
@@ -85,7 +85,7 @@ def test_cohort(tmp_path_factory):
     slide, so patients have one or two slides) whose bags are all in one random cache."""
     root = tmp_path_factory.mktemp("evaluate")
     slides = cohort_slides(n_patients=10, split="train", with_cnn=True, instances=(6, 30), seed=1)
-    cache_dir = write_random_cache(root / "features", slides, feature_dim=FEATURE_DIM, cache_key=CACHE_KEY)
+    cache_dir = write_random_cache(root / "features", slides, feature_dim=FEATURE_DIM)
     data_dir = write_cohort_folders(root / "train", slides)
     return root, data_dir, cache_dir, slides
 
@@ -303,7 +303,7 @@ def test_a_model_of_another_feature_dimension_is_refused(test_cohort, tmp_path):
 
 def test_one_class_only_reports_undefined_auc_without_crashing(tmp_path):
     slides = [s for s in cohort_slides(n_patients=8, split="test", with_cnn=False, seed=2) if s.label == 1]
-    cache_dir = write_random_cache(tmp_path / "features", slides, feature_dim=FEATURE_DIM, cache_key=CACHE_KEY)
+    cache_dir = write_random_cache(tmp_path / "features", slides, feature_dim=FEATURE_DIM)
     data_dir = write_cohort_folders(tmp_path / "test", slides)
     checkpoint = make_checkpoint(tmp_path / "run_20260101_000000", cache_dir)
     with logged_lines() as lines:
@@ -449,7 +449,7 @@ def test_slides_embedded_to_another_key_than_the_checkpoints_are_refused(tiny_co
 def test_slides_that_failed_embedding_are_reported_not_reembedded(tmp_path):
     slides = cohort_slides(n_patients=6, split="test", with_cnn=False, seed=3)
     failed, embedded = slides[0], slides[1:]
-    cache_dir = write_random_cache(tmp_path / "features", embedded, feature_dim=FEATURE_DIM, cache_key=CACHE_KEY)
+    cache_dir = write_random_cache(tmp_path / "features", embedded, feature_dim=FEATURE_DIM)
     with open(cache_dir / "manifest.csv", "a", newline="") as handle:
         csv.writer(handle).writerow([failed.slide_id, failed.patient_id, failed.class_folder, failed.label, "test",
                                      0, "", "failed"])

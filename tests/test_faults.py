@@ -24,6 +24,7 @@ import sys
 import time
 import zipfile
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from feature_extraction.embed import embed_cohort, main
 from feature_extraction.errors import BagError, PipelineError
 from feature_extraction.layout import discover_slides
 
-from test_embed import FAST, ROOT, assert_same_bags, write_cohort
+from random_data import FAST, ROOT, assert_same_bags, write_cohort
 
 CLI = ["--backbone", "resnet18", "--weights", "random", "--runtime", "torch", "--num_workers", "0", "--quiet"]
 
@@ -358,7 +359,7 @@ def test_a_full_disk_mid_write_keeps_earlier_bags_and_leaves_no_partial_file(tmp
 
     monkeypatch.setattr(bags_module, "_to_attr", fill_the_disk_on_the_second_bag)
     with pytest.raises(PipelineError, match="No space left") as raised:
-        embed_cohort(data, features_dir=tmp_path / "features", **FAST)
+        embed_cohort(FAST, data, features_dir=tmp_path / "features")
     (cache_dir,) = (tmp_path / "features").iterdir()
     assert f"{written[1]}.h5" in str(raised.value) and "rerun" in str(raised.value)
     complete = sorted(p.stem for p in cache_dir.glob("*.h5"))
@@ -368,7 +369,7 @@ def test_a_full_disk_mid_write_keeps_earlier_bags_and_leaves_no_partial_file(tmp
     assert not [p for p in cache_dir.rglob("*") if p.is_file() and p.suffix == ".tmp"]
 
     monkeypatch.setattr(bags_module, "_to_attr", real)  # space freed: a rerun completes the cache
-    report = embed_cohort(data, features_dir=tmp_path / "features", **FAST)
+    report = embed_cohort(FAST, data, features_dir=tmp_path / "features")
     assert report.n_reused == len(complete) and report.n_embedded == 3 - len(complete) and not report.failed
 
 
@@ -487,7 +488,7 @@ def test_kill_minus_9_at_seeded_random_points_then_rerun_gives_the_bags_of_an_un
     slides = discover_slides(data, "train")
     n_tiles = {s.slide_id: len(list(s.path.glob("*.png"))) for s in slides}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    reference = embed_cohort(data, features_dir=tmp_path / "clean", batch_size=1, **FAST)  # uninterrupted
+    reference = embed_cohort(replace(FAST, batch_size=1), data, features_dir=tmp_path / "clean")  # uninterrupted
     rng = np.random.default_rng(6)  # fixed: the same kill points on every run
 
     def embed(features: Path) -> list[str]:

@@ -20,7 +20,8 @@ from feature_extraction.bags import bag_path
 from clam.checkpoints import model_from_checkpoint
 from clam.run_record import RunState
 from clam.train import TrainConfig, load_checkpoint, main, train
-from tests.random_data import cohort_slides, write_cohort_folders, write_random_bag_folder, write_random_cache
+from tests.random_data import (cohort_slides, random_cache_config, write_cohort_folders, write_random_bag_folder,
+                               write_random_cache)
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_KEYS = {"model_state_dict", "optimizer_state_dict", "epoch", "loss", "args"}
@@ -111,7 +112,7 @@ def test_run_layout_and_checkpoint_contents(project):
     assert config["epoch"] == 2 and config["loss"] == history[-1]["val_loss"]
     best = min(history, key=lambda row: row["val_loss"])
     assert (config["best_epoch"], config["best_loss"]) == (best["epoch"], best["val_loss"])
-    assert config["cache"]["cache_key"] == "resnet50_trunc-imagenet-224px-max100-seed0-testkey0"
+    assert config["cache"]["cache_key"] == random_cache_config(24).cache_key
     assert config["imbalance"]["method"] == "loss" and len(config["imbalance"]["class_weights"]) == 2
     assert {"torch", "numpy", "h5py", "scikit-learn"} <= set(config["versions"])
     assert config["loader"]["in_memory"] is True and config["loader"]["num_workers"] == 0
@@ -504,7 +505,7 @@ def auc_on_test_split(checkpoint: Path, cache_dir: Path) -> float | None:
 @pytest.mark.slow
 def test_default_training_on_the_example_cohort_reaches_a_test_auc_of_0_9(tmp_path):
     from feature_extraction.backbones import load_backbone
-    from feature_extraction.embed import embed_cohort
+    from feature_extraction.embed import EmbedConfig, embed_cohort
     from feature_extraction.errors import PipelineError
     from feature_extraction.example_cohort import build_example_cohort
 
@@ -517,8 +518,8 @@ def test_default_training_on_the_example_cohort_reaches_a_test_auc_of_0_9(tmp_pa
     build_example_cohort(tmp_path, seed=0)
     run = train(TrainConfig(data_dir=str(tmp_path / "train"), features_dir=str(tmp_path / "features"),
                             output_dir=str(tmp_path / "runs"), weights=weights, progress=False))  # embeds first
-    report = embed_cohort(tmp_path / "test", "test", features_dir=tmp_path / "features", weights=weights,
-                          progress=False)
+    report = embed_cohort(EmbedConfig(weights=weights, progress=False), tmp_path / "test", "test",
+                          features_dir=tmp_path / "features")
     auc = auc_on_test_split(run / "best_model.pt", report.cache_dir)
     assert auc >= 0.9
     # The same bags x30 + 30 (a scale where CLAM on raw features wandered): standardised, the same AUC.

@@ -352,7 +352,7 @@ def test_missing_openslide_stops_the_run_once_before_any_work(monkeypatch, tmp_p
 
     message = r"2 of the 2 slides are whole-slide images.*not installed.*pip install openslide-python openslide-bin"
     with pytest.raises(PipelineError, match=message):
-        embed.embed_cohort(data, "train", features_dir=tmp_path / "features", progress=False)
+        embed.embed_cohort(embed.EmbedConfig(progress=False), data, "train", features_dir=tmp_path / "features")
     assert not (tmp_path / "features").exists()  # stopped before any work
     argv = ["--data_dir", str(data), "--features_dir", str(tmp_path / "features"), "--quiet"]
     assert embed.main(argv) == 2
@@ -612,8 +612,10 @@ def test_tiling_then_embedding_gives_the_bags_of_embedding_the_slides(tmp_path, 
 def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     """A class folder holding an .svs and a patient folder holding a pyramidal TIFF embed into
     bags with level-0 coords and the CLAM/TRIDENT attributes; a corrupt slide is skipped by name."""
+    from dataclasses import replace
+
     from feature_extraction.bags import read_bag, validate_bag
-    from feature_extraction.embed import embed_cohort, format_summary
+    from feature_extraction.embed import EmbedConfig, embed_cohort, format_summary
 
     data = tmp_path / "data"
     (data / "EGFR_positive").mkdir(parents=True)
@@ -622,10 +624,10 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     (data / "EGFR_negative" / "P2").mkdir(parents=True)
     shutil.copy(slides["tissue"], data / "EGFR_negative" / "P2" / "slide.tif")
     config = WsiConfig(tile_size=64)
-    fast = dict(backbone="resnet18", weights="random", runtime="torch", num_workers=0, progress=False,
-                max_tiles=6, wsi=config)
+    fast = EmbedConfig(backbone="resnet18", weights="random", runtime="torch", num_workers=0, progress=False,
+                       max_tiles=6, wsi=config)
 
-    report = embed_cohort(data, "train", features_dir=tmp_path / "features", **fast)
+    report = embed_cohort(fast, data, "train", features_dir=tmp_path / "features")
     assert report.n_embedded == 2
     assert [slide_id for slide_id, _ in report.failed] == ["EGFR_positive__broken"]
     assert "broken.svs" in report.failed[0][1] and "broken.svs" in format_summary(report)
@@ -667,11 +669,11 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(wsi_plan, "plan_slide",
                       lambda *a, **k: planned.append(Path(a[0])) or real_plan_slide(*a, **k))
-        again = embed_cohort(data, "train", features_dir=tmp_path / "features", **fast)
+        again = embed_cohort(fast, data, "train", features_dir=tmp_path / "features")
     assert again.n_embedded == 0 and again.n_reused == 2
     assert [p.name for p in planned] == ["broken.svs"]  # skipped slides are tried again
-    other = embed_cohort(data, "train", features_dir=tmp_path / "features",
-                         **{**fast, "wsi": WsiConfig(tile_size=64, min_tissue=0.9)})
+    other = embed_cohort(replace(fast, wsi=WsiConfig(tile_size=64, min_tissue=0.9)), data, "train",
+                         features_dir=tmp_path / "features")
     assert other.cache_key != report.cache_key and other.n_embedded == 2
 
 
