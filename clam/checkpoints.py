@@ -51,11 +51,6 @@ EXTRA_KEYS = ("model_config", "cache", "class_names", "metrics", "history", "run
 CLAM_STATE_DICT = "clam_state_dict"
 
 
-def _device(device: str | torch.device) -> torch.device:
-    # feature_extraction.runtime.resolve_device takes a device name and returns its name.
-    return torch.device(resolve_device(str(device)))
-
-
 @dataclass(frozen=True)
 class SavedProgress:
     """Where the run of a checkpoint stood: what --resume continues from."""
@@ -143,7 +138,7 @@ def _load_file(path: Path, device: str | torch.device) -> Any:
     if not path.is_file():
         raise PipelineError(f"checkpoint {path} does not exist.")
     try:
-        return torch.load(path, map_location=_device(device), weights_only=True)
+        return torch.load(path, map_location=resolve_device(device), weights_only=True)
     except pickle.UnpicklingError as error:
         raise PipelineError(
             f"checkpoint {path} holds Python objects that would run code when loaded; it is refused "
@@ -289,7 +284,7 @@ def load_checkpoint(
     torch.device. A bare CLAM state dict (``s_0_checkpoint.pt``) loads its weights into ``model``
     and leaves ``optimizer`` untouched (it holds no optimizer state); the epoch is then 0 and the
     loss nan. Raises PipelineError when the file is unsafe, unreadable, or does not fit the model."""
-    device = _device(device)
+    device = resolve_device(device)
     checkpoint = read_model_file(checkpoint_path, device)
     try:
         model.load_state_dict(checkpoint["model_state_dict"])
@@ -324,7 +319,7 @@ def model_from_checkpoint(checkpoint_path: str | Path, device: str | torch.devic
     except (TypeError, ValueError) as error:
         raise PipelineError(f"checkpoint {checkpoint_path}: invalid model_config ({error}).") from error
     model.load_state_dict(checkpoint["model_state_dict"])
-    return model.to(_device(device)).eval(), checkpoint
+    return model.to(resolve_device(device)).eval(), checkpoint
 
 
 def _describe(config: Any) -> str:

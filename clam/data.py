@@ -127,15 +127,15 @@ def resolve_cache(
     seed: int,
     device: str = "auto",
     num_workers: int = 4,
-    log: object = None,
 ) -> tuple[Path, set[str] | None]:
     """The cache folder to train from and the slide ids of ``data_dir`` (None: all of the split).
 
     ``features_dir`` holding ``cache.json`` is used as is. Otherwise a compatible cache that
     covers every slide of ``data_dir`` is reused (``cache.find_cache``); failing that, the
     missing slides are embedded first with ``feature_extraction.embed.embed_cohort``, into the
-    same cache. ``log`` is ignored (messages go to logging); it goes once no caller passes it."""
-    logger = logging.getLogger(__name__)  # not ``log``: the parameter of that name is ignored
+    same cache. Whole-slide images are tiled with the default tiling (``WsiConfig()``); other
+    tiling means running ``python -m feature_extraction.embed`` with its ``--wsi_*`` options first
+    and passing the cache folder it prints as ``features_dir``."""
     features_dir = Path(features_dir)
     if is_cache_dir(features_dir):
         if data_dir is None:
@@ -156,30 +156,31 @@ def resolve_cache(
         raise PipelineError(f"{data_dir} holds no patient folders for --split {split}.")
     found = find_cache(features_dir, backbone, weights, max_tiles, seed, slides)
     if found is not None:
-        logger.info(f"feature cache: {found} (all {len(slide_ids)} slides of {data_dir} embedded)")
+        log.info(f"feature cache: {found} (all {len(slide_ids)} slides of {data_dir} embedded)")
         return found, slide_ids
-    logger.info(
+    log.info(
         f"feature cache: no cache in {features_dir} holds current {backbone}/{weights} features of all "
         f"{len(slide_ids)} slides of {data_dir} (--split {split}); embedding them first "
-        "(same as `python -m feature_extraction.embed`)."
+        "(same as `python -m feature_extraction.embed`; whole-slide images with the default tiling, 256 px "
+        "tiles at 20x: for other tiling, stop and run `python -m feature_extraction.embed "
+        f"--data_dir {data_dir} --split {split}` with the --wsi_* options first, then pass the cache folder "
+        "it prints as --features_dir)."
     )
     config = EmbedConfig(backbone=backbone, weights=weights, max_tiles=max_tiles, seed=seed,
                          num_workers=num_workers, device=device)
     report = embed_cohort(config, data_dir, split, features_dir)
-    logger.info(f"feature cache: {report.cache_dir}")
+    log.info(f"feature cache: {report.cache_dir}")
     return Path(report.cache_dir), slide_ids
 
 
 # ---------------------------------------------------------------- listing bags
 
 
-def records_from_cache(cache_dir: Path, slide_ids: set[str] | None, split: str,
-                       log: object = None) -> list[BagRecord]:
+def records_from_cache(cache_dir: Path, slide_ids: set[str] | None, split: str) -> list[BagRecord]:
     """Bags of ``slide_ids`` (None: every slide of ``split`` in the manifest), in manifest order.
 
     Slides without a usable bag (stage 1 found no readable tile, or the bag is invalid) are
-    left out and named in a warning. ``log`` is ignored, as in ``resolve_cache``."""
-    logger = logging.getLogger(__name__)  # not ``log``: the parameter of that name is ignored
+    left out and named in a warning."""
     cache_dir = Path(cache_dir)
     records, unusable = [], []
     for row in read_manifest(cache_dir):
@@ -193,7 +194,7 @@ def records_from_cache(cache_dir: Path, slide_ids: set[str] | None, split: str,
         records.append(BagRecord(row.slide_id, row.patient_id or row.slide_id, int(row.label), Path(row.file),
                                  row.class_folder))
     if unusable:
-        logger.warning(f"{len(unusable)} slides have no usable bag in {cache_dir} and are left out: "
+        log.warning(f"{len(unusable)} slides have no usable bag in {cache_dir} and are left out: "
             + "; ".join(unusable[:5]) + (" ..." if len(unusable) > 5 else ""))
     if not records:
         raise PipelineError(f"feature cache {cache_dir} holds no usable bags for --split {split}.")

@@ -63,7 +63,7 @@ class SlidePrediction:
 def load_model(checkpoint_path: str | Path, device: str | torch.device = "auto") -> LoadedModel:
     """Rebuild the checkpoint's model for inference."""
     path = Path(checkpoint_path)
-    resolved = torch.device(resolve_device(str(device)))  # resolve_device returns the device's name
+    resolved = resolve_device(device)
     model, checkpoint = model_from_checkpoint(path, resolved)
     config = checkpoint.get("model_config") or {}
     n_classes = int(config.get("n_classes") or checkpoint.get("args", {}).get("n_classes") or 2)

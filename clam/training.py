@@ -104,7 +104,7 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), split: Tr
 
 def _set_up(config: TrainConfig, resumed: dict | None, split: TrainValSplit | None,
             run_dir: Path | None) -> _Run:
-    device = torch.device(resolve_device(config.device))  # resolve_device returns the device's name
+    device = resolve_device(config.device)
     # A checkpoint from before --sample_tiles drew max_tiles instances per epoch from whole bags.
     legacy_draw = resumed is not None and "sample_tiles" not in resumed["args"]
     bags = load_bags(config, limit=not legacy_draw)
