@@ -42,9 +42,8 @@ from typing import Any, Iterable, Sequence
 from feature_extraction.atomic import atomic_write_json, atomic_write_text
 from feature_extraction.bags import BAG_SUFFIX, BagAttrs, bag_path, read_bag_attrs
 from feature_extraction.errors import BagError, PipelineError
-from feature_extraction.layout import SlideSource
+from feature_extraction.layout import SlideSource, list_slide_tiles
 from feature_extraction.locks import LOCK_DIR, LOCK_STALE_SECONDS, SlideLocks
-from feature_extraction.tiles import list_slide_tiles
 
 CACHE_FORMAT = 1  # bump when the meaning of a cached feature changes without a config change
 CACHE_JSON = "cache.json"
