@@ -296,9 +296,10 @@ def _check_patient_labels(records: Iterable[BagRecord]) -> None:
 def limit_tiles(bags: BagSet, max_tiles: int, seed: int) -> tuple[BagSet, int]:
     """Cut every bag holding more than ``max_tiles`` instances to the ``max_tiles`` tiles that
     stage 1's subset rule (``sources.select_subset``: sha256 rank of seed, slide id and tile name)
-    keeps among its tiles. For a bag of a cache embedded with more tiles and the same seed this is
-    exactly the subset an embedding with ``max_tiles`` holds (the rank is nested). Returns the
-    bags and how many were cut; ``max_tiles <= 0`` cuts none."""
+    keeps among its tiles. For a bag of a cache embedded with more tiles and the same seed, or
+    holding every tile of its slide (the only bags ``cache.find_cache`` takes from a cache of
+    another seed), this is exactly the subset an embedding with ``max_tiles`` holds (the rank is
+    nested). Returns the bags and how many were cut; ``max_tiles <= 0`` cuts none."""
     if max_tiles <= 0 or all(r.n_instances <= max_tiles for r in bags.records):
         return bags, 0
     records, cut = [], 0
