@@ -42,7 +42,8 @@ def inverse_frequency_weights(counts: Sequence[int]) -> list[float]:
     return [total / (len(present) * c) if c > 0 else 0.0 for c in counts]
 
 
-def epoch_order(records: Sequence[Labelled], n_classes: int, seed: int, epoch: int, balanced: bool) -> list[int]:
+def epoch_order(records: Sequence[Labelled], n_classes: int, seed: int, epoch: int,
+                balanced: bool) -> list[int]:
     """The bags of training epoch ``epoch``, in a seeded order: a permutation, or with ``balanced``
     a draw with replacement in which every class is equally likely (CLAM's ``--weighted_sample``).
 
@@ -73,7 +74,8 @@ def available_memory_bytes() -> int:
         return 4 << 30
 
 
-def plan_loading(total_bytes: int, in_memory: str, requested_workers: int, device: torch.device) -> LoaderPlan:
+def plan_loading(total_bytes: int, in_memory: str, requested_workers: int,
+                 device: torch.device) -> LoaderPlan:
     """Choose memory or streaming, loader workers and compute threads so that they never
     compete for the same cores (oversubscribed, a training loop ran 14 x slower here).
 
@@ -87,9 +89,11 @@ def plan_loading(total_bytes: int, in_memory: str, requested_workers: int, devic
     if use_memory:
         return LoaderPlan(True, 0, threads,
                           f"{size} read into memory once; bags are sliced in the main process, so loader "
-                          f"workers would only add inter-process copies (--num_workers {requested_workers} not needed)")
+                          "workers would only add inter-process copies "
+                          f"(--num_workers {requested_workers} not needed)")
     if requested_workers <= 0:
-        return LoaderPlan(False, 0, threads, f"{size} streamed from disk in the main process (--num_workers 0)")
+        return LoaderPlan(False, 0, threads,
+                          f"{size} streamed from disk in the main process (--num_workers 0)")
     if device.type == "cpu":
         # Workers only read HDF5 rows; leave the other cores to the model's arithmetic.
         workers = min(requested_workers, max(1, cores // 2))

@@ -380,8 +380,8 @@ def find_cache(features_dir: Path, backbone: str, weights: str, max_tiles: int, 
         exact = cached_tiles == max_tiles and same_seed
         # Of another seed, only bags that hold every tile of their slide: then no subset was drawn.
         whole_only = cached_tiles if cached_tiles > 0 and not same_seed else 0
-        candidates.append((not exact, cached_tiles if cached_tiles > 0 else 1 << 62, cache_dir.name, cache_dir,
-                           whole_only))
+        fewest = cached_tiles if cached_tiles > 0 else 1 << 62
+        candidates.append((not exact, fewest, cache_dir.name, cache_dir, whole_only))
     # Cheapest test first; only the preferred candidates' tile folders are listed.
     for *_, cache_dir, whole_only in sorted(candidates):
         if holds_every_tile(cache_dir, slides, whole_only) and cache_is_current(cache_dir, slides):

@@ -27,8 +27,8 @@ NAMES = ("EGFR_negative", "EGFR_positive")
 
 def bag_attrs(**values) -> BagAttrs:
     """A stage-1 bag's attributes with ``values`` set (names not in BagAttrs land in ``extra``)."""
-    required = {"format_version": FORMAT_VERSION, "feature_dim": 8, "n_instances": 1, "slide_id": "S1", "label": 1,
-                "cache_key": "k"}
+    required = {"format_version": FORMAT_VERSION, "feature_dim": 8, "n_instances": 1, "slide_id": "S1",
+                "label": 1, "cache_key": "k"}
     return BagAttrs.from_attrs({**required, **values}, "S1.h5")
 
 
@@ -87,7 +87,8 @@ def test_tile_images_are_found_in_the_cohort_layout(positive_slide, tmp_path):
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (64, 64)
     assert read_tile_image(split_dir, attrs, "missing.png", (0, 0)) is None
     assert read_tile_image(None, attrs, names[0], coords[0]) is None
-    assert read_tile_image(split_dir, replace(attrs, extra={"slide_kind": "wsi"}), names[0], coords[0]) is None
+    whole_slide = replace(attrs, extra={"slide_kind": "wsi"})
+    assert read_tile_image(split_dir, whole_slide, names[0], coords[0]) is None
     assert read_tile_image(split_dir, bag_attrs(), names[0], coords[0]) is None
     assert read_tile_image(split_dir, None, names[0], coords[0]) is None  # a bag not written by stage 1
     # Without a data folder (bags from a labels CSV), the slide folder recorded in the bag is used.
