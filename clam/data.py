@@ -12,6 +12,9 @@
 - ``feature_statistics`` streams the per-dimension mean and std of the training instances
   (for the model's feature standardisation).
 
+Class weights, the order of each epoch and whether bags are read into memory (the loading plan)
+are in ``clam.loading``.
+
 Bags are opened only through ``feature_extraction.bags`` and their attributes read as
 ``BagAttrs``; whether a cache is current for a cohort is decided by ``feature_extraction.cache``.
 Messages go to ``logging.getLogger(__name__)``.
@@ -23,7 +26,6 @@ import csv
 import logging
 import os
 import zlib
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -46,13 +48,9 @@ from feature_extraction.cache import (
 from feature_extraction.embed import EmbedConfig, embed_cohort
 from feature_extraction.errors import BagError, PipelineError
 from feature_extraction.layout import SPLIT_FOLDERS, discover_slides
-from feature_extraction.runtime import available_cores
 from feature_extraction.sources import select_subset
 
 log = logging.getLogger(__name__)
-
-IN_MEMORY_FRACTION = 0.25  # a cache up to this share of the free memory is read into memory once
-
 
 @dataclass(frozen=True)
 class BagRecord:
@@ -298,9 +296,10 @@ def _check_patient_labels(records: Iterable[BagRecord]) -> None:
 def limit_tiles(bags: BagSet, max_tiles: int, seed: int) -> tuple[BagSet, int]:
     """Cut every bag holding more than ``max_tiles`` instances to the ``max_tiles`` tiles that
     stage 1's subset rule (``sources.select_subset``: sha256 rank of seed, slide id and tile name)
-    keeps among its tiles. For a bag of a cache embedded with more tiles and the same seed this is
-    exactly the subset an embedding with ``max_tiles`` holds (the rank is nested). Returns the
-    bags and how many were cut; ``max_tiles <= 0`` cuts none."""
+    keeps among its tiles. For a bag of a cache embedded with more tiles and the same seed, or
+    holding every tile of its slide (the only bags ``cache.find_cache`` takes from a cache of
+    another seed), this is exactly the subset an embedding with ``max_tiles`` holds (the rank is
+    nested). Returns the bags and how many were cut; ``max_tiles <= 0`` cuts none."""
     if max_tiles <= 0 or all(r.n_instances <= max_tiles for r in bags.records):
         return bags, 0
     records, cut = [], 0
@@ -481,77 +480,3 @@ def collate_bags(items: Sequence[tuple[torch.Tensor, int, int]]) -> BagBatch:
         features[i, : len(bag)] = bag
         mask[i, : len(bag)] = True
     return BagBatch(features, mask, labels, indices)
-
-
-# ---------------------------------------------------------------- class imbalance and loading plan
-
-
-def class_counts(records: Sequence[BagRecord], n_classes: int) -> list[int]:
-    counts = Counter(r.label for r in records)
-    return [counts.get(c, 0) for c in range(n_classes)]
-
-
-def inverse_frequency_weights(counts: Sequence[int]) -> list[float]:
-    """Class weights n / (classes present x n_c): a mean weight of 1 per bag; 0 for absent classes."""
-    present = [c for c in counts if c > 0]
-    total = sum(present)
-    return [total / (len(present) * c) if c > 0 else 0.0 for c in counts]
-
-
-def epoch_order(records: Sequence[BagRecord], n_classes: int, seed: int, epoch: int, balanced: bool) -> list[int]:
-    """The bags of training epoch ``epoch``, in a seeded order: a permutation, or with ``balanced``
-    a draw with replacement in which every class is equally likely (CLAM's ``--weighted_sample``).
-
-    Computed up front from (seed, epoch) alone, so a resumed run sees the order the first run
-    would have seen, however the loader is iterated."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if not balanced:
-        return torch.randperm(len(records), generator=generator).tolist()
-    weights = inverse_frequency_weights(class_counts(records, n_classes))
-    per_bag = torch.tensor([weights[r.label] for r in records], dtype=torch.float64)
-    return torch.multinomial(per_bag, len(records), replacement=True, generator=generator).tolist()
-
-
-@dataclass(frozen=True)
-class LoaderPlan:
-    """How bags reach the model, and why; recorded in config.json."""
-
-    in_memory: bool
-    num_workers: int
-    torch_threads: int
-    reason: str
-
-
-def available_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
-
-
-def plan_loading(total_bytes: int, in_memory: str, requested_workers: int, device: torch.device) -> LoaderPlan:
-    """Choose memory or streaming, loader workers and compute threads so that they never
-    compete for the same cores (oversubscribed, a training loop ran 14 x slower here).
-
-    ``in_memory``: "auto" (memory when the cache is at most IN_MEMORY_FRACTION of free memory),
-    "yes" or "no"."""
-    cores = available_cores()
-    threads = max(1, min(torch.get_num_threads(), cores))  # honours OMP_NUM_THREADS
-    fits = total_bytes <= IN_MEMORY_FRACTION * available_memory_bytes()
-    use_memory = in_memory == "yes" or (in_memory == "auto" and fits)
-    size = f"{total_bytes / 2**20:.1f} MiB of features"
-    if use_memory:
-        return LoaderPlan(True, 0, threads,
-                          f"{size} read into memory once; bags are sliced in the main process, so loader "
-                          f"workers would only add inter-process copies (--num_workers {requested_workers} not needed)")
-    if requested_workers <= 0:
-        return LoaderPlan(False, 0, threads, f"{size} streamed from disk in the main process (--num_workers 0)")
-    if device.type == "cpu":
-        # Workers only read HDF5 rows; leave the other cores to the model's arithmetic.
-        workers = min(requested_workers, max(1, cores // 2))
-        threads = max(1, min(threads, cores - workers))
-    else:
-        workers = min(requested_workers, max(1, cores - 1))
-    return LoaderPlan(False, workers, threads,
-                      f"{size} streamed from disk by {workers} loader workers (of {requested_workers} asked, "
-                      f"{cores} cores) while the model uses {threads} threads")

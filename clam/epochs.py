@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from clam.data import BagDataset, LoaderPlan, collate_bags, epoch_order
+from clam.data import BagDataset, collate_bags
+from clam.loading import LoaderPlan, epoch_order
 from clam.metrics import epoch_metrics
 from clam.model import clam_loss
 from clam.train_config import TrainConfig

@@ -155,7 +155,7 @@ def _explain(prediction: SlidePrediction, names: Sequence[str], out_dir: Path, d
     bag = read_bag(record.path)  # tile names, coordinates and attributes; the features were read by the loader
     slide = heatmaps.slide_attention(
         record.slide_id, record.patient_id, record.label, prediction.probs, prediction.attention,
-        prediction.attention_raw, bag.tile_names, bag.coords, names, bag.attrs,
+        prediction.attention_raw, bag.tile_names, bag.coords, names, bag.typed_attrs,
     )
     return heatmaps.explain_slide(out_dir, slide, data_dir, top_k)
 

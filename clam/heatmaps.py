@@ -21,7 +21,7 @@ import csv
 import io
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,10 +33,10 @@ from PIL import Image
 from scipy.stats import rankdata
 
 from feature_extraction.atomic import atomic_output, atomic_write_text
-from feature_extraction.bags import COORD_SENTINEL
+from feature_extraction.bags import COORD_SENTINEL, BagAttrs
 
 from clam.run_files import ATTENTION_COLUMNS, ATTENTION_INDEX, INDEX_COLUMNS, attention_files
-from clam.tile_images import HEATMAP_MAX_PIXELS, read_tile_image, slide_thumbnail
+from clam.tile_images import HEATMAP_MAX_PIXELS, is_whole_slide, read_tile_image, slide_thumbnail
 
 DEFAULT_TOP_K = 8  # tiles per row of the montage, outlined tiles of the heatmap
 MONTAGE_TILE_PIXELS = 224
@@ -66,7 +66,7 @@ class SlideAttention:
     attention: np.ndarray  # (N,)
     attention_raw: np.ndarray  # (N,)
     n_branches: int = 1
-    bag_attrs: dict[str, Any] = field(default_factory=dict)
+    bag_attrs: BagAttrs | None = None  # the bag's (None: not written by stage 1): where its tile images are
 
     @property
     def predicted(self) -> int:
@@ -95,7 +95,7 @@ def slide_attention(
     tile_names: Sequence[str],
     coords: np.ndarray,
     class_names: Sequence[str],
-    bag_attrs: dict[str, Any] | None = None,
+    bag_attrs: BagAttrs | None = None,
 ) -> SlideAttention:
     """Pick the branch to explain from a model's (K, N) attention: the predicted class's for
     CLAM-MB (K = C branches), the only one for CLAM-SB (K = 1)."""
@@ -115,7 +115,7 @@ def slide_attention(
         attention=attention[branch],
         attention_raw=attention_raw[branch],
         n_branches=int(attention.shape[0]),
-        bag_attrs=dict(bag_attrs or {}),
+        bag_attrs=bag_attrs,
     )
 
 
@@ -212,8 +212,7 @@ def heatmap_layout(slide: SlideAttention, data_dir: Path | None,
     if not known.any():
         return "tile names carry no coordinates, so the slide cannot be reassembled"
     indices = np.flatnonzero(known)
-    whole_slide = str(slide.bag_attrs.get("slide_kind", "")) == "wsi"
-    found = slide_thumbnail(data_dir, slide.bag_attrs) if whole_slide else None
+    found = slide_thumbnail(data_dir, slide.bag_attrs) if is_whole_slide(slide.bag_attrs) else None
     if isinstance(found, str):
         log.warning("heatmap of %s: %s; drawn without the slide thumbnail, as for tile folders.",
                     slide.slide_id, found)
@@ -359,9 +358,9 @@ def _percentiles(values: np.ndarray) -> np.ndarray:
 def _tile_extent(slide: SlideAttention, indices: np.ndarray, images: dict[int, Image.Image | None]) -> int:
     """Side of one tile in the units of ``coords``: a whole slide's level-0 patch size, else the
     smallest step between tile positions (tiles on a grid), else a tile image's width."""
-    attrs = slide.bag_attrs
-    if attrs.get("patch_size_level0"):
-        return max(1, int(round(float(attrs["patch_size_level0"]))))
+    level0_side = slide.bag_attrs.extra.get("patch_size_level0") if slide.bag_attrs is not None else None
+    if level0_side:
+        return max(1, int(round(float(level0_side))))
     width = next((image.width for image in images.values() if image is not None), None)
     steps = [np.diff(np.unique(slide.coords[indices, axis])) for axis in (0, 1)]
     steps = np.concatenate([s[s > 0] for s in steps])

@@ -22,7 +22,8 @@ from feature_extraction.runtime import resolve_device
 
 from clam.baselines import PooledBaseline
 from clam.checkpoints import CLAM_STATE_DICT, model_from_checkpoint
-from clam.data import BagDataset, BagRecord, plan_loading
+from clam.data import BagDataset, BagRecord
+from clam.loading import plan_loading
 from clam.metrics import default_class_names, summarize
 from clam.run_files import SLIDE_ID_COLUMNS, baseline_column, probability_column
 

@@ -24,7 +24,8 @@ from feature_extraction.errors import write_failure
 
 from clam import __version__
 from clam.checkpoints import SavedProgress, build_checkpoint, save_checkpoint
-from clam.data import BagSet, class_counts
+from clam.data import BagSet
+from clam.loading import class_counts
 from clam.metrics import default_class_names, format_number
 from clam.run_files import BEST_NAME, CONFIG_NAME, SPLIT_FILE, checkpoint_name, write_json
 from clam.train_config import TrainConfig, config_args

@@ -93,7 +93,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
         help="instances drawn afresh from each bag every training epoch (validation: one fixed draw); "
              "0 = off: every instance of the bag, in training and validation")
     add(extra, "--balance", choices=BALANCE_CHOICES, help="class imbalance: weighted loss, balanced sampling, or none")
-    add(extra, "--seed", type=int, help="seed of the split, the model initialisation and the tile draws")
+    add(extra, "--seed", type=int,
+        help="seed of the split, the model initialisation and the tile draws; also of the --max_tiles subset "
+             "of each slide, and so it picks the feature cache (see docs/training.md)")
     add(extra, "--device", help="auto, cpu, cuda, cuda:N or mps")
     add(extra, "--patience", type=int, help="stop after this many epochs without a lower validation loss (default: off)")
     add(extra, "--in_memory", choices=("auto", "yes", "no"), help="read the whole cache into memory once (auto: when it fits easily)")

@@ -28,13 +28,9 @@ from clam.data import (
     BagChanged,
     BagDataset,
     BagSet,
-    LoaderPlan,
-    class_counts,
     feature_statistics,
-    inverse_frequency_weights,
     is_cache_dir,
     limit_tiles,
-    plan_loading,
     read_cache_config,
     records_from_cache,
     records_from_labels_csv,
@@ -49,6 +45,7 @@ from clam.epochs import (
     use_own_kernels,
     validate_epoch,
 )
+from clam.loading import LoaderPlan, class_counts, inverse_frequency_weights, plan_loading
 from clam.metrics import format_number, roc_auc
 from clam.model import model_from_config
 from clam.run_files import BEST_NAME, SPLIT_FILE, default_runs_dir, make_run_dir

@@ -21,8 +21,8 @@ the same slide; ``sweep_leftovers`` removes what a killed process left.
 
 Freshness is decided here and nowhere else: ``current_bag`` and ``slide_status`` (is this
 slide's bag current, or has it failed in this run?) for stage 1; ``is_cache_dir``,
-``is_usable``, ``covered_slides``, ``cache_is_current`` and ``find_cache`` (which cache serves a
-cohort, which slides does it lack?) for the trainer and the evaluator.
+``is_usable``, ``covered_slides``, ``cache_is_current``, ``holds_every_tile`` and ``find_cache``
+(which cache serves a cohort, which slides does it lack?) for the trainer and the evaluator.
 """
 
 from __future__ import annotations
@@ -42,9 +42,8 @@ from typing import Any, Iterable, Sequence
 from feature_extraction.atomic import atomic_write_json, atomic_write_text
 from feature_extraction.bags import BAG_SUFFIX, BagAttrs, bag_path, read_bag_attrs
 from feature_extraction.errors import BagError, PipelineError
-from feature_extraction.layout import SlideSource
+from feature_extraction.layout import SlideSource, list_slide_tiles
 from feature_extraction.locks import LOCK_DIR, LOCK_STALE_SECONDS, SlideLocks
-from feature_extraction.tiles import list_slide_tiles
 
 CACHE_FORMAT = 1  # bump when the meaning of a cached feature changes without a config change
 CACHE_JSON = "cache.json"
@@ -337,11 +336,30 @@ def cache_is_current(cache_dir: Path, slides: Sequence[SlideSource]) -> bool:
     return True
 
 
+def holds_every_tile(cache_dir: Path, slides: Sequence[SlideSource], max_tiles: int) -> bool:
+    """Whether the bag of every slide of ``slides`` holds all the slide's tiles: no ``max_tiles``
+    subset was drawn (it found at most ``max_tiles`` tiles; every tile when ``max_tiles <= 0``).
+    A bag that records no tile count (``n_available``) does not count as whole."""
+    if max_tiles <= 0:
+        return True
+    try:
+        rows = {r.slide_id: r for r in read_manifest(cache_dir)}
+    except (PipelineError, OSError, ValueError, KeyError):
+        return False
+    return all(s.slide_id in rows and 0 < rows[s.slide_id].n_available <= max_tiles for s in slides)
+
+
 def find_cache(features_dir: Path, backbone: str, weights: str, max_tiles: int, seed: int,
                slides: Sequence[SlideSource]) -> Path | None:
-    """A cache folder under ``features_dir`` of this backbone and weights, holding at least
-    ``max_tiles`` tiles per slide (so any draw of ``max_tiles`` fits), current for every slide of
-    ``slides`` (``cache_is_current``). Prefers the exact (max_tiles, seed), then the fewest tiles.
+    """A cache folder under ``features_dir`` of this backbone and weights whose bags hold this
+    ``max_tiles`` and ``seed``'s subset of every slide of ``slides`` (or more, cut to it by
+    ``clam.data.limit_tiles``), current for each of them (``cache_is_current``).
+
+    That is a cache of (``max_tiles``, ``seed``) itself; one of the same seed embedded with more
+    tiles (the subset rule is nested: its subset holds this one); one of every tile
+    (``max_tiles`` 0); and one of another seed only when, for every slide of ``slides``, its bag
+    holds all the slide's tiles (``holds_every_tile``): another seed's subset of a slide with
+    more tiles is not this seed's. Prefers the exact (max_tiles, seed), then the fewest tiles.
 
     Weights are matched by their label ("imagenet", "random"); for a weights file this finds
     nothing, and ``embed_cohort``, which knows the file's digest, picks the cache instead."""
@@ -358,10 +376,17 @@ def find_cache(features_dir: Path, backbone: str, weights: str, max_tiles: int, 
             continue
         if not (cached_tiles <= 0 or (max_tiles > 0 and cached_tiles >= max_tiles)):
             continue
-        exact = cached_tiles == max_tiles and as_int(config.get("seed")) == seed
-        candidates.append((not exact, cached_tiles if cached_tiles > 0 else 1 << 62, cache_dir.name, cache_dir))
+        same_seed = as_int(config.get("seed")) == seed
+        exact = cached_tiles == max_tiles and same_seed
+        # Of another seed, only bags that hold every tile of their slide: then no subset was drawn.
+        whole_only = cached_tiles if cached_tiles > 0 and not same_seed else 0
+        fewest = cached_tiles if cached_tiles > 0 else 1 << 62
+        candidates.append((not exact, fewest, cache_dir.name, cache_dir, whole_only))
     # Cheapest test first; only the preferred candidates' tile folders are listed.
-    return next((c[-1] for c in sorted(candidates) if cache_is_current(c[-1], slides)), None)
+    for *_, cache_dir, whole_only in sorted(candidates):
+        if holds_every_tile(cache_dir, slides, whole_only) and cache_is_current(cache_dir, slides):
+            return cache_dir
+    return None
 
 
 def as_int(value: Any) -> int:

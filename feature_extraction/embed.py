@@ -274,8 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=SPLITS, default="train", help="class-folder layout to read (default: train)")
     parser.add_argument("--max_tiles", type=int, default=100,
                         help="tiles per slide, a seeded random subset when there are more; 0 or less: all (default: 100)")
-    parser.add_argument("--num_workers", type=int, default=4, help="tile-decoding worker processes (default: 4; "
-                        "on a CPU at most one per 8 cores is used, the backbone needs the rest)")
+    parser.add_argument("--num_workers", type=int, default=4,
+                        help="tile-decoding worker processes (default: 4; on a CPU at most ceil(threads / 8) "
+                             "are started: 1 for up to 8 threads, 2 for 9 to 16, ...; threads: OMP_NUM_THREADS "
+                             "when set, else the usable cores, all of which the backbone uses)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="tiles per forward pass (default: 256 on a GPU, 16 with ONNX Runtime, 8 eager on a CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the max_tiles subset (default: 0)")

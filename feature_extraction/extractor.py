@@ -43,7 +43,7 @@ from feature_extraction.cache import (
 from feature_extraction.errors import PipelineError, os_error_text
 from feature_extraction.locks import LOCK_DIR, SlideLocks
 from feature_extraction.runtime import ComputePlan, OnnxRunner, TorchRunner, build_runner
-from feature_extraction.tiles import SlideTiles, TileRef, TileTransform
+from feature_extraction.sources import SlideTiles, TileRef, TileTransform
 
 SPILL_BYTES = 256 * 2**20  # a slide's features above this size are gathered in a file, not in memory
 MAX_PENDING_WRITES = 4  # finished slides waiting for the writer thread (bounds memory)

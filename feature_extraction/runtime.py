@@ -144,7 +144,8 @@ def plan_compute(device: str = "auto", precision: str = "auto", runtime: str = "
     """Choose device, precision, runtime, batch size, decode workers and compute threads.
 
     On a CPU the backbone and the decode workers share the cores. Decoding costs 2-10% of
-    the backbone's time there (docs/embedding.md, "Threads"), so one worker per 8 cores is plenty and the
+    the backbone's time there (docs/embedding.md, "Threads"), so at most ceil(threads / 8) workers are
+    started (one for up to 8 threads, two for 9 to 16, ...; threads: ``thread_budget``) and the
     backbone keeps every core: its threads stop spinning (ONNX Runtime) when idle, so the
     worker's short bursts do not stall it. On an accelerator decoding is the bottleneck:
     every requested worker is used."""

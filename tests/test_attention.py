@@ -5,14 +5,17 @@ example cohort's real tiles."""
 from __future__ import annotations
 
 import csv
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from feature_extraction.bags import COORD_SENTINEL
+from feature_extraction.bags import COORD_SENTINEL, FORMAT_VERSION, BagAttrs
 from feature_extraction.example_cohort import load_ground_truth
+from feature_extraction.layout import discover_slides
 from feature_extraction.tile_folder import parse_coords
 
 from clam.heatmaps import (SlideAttention, explain_slide, heatmap_layout, plot_heatmap, plot_topk, slide_attention,
@@ -22,12 +25,19 @@ from clam.tile_images import read_tile_image
 NAMES = ("EGFR_negative", "EGFR_positive")
 
 
+def bag_attrs(**values) -> BagAttrs:
+    """A stage-1 bag's attributes with ``values`` set (names not in BagAttrs land in ``extra``)."""
+    required = {"format_version": FORMAT_VERSION, "feature_dim": 8, "n_instances": 1, "slide_id": "S1",
+                "label": 1, "cache_key": "k"}
+    return BagAttrs.from_attrs({**required, **values}, "S1.h5")
+
+
 def make_slide(tile_names, coords, attrs=None, probs=(0.3, 0.7), branches: int = 1, seed: int = 0) -> SlideAttention:
     rng = np.random.default_rng(seed)
     raw = rng.normal(size=(branches, len(tile_names)))
     attention = np.exp(raw) / np.exp(raw).sum(axis=1, keepdims=True)
     return slide_attention("S1", "P1", 1, np.array(probs), attention, raw, tile_names, np.array(coords), NAMES,
-                           attrs or {})
+                           attrs)
 
 
 def is_png(path: Path) -> bool:
@@ -40,7 +50,7 @@ def positive_slide(tiny_cohort):
     split_dir = tiny_cohort.split_dirs["test"]
     record = next(r for r in load_ground_truth(split_dir).values() if r["label"] == 1)
     names = list(record["tiles"])
-    attrs = {"class_folder": record["class_folder"], "patient_id": record["patient_id"]}
+    attrs = bag_attrs(class_folder=record["class_folder"], patient_id=record["patient_id"])
     return split_dir, names, [parse_coords(n) for n in names], attrs, record
 
 
@@ -77,15 +87,68 @@ def test_tile_images_are_found_in_the_cohort_layout(positive_slide, tmp_path):
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (64, 64)
     assert read_tile_image(split_dir, attrs, "missing.png", (0, 0)) is None
     assert read_tile_image(None, attrs, names[0], coords[0]) is None
-    assert read_tile_image(split_dir, {**attrs, "slide_kind": "wsi"}, names[0], coords[0]) is None
-    assert read_tile_image(split_dir, {}, names[0], coords[0]) is None
+    whole_slide = replace(attrs, extra={"slide_kind": "wsi"})
+    assert read_tile_image(split_dir, whole_slide, names[0], coords[0]) is None
+    assert read_tile_image(split_dir, bag_attrs(), names[0], coords[0]) is None
+    assert read_tile_image(split_dir, None, names[0], coords[0]) is None  # a bag not written by stage 1
     # Without a data folder (bags from a labels CSV), the slide folder recorded in the bag is used.
-    slide_dir = split_dir / attrs["class_folder"] / attrs["patient_id"]
-    assert read_tile_image(None, {"source": str(slide_dir)}, names[0], coords[0]).size == (64, 64)
-    broken = tmp_path / attrs["class_folder"] / attrs["patient_id"]
+    slide_dir = split_dir / attrs.class_folder / attrs.patient_id
+    assert read_tile_image(None, bag_attrs(source=str(slide_dir)), names[0], coords[0]).size == (64, 64)
+    broken = tmp_path / attrs.class_folder / attrs.patient_id
     broken.mkdir(parents=True)
     (broken / "bad.png").write_bytes(b"not an image")
     assert read_tile_image(tmp_path, attrs, "bad.png", (0, 0)) is None
+
+
+
+def _write_tiles(folder: Path, colour: tuple[int, int, int], n: int = 2) -> list[str]:
+    folder.mkdir(parents=True)
+    names = [f"x{64 * i}_y0.png" for i in range(n)]
+    for name in names:
+        Image.new("RGB", (64, 64), colour).save(folder / name)
+    return names
+
+
+def test_tile_images_of_a_patient_with_several_slides_are_found_before_and_after_a_move(tmp_path):
+    """``tile_slides`` writes the slides of patient P012 as P012/A.svs/ and P012/B.svs/ (the slides
+    <class>__P012__A and __B): each bag's tiles are found through its recorded source, and, once
+    the data folder has moved, under --data_dir in the slide's own sub-folder, not its sibling's."""
+    data = tmp_path / "data"
+    colours = {"A.svs": (200, 30, 30), "B.svs": (30, 30, 200)}
+    tiles = {name: _write_tiles(data / "EGFR_positive" / "P012" / name, colour) for name, colour in colours.items()}
+    _write_tiles(data / "EGFR_negative" / "P001", (0, 0, 0))
+    slides = {s.slide_id: s for s in discover_slides(data, "train")}
+    assert {"EGFR_positive__P012__A", "EGFR_positive__P012__B"} <= set(slides)
+
+    def attrs_of(slide):  # as the extractor records them
+        return bag_attrs(slide_id=slide.slide_id, patient_id=slide.patient_id, class_folder=slide.class_folder,
+                         source=str(slide.path))
+
+    moved = tmp_path / "moved"
+    for stem, name in (("A", "A.svs"), ("B", "B.svs")):
+        attrs = attrs_of(slides[f"EGFR_positive__P012__{stem}"])
+        for data_dir in (None, data):
+            image = read_tile_image(data_dir, attrs, tiles[name][1], (64, 0))
+            assert image is not None and image.getpixel((5, 5)) == colours[name]
+    recorded = {stem: attrs_of(slides[f"EGFR_positive__P012__{stem}"]) for stem in "AB"}
+    shutil.move(data, moved)
+    for stem, name in (("A", "A.svs"), ("B", "B.svs")):
+        assert read_tile_image(None, recorded[stem], tiles[name][0], (0, 0)) is None  # the recorded source is gone
+        image = read_tile_image(moved, recorded[stem], tiles[name][0], (0, 0))
+        assert image is not None and image.getpixel((5, 5)) == colours[name]
+    # A patient folder that is itself the slide is still found under --data_dir after the move.
+    single = attrs_of(slides["EGFR_negative__P001"])
+    assert read_tile_image(moved, single, "x0_y0.png", (0, 0)).getpixel((5, 5)) == (0, 0, 0)
+
+
+def test_a_whole_slide_patch_size_sets_the_heatmap_tile_extent():
+    """The level-0 patch size a whole-slide reader records (in ``BagAttrs.extra``) is a tile's extent,
+    not the step between the tiles that were drawn."""
+    positions = [(0, 0), (400, 0)]
+    names = [f"x{x}_y{y}.png" for x, y in positions]
+    assert heatmap_layout(make_slide(names, positions), None).side == 400
+    layout = heatmap_layout(make_slide(names, positions, bag_attrs(patch_size_level0=100)), None)
+    assert layout.side == 100 and layout.scores.shape == (100, 500)
 
 
 def test_explain_slide_writes_scores_montage_and_heatmap(positive_slide, tmp_path):

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from feature_extraction.cache import (
     SlideLocks,
     collect_manifest,
     current_bag,
+    find_cache,
     open_cache,
     read_cache_config,
     read_manifest,
@@ -29,6 +31,7 @@ from feature_extraction.cache import (
     write_manifest,
 )
 from feature_extraction.errors import BagError, PipelineError
+from feature_extraction.sources import SlideSource
 from random_data import RandomSlide, random_bag_attrs
 
 CONFIG = ExtractionConfig(
@@ -72,6 +75,48 @@ def _bag(cache_dir, slide_id, split="train", n=3, key=CONFIG.cache_key, digest="
         skipped_tiles=({"name": "t9", "reason": "truncated"},))
     write_bag(bag_path(cache_dir, slide_id), np.ones((n, 4), np.float32), np.zeros((n, 2)), [f"t{i}" for i in range(n)],
               attrs)
+
+
+
+def _cache_of(features_dir: Path, n_available: dict[str, int], **config) -> Path:
+    """A cache of CONFIG with ``config`` changed, one bag per slide of ``n_available`` (slide id -> tiles
+    found), holding the tiles its max_tiles subset keeps."""
+    extraction = dataclasses.replace(CONFIG, **config)
+    cache_dir = open_cache(features_dir, extraction)
+    for slide_id, found in n_available.items():
+        n = found if extraction.max_tiles <= 0 else min(found, extraction.max_tiles)
+        class_folder, _, patient_id = slide_id.partition("__")
+        attrs = dataclasses.replace(
+            random_bag_attrs(RandomSlide(slide_id, patient_id, class_folder, 1, "train", n), extraction),
+            n_available=found, n_selected=n)
+        write_bag(bag_path(cache_dir, slide_id), np.ones((n, 4), np.float32), np.zeros((n, 2)),
+                  [f"t{i}" for i in range(n)], attrs)
+    write_manifest(cache_dir, collect_manifest(cache_dir))
+    return cache_dir
+
+
+def test_a_cache_of_another_seed_serves_only_slides_it_holds_whole(tmp_path):
+    """``clam.train --seed 1`` must not train on seed 0's subset of a slide with more than --max_tiles
+    tiles: a cache of another seed serves only when every slide needed has all its tiles in its bag."""
+    features = tmp_path / "features"
+    tiles = {"EGFR_positive__P1": 150, "EGFR_negative__P2": 40}  # P1 has more tiles than --max_tiles
+    slides = {s: SlideSource(s, s.partition("__")[2], s.partition("__")[0], 1, "train", tmp_path / s) for s in tiles}
+    big, small = slides["EGFR_positive__P1"], slides["EGFR_negative__P2"]
+    seed0 = _cache_of(features, tiles)  # max100-seed0
+    find = lambda max_tiles, seed, wanted: find_cache(features, "resnet50_trunc", "imagenet",  # noqa: E731
+                                                      max_tiles, seed, wanted)
+    assert find(100, 0, [big, small]) == seed0  # its own configuration
+    assert find(50, 0, [big, small]) == seed0  # the same seed, more tiles: the nested subset is cut to 50
+    assert find(100, 1, [big, small]) is None  # seed 0's 100 of P1's 150 tiles are not seed 1's: embed anew
+    assert find(50, 1, [big, small]) is None
+    assert find(100, 1, [small]) == seed0  # P2's bag holds all its 40 tiles, whatever the seed
+    assert find(50, 1, [small]) == seed0  # (and the trainer's cut to 50 leaves them all)
+    assert find(30, 1, [small]) == seed0  # all 40 held: the trainer cuts them to seed 1's 30
+    everything = _cache_of(features, tiles, max_tiles=0)  # maxall-seed0: every tile of every slide
+    assert find(100, 1, [big, small]) == everything  # cut to seed 1's own subset by the trainer
+    assert find(100, 0, [big, small]) == seed0  # the exact configuration first
+    seed1 = _cache_of(features, tiles, seed=1)
+    assert find(100, 1, [big, small]) == seed1
 
 
 def test_manifest_is_derived_from_bags_and_failure_records(tmp_path):

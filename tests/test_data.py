@@ -19,19 +19,17 @@ from feature_extraction.sources import SlideSource
 
 from clam.data import (
     BagRecord,
-    epoch_order,
     BagDataset,
     collate_bags,
     find_cache,
     instance_rows,
-    inverse_frequency_weights,
-    plan_loading,
     read_cache_config,
     records_from_cache,
     records_from_labels_csv,
     resolve_cache,
     validate_records,
 )
+from clam.loading import epoch_order, inverse_frequency_weights, plan_loading
 from clam.splits import assign_patient_folds, patient_labels, read_split, train_val_split, write_split
 from feature_extraction.cache import read_manifest
 from tests.random_data import (
@@ -186,7 +184,7 @@ def test_class_weights_average_one_per_bag():
 
 
 def test_loading_plan_never_oversubscribes(monkeypatch):
-    monkeypatch.setattr("clam.data.available_cores", lambda: 2)
+    monkeypatch.setattr("clam.loading.available_cores", lambda: 2)
     cpu = torch.device("cpu")
     memory = plan_loading(10 << 20, "auto", 4, cpu)
     assert memory.in_memory and memory.num_workers == 0
