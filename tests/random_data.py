@@ -25,7 +25,7 @@ from feature_extraction.bags import BagAttrs, bag_path, read_bag, write_bag
 from feature_extraction.cache import ExtractionConfig, collect_manifest, open_cache, write_manifest
 from feature_extraction.embed import EmbedConfig
 from feature_extraction.layout import SPLIT_FOLDERS, slide_id_for
-from feature_extraction.tiles import SUBSET_RULE, TileTransform
+from feature_extraction.sources import SUBSET_RULE, TileTransform
 
 ROOT = Path(__file__).resolve().parents[1]
 # Stage 1 at its fastest: a small random backbone, eager PyTorch, no decode workers, no progress bar.
