@@ -130,7 +130,7 @@ def peer_rate(paths: list[Path], name: str, device: str, batch_size: int, num_wo
 
 
 def limit_rate(backbone, plan, features_dir: Path, n_tiles: int) -> float:
-    runner = build_runner(backbone, plan, features_dir, log=lambda message: None)
+    runner = build_runner(backbone, plan, features_dir)
     size = backbone.spec.input_size
     batch = torch.randint(0, 256, (plan.batch_size, size, size, 3), dtype=torch.uint8)
     if plan.device.startswith("cuda"):

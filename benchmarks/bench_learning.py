@@ -44,12 +44,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, write_section
+from report import machine, write_section  # noqa: E402
+
+from clam.run_files import fold_dirs  # noqa: E402  (the fold folders of a cross-validation run, in order)
 
 SECTION = "## Learning"
 DEFAULT_WORKDIR = Path("/tmp/bench_learning")
@@ -127,8 +131,16 @@ def log_line(message: str) -> None:
     print(message, flush=True)
 
 
-def quiet(_: str) -> None:
-    pass
+@contextmanager
+def quiet():
+    """The clam package's progress lines (INFO) silenced; its warnings still show."""
+    logger = logging.getLogger("clam")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------- the backbone weights
@@ -244,14 +256,9 @@ def cross_validate_model(cache_dir: Path, out: Path, size: Size, folds: int, dev
                          splits=str(splits) if splits else None, num_epochs=size.epochs, seed=SEED, device=device,
                          output_dir=str(out), progress=False, **overrides)
     started = time.perf_counter()
-    parent = cross_validate(config, log=quiet, n_bootstrap=size.n_bootstrap)
+    with quiet():
+        parent = cross_validate(config, n_bootstrap=size.n_bootstrap)
     return parent, time.perf_counter() - started
-
-
-def fold_dirs(parent: Path) -> list[Path]:
-    from clam.crossval import FOLD_PREFIX
-
-    return sorted(parent.glob(f"{FOLD_PREFIX}*"), key=lambda p: int(p.name[len(FOLD_PREFIX):]))
 
 
 def fold_parts(fold_dir: Path) -> dict[str, list[dict[str, str]]]:
@@ -301,13 +308,15 @@ def localisation(parent: Path, cache_dir: Path, truth: dict[str, dict], device: 
     scores (positive-class branch for CLAM-MB) against the witness-tile indicator."""
     from sklearn.metrics import roc_auc_score
 
-    from clam.crossval import selected_checkpoint
-    from clam.evaluate import load_model, predict
+    from clam.inference import load_model, predict
+    from clam.run_files import selected_checkpoint
     from clam.splits import read_split
-    from clam.train import TrainConfig, load_bags
+    from clam.train import TrainConfig
+    from clam.training import load_bags
     from feature_extraction.bags import read_bag
 
-    bags = load_bags(TrainConfig(features_dir=str(cache_dir), progress=False), quiet)
+    with quiet():
+        bags = load_bags(TrainConfig(features_dir=str(cache_dir), progress=False))
     aucs, skipped = [], 0
     for fold_dir in fold_dirs(parent):
         split = read_split(fold_dir / "split.csv", bags.records)
@@ -894,8 +903,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                         help=f"cohorts, caches and runs, reused by the next run (default {DEFAULT_WORKDIR})")
+    # argparse formats the help with %, and the titles hold "5%"
+    cohorts = "; ".join(f"{v.name}: {v.title}" for v in VARIANTS).replace("%", "%%")
     parser.add_argument("--variants", nargs="+", choices=[v.name for v in VARIANTS], default=[v.name for v in VARIANTS],
-                        help="the cohorts to run: " + "; ".join(f"{v.name}: {v.title}" for v in VARIANTS))
+                        help=f"the cohorts to run: {cohorts}")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke test: {QUICK.n_patients} patients, {QUICK.tiles_per_slide} tiles of "
@@ -914,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.workdir = args.workdir / "quick"
 
-    from clam.checkpoints import resolve_device
+    from feature_extraction.runtime import resolve_device
 
     args.device_resolved = str(resolve_device(args.device))
     LOAD["start"] = LOAD["max"] = os.getloadavg()[0]

@@ -82,7 +82,7 @@ def run_ours(cache_dir: Path, batch_size: int, epochs: int, workdir: Path, devic
     from clam.train import TrainConfig, train
 
     run = train(TrainConfig(features_dir=str(cache_dir), batch_size=batch_size, num_epochs=epochs, device=device,
-                            output_dir=str(workdir / "runs"), progress=False), log=lambda _: None)
+                            output_dir=str(workdir / "runs"), progress=False))
     config = json.loads((run / "config.json").read_text())
     history = config["metrics"]
     loader = config["loader"]
@@ -97,15 +97,15 @@ def run_reference(cache_dir: Path, epochs: int, device_name: str) -> dict:
     from sklearn.metrics import roc_auc_score
     from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
-    from clam.checkpoints import resolve_device
     from clam.data import read_cache_config, records_from_cache, validate_records
     from clam.model import ModelConfig, model_from_config
     from clam.splits import train_val_split
     from clam.train import TrainConfig
+    from feature_extraction.runtime import resolve_device
 
     defaults = TrainConfig()
     device = resolve_device(device_name)
-    bags = validate_records(records_from_cache(cache_dir, None, "train", log=lambda _: None), cache_dir,
+    bags = validate_records(records_from_cache(cache_dir, None, "train"), cache_dir,
                             defaults.n_classes, read_cache_config(cache_dir), progress=False)
     split = train_val_split(bags.records, defaults.val_fraction, defaults.seed)
 
@@ -133,7 +133,8 @@ def run_reference(cache_dir: Path, epochs: int, device_name: str) -> dict:
                             collate_fn=collate_mil, **kwargs)
     torch.manual_seed(defaults.seed)
     model = model_from_config(ModelConfig(defaults.model_type, bags.feature_dim, defaults.n_classes, defaults.model_size,
-                                          defaults.dropout, defaults.k_sample, defaults.inst_loss)).to(device)
+                                          defaults.dropout, defaults.k_sample,
+                                          defaults.instance_loss)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=defaults.learning_rate, weight_decay=defaults.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()
     seconds, val_auc = [], None
@@ -209,7 +210,7 @@ def epoch_flops(cache_dir: Path, feature_dim: int) -> float:
     from clam.train import TrainConfig
 
     defaults = TrainConfig()
-    bags = validate_records(records_from_cache(cache_dir, None, "train", log=lambda _: None), cache_dir, 2,
+    bags = validate_records(records_from_cache(cache_dir, None, "train"), cache_dir, 2,
                             read_cache_config(cache_dir), progress=False)
     split = train_val_split(bags.records, defaults.val_fraction, defaults.seed)
     width, hidden = 512, 256
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.argv = list(sys.argv[1:] if argv is None else argv)
 
-    from clam.checkpoints import resolve_device
+    from feature_extraction.runtime import resolve_device
 
     device = resolve_device(args.device)
     args.device_resolved = str(device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,11 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from feature_extraction.bags import BagAttrs, bag_path, read_bag, write_bag
+from feature_extraction.bags import BagAttrs, bag_path, read_attrs, read_bag, write_bag
 from feature_extraction.cache import ExtractionConfig, collect_manifest, open_cache, write_manifest
 from feature_extraction.embed import EmbedConfig
 from feature_extraction.layout import SPLIT_FOLDERS, slide_id_for
-from feature_extraction.tiles import SUBSET_RULE, TileTransform
+from feature_extraction.sources import SUBSET_RULE, TileTransform
 
 ROOT = Path(__file__).resolve().parents[1]
 # Stage 1 at its fastest: a small random backbone, eager PyTorch, no decode workers, no progress bar.
@@ -138,6 +139,15 @@ def write_random_cache(
         write_random_bag(bag_path(cache_dir, slide.slide_id), slide, feature_dim, extraction, rng)
     refresh_manifest(cache_dir)
     return cache_dir
+
+
+def transform_cache(cache: Path, out: Path, fn) -> Path:
+    """A copy of ``cache`` with every bag's features replaced by ``fn(features, slide_id)``."""
+    shutil.copytree(cache, out)
+    for path in out.glob("*.h5"):
+        bag = read_bag(path)
+        write_bag(path, fn(bag.features, path.stem), bag.coords, bag.tile_names, read_attrs(path))
+    return out
 
 
 def refresh_manifest(cache_dir: Path) -> None:

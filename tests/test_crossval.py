@@ -227,7 +227,7 @@ def test_held_out_folds_remove_the_selection_bias_of_validating_on_the_test_pati
     from clam.checkpoints import model_from_checkpoint
     from clam.inference import aggregate_patients
     from feature_extraction.bags import read_bag
-    from tests.test_learning import transform_cache
+    from tests.random_data import transform_cache
 
     slides = cohort_slides(24, seed=4, instances=(6, 12))
     signal = write_random_cache(tmp_path / "signal", slides, feature_dim=8)

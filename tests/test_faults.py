@@ -907,7 +907,9 @@ def test_a_full_disk_while_evaluate_writes_predictions_or_figures_is_one_message
 
 
 @pytest.mark.parametrize("loading", ["streamed, main process", "streamed, loader worker", "in memory"])
-def test_a_bag_replaced_under_a_running_training_is_named(train_cohort, tmp_path, loading):
+def test_a_bag_replaced_under_a_running_training_is_named(train_cohort, tmp_path, loading, caplog):
+    import logging
+
     import numpy as np
 
     from feature_extraction.bags import read_bag, write_bag
@@ -917,27 +919,35 @@ def test_a_bag_replaced_under_a_running_training_is_named(train_cohort, tmp_path
 
     cache_dir = next((train_cohort / "features").iterdir())
     victim = sorted(cache_dir.glob("*.h5"))[0]
-    lines: list[str] = []
 
-    def log(line: str) -> None:
-        lines.append(line)
-        if line.startswith("epoch 1/"):  # a rerun of embed replaces a bag (a new file renamed into place)
-            bag = read_bag(victim)
-            write_bag(victim, bag.features + np.float32(1.0), bag.coords, bag.tile_names, {
-                k: v for k, v in bag.attrs.items() if k not in ("feature_dim", "n_instances", "format_version")})
+    class ReplaceAfterEpoch1(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("epoch 1/"):  # a rerun of embed replaces a bag (a new file renamed in)
+                bag = read_bag(victim)
+                write_bag(victim, bag.features + np.float32(1.0), bag.coords, bag.tile_names, {
+                    k: v for k, v in bag.attrs.items() if k not in ("feature_dim", "n_instances", "format_version")})
 
     config = TrainConfig(num_epochs=3, progress=False, output_dir=str(tmp_path / "runs"),
                          in_memory="yes" if loading == "in memory" else "no",
                          num_workers=1 if "worker" in loading else 0)
-    if loading == "in memory":  # read once before the first epoch: the run goes on with what it read, and says so
-        run = train(config, log=log)
-        warnings = [line for line in lines if line.startswith("warning: bag")]
+    caplog.set_level(logging.INFO, logger="clam")
+    clam_logger, replacer = logging.getLogger("clam"), ReplaceAfterEpoch1()
+    clam_logger.addHandler(replacer)
+    try:
+        if loading == "in memory":  # read once before the first epoch: the run goes on with what it read, and says so
+            run = train(config)
+        else:
+            with pytest.raises(BagChanged) as raised:
+                train(config)
+    finally:
+        clam_logger.removeHandler(replacer)
+    if loading == "in memory":
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.levelno == logging.WARNING and r.getMessage().startswith("bag")]
         assert len(warnings) == 1 and str(victim) in warnings[0] and "read it into memory" in warnings[0]
         assert "--resume or a new run will read the new bag" in warnings[0]
         assert json.loads((run / "config.json").read_text())["status"] == "finished"
         return
-    with pytest.raises(BagChanged) as raised:
-        train(config, log=log)
     message = str(raised.value)
     (run,) = (tmp_path / "runs").iterdir()
     assert str(victim) in message and "changed while training was running" in message
@@ -1112,17 +1122,18 @@ def test_a_really_full_disk_under_clam_train_is_one_message_and_resume_ends_as_u
 
 def test_ctrl_c_of_clam_train_names_the_resume_command(tmp_path, monkeypatch, capsys):
     import clam.train as train_module
+    import clam.training as training_module
     from tests.random_data import cohort_slides, write_random_cache
 
     cache = write_random_cache(tmp_path / "features", cohort_slides(6, seed=2), feature_dim=8)
-    real = train_module.train_one_epoch
+    real = training_module.train_one_epoch
 
     def interrupt_in_epoch_2(*args, **kwargs):
         if kwargs.get("desc", args[-1] if isinstance(args[-1], str) else "") == "epoch 2":
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupt_in_epoch_2)
+    monkeypatch.setattr(training_module, "train_one_epoch", interrupt_in_epoch_2)  # looked up there
     assert train_module.main(["--features_dir", str(cache), "--num_epochs", "3", "--output_dir",
                               str(tmp_path / "runs"), "--no_progress"]) == 130
     run = next((tmp_path / "runs").iterdir())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,8 @@ from clam.model import ModelConfig, model_from_config
 from clam.run_record import RunState
 from clam.train import TrainConfig, train
 from clam.training import compare_with_baseline
-from feature_extraction.bags import read_attrs, read_bag, write_bag
-from tests.random_data import cohort_slides, write_random_cache
+from feature_extraction.bags import read_bag
+from tests.random_data import cohort_slides, transform_cache, write_random_cache
 
 
 def quick(tmp_path: Path, cache: Path, **overrides) -> TrainConfig:
@@ -33,15 +32,6 @@ def quick(tmp_path: Path, cache: Path, **overrides) -> TrainConfig:
 def cache(tmp_path) -> Path:
     slides = cohort_slides(24, "train", seed=3)
     return write_random_cache(tmp_path / "features", slides, feature_dim=16)
-
-
-def transform_cache(cache: Path, out: Path, fn) -> Path:
-    """A copy of ``cache`` with every bag's features replaced by ``fn(features, slide_id)``."""
-    shutil.copytree(cache, out)
-    for path in out.glob("*.h5"):
-        bag = read_bag(path)
-        write_bag(path, fn(bag.features, path.stem), bag.coords, bag.tile_names, read_attrs(path))
-    return out
 
 
 # ---------------------------------------------------------------- statistics

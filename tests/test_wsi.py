@@ -369,7 +369,7 @@ def test_missing_openslide_stops_the_run_once_before_any_work(monkeypatch, tmp_p
 
 def _cmu_attention(data_dir: Path, cmu_svs: Path):
     """Attention over CMU-1-Small-Region's 128 px tiles that rises from left to right."""
-    from clam.attention import slide_attention
+    from clam.heatmaps import slide_attention
 
     (data_dir / "EGFR_positive").mkdir(parents=True, exist_ok=True)
     path = data_dir / "EGFR_positive" / "cmu.svs"
@@ -384,11 +384,11 @@ def _cmu_attention(data_dir: Path, cmu_svs: Path):
 
 
 def _capture_figures(monkeypatch) -> list:
-    from clam import attention
+    from clam import heatmaps
 
     figures = []
-    real_save = attention._save
-    monkeypatch.setattr(attention, "_save", lambda fig, path: (figures.append(fig), real_save(fig, path)))
+    real_save = heatmaps._save
+    monkeypatch.setattr(heatmaps, "_save", lambda fig, path: (figures.append(fig), real_save(fig, path)))
     return figures
 
 
@@ -396,19 +396,20 @@ def test_wsi_heatmap_is_drawn_over_the_slide_thumbnail(tmp_path, cmu_svs, monkey
     """Background pixels of the map are the thumbnail's glass; tissue tiles take the colour of
     their attention percentile (blue low, red high) blended with the tissue under them."""
     from matplotlib import colormaps
-    from clam import attention
+    from clam import heatmaps
+    from clam.tile_images import HEATMAP_MAX_PIXELS
 
     slide, plan, path = _cmu_attention(tmp_path / "data", cmu_svs)
     figures = _capture_figures(monkeypatch)
-    row = attention.explain_slide(tmp_path / "maps", slide, tmp_path / "data", top_k=4)
+    row = heatmaps.explain_slide(tmp_path / "maps", slide, tmp_path / "data", top_k=4)
     assert row["heatmap_png"] == "EGFR_positive__cmu_heatmap.png" and row["note"] == ""
     png = np.asarray(Image.open(tmp_path / "maps" / row["heatmap_png"]).convert("RGB")).astype(float)
     fig = figures[-1]
-    assert png.shape[0] == round(fig.get_figheight() * attention.FIGURE_DPI)
+    assert png.shape[0] == round(fig.get_figheight() * heatmaps.FIGURE_DPI)
     ax_map = next(ax for ax in fig.axes if ax.get_title() == "attention")
     assert any(ax.get_title() == "slide (thumbnail)" for ax in fig.axes)
 
-    thumbnail, scale = wsi.wsi_thumbnail(path, attention.HEATMAP_MAX_PIXELS)
+    thumbnail, scale = wsi.wsi_thumbnail(path, HEATMAP_MAX_PIXELS)
     thumb = np.asarray(thumbnail).astype(float)
 
     def png_at(col: float, row_: float) -> np.ndarray:
@@ -431,13 +432,13 @@ def test_wsi_heatmap_is_drawn_over_the_slide_thumbnail(tmp_path, cmu_svs, monkey
     assert np.median(np.abs(background - thumb[rows[picks], cols[picks]]).max(axis=1)) < 12
 
     # Each tile's centre is its attention colour blended with the tissue under it.
-    cmap, percentile = colormaps[attention.HEATMAP_CMAP], attention._percentiles(slide.attention)
+    cmap, percentile = colormaps[heatmaps.HEATMAP_CMAP], heatmaps._percentiles(slide.attention)
     errors, reds, blues = [], [], []
     for i, (x, y) in enumerate(plan.coords):
         col, row_ = int(x * scale) + side / 2 - 0.5, int(y * scale) + side / 2 - 0.5
         under = thumb[int(row_) - 1 : int(row_) + 2, int(col) - 1 : int(col) + 2].reshape(-1, 3).mean(axis=0)
         colour = np.array(cmap(percentile[i])[:3]) * 255
-        expected = attention.HEATMAP_ALPHA * colour + (1 - attention.HEATMAP_ALPHA) * under
+        expected = heatmaps.HEATMAP_ALPHA * colour + (1 - heatmaps.HEATMAP_ALPHA) * under
         seen = png_at(col, row_)
         errors.append(np.abs(seen - expected).max())
         (reds if percentile[i] > 0.8 else blues if percentile[i] < 0.2 else []).append(seen[0] - seen[2])
@@ -446,12 +447,12 @@ def test_wsi_heatmap_is_drawn_over_the_slide_thumbnail(tmp_path, cmu_svs, monkey
 
 
 def test_wsi_heatmap_falls_back_when_the_slide_cannot_be_opened(tmp_path, cmu_svs, monkeypatch, caplog):
-    from clam import attention
+    from clam import heatmaps
 
     slide, _, _ = _cmu_attention(tmp_path / "data", cmu_svs)
     figures = _capture_figures(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="clam.attention"):
-        assert attention.plot_heatmap(tmp_path / "moved.png", slide, tmp_path / "elsewhere") is None
+    with caplog.at_level(logging.WARNING, logger="clam.heatmaps"):
+        assert heatmaps.plot_heatmap(tmp_path / "moved.png", slide, tmp_path / "elsewhere") is None
     assert "slide file not found" in caplog.text and str(tmp_path / "elsewhere" / "EGFR_positive" / "cmu.svs") \
         in caplog.text
     assert Image.open(tmp_path / "moved.png").size[0] > 100
@@ -459,13 +460,13 @@ def test_wsi_heatmap_falls_back_when_the_slide_cannot_be_opened(tmp_path, cmu_sv
 
     caplog.clear()
     monkeypatch.setitem(sys.modules, "openslide", None)  # OpenSlide not installed
-    with caplog.at_level(logging.WARNING, logger="clam.attention"):
-        assert attention.plot_heatmap(tmp_path / "no_openslide.png", slide, tmp_path / "data") is None
+    with caplog.at_level(logging.WARNING, logger="clam.heatmaps"):
+        assert heatmaps.plot_heatmap(tmp_path / "no_openslide.png", slide, tmp_path / "data") is None
     assert "needs OpenSlide" in caplog.text and "without the slide thumbnail" in caplog.text
     assert (tmp_path / "no_openslide.png").is_file()
     assert all(ax.get_title() != "slide (thumbnail)" for ax in figures[-1].axes)
 
-    row = attention.explain_slide(tmp_path / "maps", slide, tmp_path / "data")  # the index says so too
+    row = heatmaps.explain_slide(tmp_path / "maps", slide, tmp_path / "data")  # the index says so too
     assert row["heatmap_png"] and row["note"].startswith("heatmap drawn without the slide thumbnail")
     assert "needs OpenSlide" in row["note"]
 
@@ -574,18 +575,19 @@ def test_two_slides_of_one_patient_a_bag_name_is_never_shared(tmp_path, slides):
 def test_tiling_then_embedding_gives_the_bags_of_embedding_the_slides(tmp_path, slides, cmu_svs):
     """Two slides in one patient folder: tile_slides, then embed, gives the bags that embedding the
     slides directly gives: the same slide ids, patient ids, coordinates and features."""
+    from dataclasses import replace
+
     from feature_extraction.bags import read_bag
-    from feature_extraction.embed import embed_cohort
+    from feature_extraction.embed import EmbedConfig, embed_cohort
 
     data = _two_slide_patient_cohort(tmp_path, slides, cmu_svs)
-    config = WsiConfig(tile_size=64)
-    fast = dict(backbone="resnet18", weights="random", runtime="torch", num_workers=0, progress=False,
-                max_tiles=5)
-    direct = embed_cohort(data, "train", features_dir=tmp_path / "direct", wsi=config, **fast)
+    fast = EmbedConfig(backbone="resnet18", weights="random", runtime="torch", num_workers=0, progress=False,
+                       max_tiles=5)
+    direct = embed_cohort(replace(fast, wsi=WsiConfig(tile_size=64)), data, "train", features_dir=tmp_path / "direct")
     out = tmp_path / "tiles"
     assert tile_cli.main(["--data_dir", str(data), "--out_dir", str(out), "--wsi_tile_size", "64",
                           "--max_tiles", "5"]) == 0
-    tiled = embed_cohort(out, "train", features_dir=tmp_path / "tiled", **fast)
+    tiled = embed_cohort(fast, out, "train", features_dir=tmp_path / "tiled")
 
     def bags(report) -> dict:
         assert {row.status for row in report.slides} == {"ok"}
@@ -650,7 +652,7 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     validate_bag(report.cache_dir / "EGFR_negative__P2.h5", cache_key=report.cache_key)
 
     # Attention montages read a WSI bag's tiles back from the slide, as they were embedded.
-    from clam.attention import read_tile_image
+    from clam.tile_images import read_tile_image
     image = read_tile_image(data, p2.attrs, p2.tile_names[0], p2.coords[0])
     assert image is not None and image.size == (64, 64)
     assert np.asarray(image).std() > 0  # tissue, not a blank placeholder
