@@ -18,7 +18,7 @@ from clam.folds import fold_splits, make_folds, read_folds, write_folds
 from clam.metrics import auc_with_ci, epoch_metrics
 from clam.run_files import SPLITS_FILE
 from clam.train import TrainConfig, main
-from tests.random_data import cohort_slides, write_random_cache
+from random_data import cohort_slides, write_random_cache
 
 
 def records(n_patients: int, seed: int = 0) -> list[BagRecord]:
@@ -227,7 +227,7 @@ def test_held_out_folds_remove_the_selection_bias_of_validating_on_the_test_pati
     from clam.checkpoints import model_from_checkpoint
     from clam.inference import aggregate_patients
     from feature_extraction.bags import read_bag
-    from tests.random_data import transform_cache
+    from random_data import transform_cache
 
     slides = cohort_slides(24, seed=4, instances=(6, 12))
     signal = write_random_cache(tmp_path / "signal", slides, feature_dim=8)

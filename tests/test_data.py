@@ -32,7 +32,7 @@ from clam.data import (
 from clam.loading import epoch_order, inverse_frequency_weights, plan_loading
 from clam.splits import assign_patient_folds, patient_labels, read_split, train_val_split, write_split
 from feature_extraction.cache import read_manifest
-from tests.random_data import (
+from random_data import (
     cohort_slides,
     random_cache_config,
     refresh_manifest,

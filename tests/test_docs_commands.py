@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from docs_text import FENCE, ROOT, doc_files
 
-ROOT = Path(__file__).resolve().parents[1]
-FENCE = re.compile(r"^\s*```+\s*(\S*)")
 SHELL_LANGUAGES = {"bash", "sh", "shell", "zsh"}
 OPERATORS = {"&&", "||", ";", "|", "&", ";;"}
 # A Python interpreter (python, python3, python3.11, .venv/bin/python) or torchrun, which runs `-m` alike.
@@ -41,14 +40,6 @@ class DocCommand:
 
     def __str__(self) -> str:
         return f"{self.where()}: {self.text}"
-
-
-def doc_files(root: Path = ROOT) -> list[Path]:
-    """README.md and the other markdown files at the root, every page under docs/, and the README of
-    each top-level folder (train/, test/, ...)."""
-    files = sorted(root.glob("*.md")) + sorted((root / "docs").rglob("*.md"))
-    files += sorted(root.glob("*/README.md"))
-    return [f for f in files if not any(part.startswith(".") for part in f.relative_to(root).parts)]
 
 
 def shell_lines(text: str) -> list[tuple[int, str]]:

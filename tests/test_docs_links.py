@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_docs_commands import FENCE, ROOT, doc_files
+from docs_text import FENCE, ROOT, doc_files
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")

@@ -332,7 +332,7 @@ def test_a_read_only_features_dir_holding_the_complete_cache_is_reused_and_missi
 
 def test_clam_train_trains_from_a_complete_cache_on_a_read_only_features_dir(tmp_path, monkeypatch):
     from clam.train import main as train_main
-    from tests.random_data import cohort_slides, write_cohort_folders, write_random_cache
+    from random_data import cohort_slides, write_cohort_folders, write_random_cache
 
     slides = cohort_slides(8, "train", seed=1)
     write_cohort_folders(tmp_path / "train", slides)
@@ -597,7 +597,7 @@ def test_a_broken_bag_stops_clam_train_by_name_before_training(tmp_path, monkeyp
     import h5py  # only to forge a broken file
 
     from clam.train import main as train_main
-    from tests.random_data import cohort_slides, write_cohort_folders, write_random_cache
+    from random_data import cohort_slides, write_cohort_folders, write_random_cache
 
     slides = cohort_slides(8, "train", seed=1)
     write_cohort_folders(tmp_path / "train", slides)
@@ -752,7 +752,7 @@ def simulate_full_disk(monkeypatch, root: Path, name: str, nth: int = 1) -> list
 @pytest.fixture
 def train_cohort(tmp_path, monkeypatch) -> Path:
     """A project root with a train cohort of 8 patients and its random feature cache (16-d bags)."""
-    from tests.random_data import cohort_slides, write_cohort_folders, write_random_cache
+    from random_data import cohort_slides, write_cohort_folders, write_random_cache
 
     slides = cohort_slides(8, "train", seed=1)
     write_cohort_folders(tmp_path / "train", slides)
@@ -1014,7 +1014,7 @@ runpy.run_module("clam.train", run_name="__main__", alter_sys=True)
 @pytest.mark.slow
 def test_kill_minus_9_of_clam_train_at_seeded_random_points_then_resume_gives_the_uninterrupted_weights(tmp_path):
     from clam.checkpoints import model_from_checkpoint
-    from tests.random_data import cohort_slides, write_cohort_folders, write_random_cache
+    from random_data import cohort_slides, write_cohort_folders, write_random_cache
 
     slides = cohort_slides(6, "train", instances=(5, 20), seed=1)
     write_cohort_folders(tmp_path / "train", slides)
@@ -1123,7 +1123,7 @@ def test_a_really_full_disk_under_clam_train_is_one_message_and_resume_ends_as_u
 def test_ctrl_c_of_clam_train_names_the_resume_command(tmp_path, monkeypatch, capsys):
     import clam.train as train_module
     import clam.training as training_module
-    from tests.random_data import cohort_slides, write_random_cache
+    from random_data import cohort_slides, write_random_cache
 
     cache = write_random_cache(tmp_path / "features", cohort_slides(6, seed=2), feature_dim=8)
     real = training_module.train_one_epoch

@@ -20,7 +20,7 @@ from clam.run_record import RunState
 from clam.train import TrainConfig, train
 from clam.training import compare_with_baseline
 from feature_extraction.bags import read_bag
-from tests.random_data import cohort_slides, transform_cache, write_random_cache
+from random_data import cohort_slides, transform_cache, write_random_cache
 
 
 def quick(tmp_path: Path, cache: Path, **overrides) -> TrainConfig:

@@ -20,7 +20,7 @@ from feature_extraction.bags import bag_path
 from clam.checkpoints import model_from_checkpoint
 from clam.run_record import RunState
 from clam.train import TrainConfig, load_checkpoint, main, train
-from tests.random_data import (cohort_slides, random_cache_config, write_cohort_folders, write_random_bag_folder,
+from random_data import (cohort_slides, random_cache_config, write_cohort_folders, write_random_bag_folder,
                                write_random_cache)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -523,7 +523,7 @@ def test_default_training_on_the_example_cohort_reaches_a_test_auc_of_0_9(tmp_pa
     auc = auc_on_test_split(run / "best_model.pt", report.cache_dir)
     assert auc >= 0.9
     # The same bags x30 + 30 (a scale where CLAM on raw features wandered): standardised, the same AUC.
-    from tests.random_data import transform_cache
+    from random_data import transform_cache
 
     scaled = transform_cache(report.cache_dir, tmp_path / "scaled" / report.cache_dir.name, lambda f, _: f * 30 + 30)
     rerun = train(TrainConfig(features_dir=str(scaled), output_dir=str(tmp_path / "runs"), progress=False))

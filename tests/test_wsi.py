@@ -21,6 +21,7 @@ from PIL import Image
 pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 
+from feature_extraction.bags import BagAttrs  # noqa: E402
 from feature_extraction.errors import PipelineError  # noqa: E402
 from feature_extraction import sources, wsi, wsi_plan  # noqa: E402
 from feature_extraction import tile_slides as tile_cli  # noqa: E402
@@ -375,7 +376,11 @@ def _cmu_attention(data_dir: Path, cmu_svs: Path):
     path = data_dir / "EGFR_positive" / "cmu.svs"
     shutil.copy(cmu_svs, path)
     plan = plan_slide(path, WsiConfig(tile_size=128))
-    attrs = {**plan.attrs(), "class_folder": "EGFR_positive", "patient_id": "cmu", "slide_file": "cmu.svs"}
+    attrs = BagAttrs.from_attrs({
+        **plan.attrs(), "class_folder": "EGFR_positive", "patient_id": "cmu", "slide_file": "cmu.svs",
+        "format_version": 1, "feature_dim": 2, "n_instances": len(plan.tile_names),
+        "slide_id": "EGFR_positive__cmu", "label": 1, "cache_key": "k",
+    }, path)
     raw = plan.coords[:, 0] / 200.0 + plan.coords[:, 1] / 1e5  # ties broken by y
     attention = np.exp(raw) / np.exp(raw).sum()
     slide = slide_attention("EGFR_positive__cmu", "cmu", 1, np.array([0.3, 0.7]), attention[None], raw[None],
@@ -653,7 +658,7 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
 
     # Attention montages read a WSI bag's tiles back from the slide, as they were embedded.
     from clam.tile_images import read_tile_image
-    image = read_tile_image(data, p2.attrs, p2.tile_names[0], p2.coords[0])
+    image = read_tile_image(data, p2.typed_attrs, p2.tile_names[0], p2.coords[0])
     assert image is not None and image.size == (64, 64)
     assert np.asarray(image).std() > 0  # tissue, not a blank placeholder
 
