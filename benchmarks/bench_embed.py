@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dataclasses import replace  # noqa: E402
+
 from report import machine, write_section  # noqa: E402
 
 from feature_extraction.backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
 from feature_extraction.embed import EmbedConfig, embed_cohort  # noqa: E402
 from feature_extraction.runtime import available_cores, build_runner, plan_compute  # noqa: E402
 
@@ -59,8 +59,13 @@ def he_tile(rng: np.random.Generator, size: int = 256) -> Image.Image:
     Compresses like a real H&E PNG (about 100-130 KB at 256 px), so decoding costs what it
     costs on real tiles."""
     coarse = rng.random((size // 16 + 2, size // 16 + 2, 1))
-    texture = np.asarray(Image.fromarray((coarse[..., 0] * 255).astype(np.uint8)).resize(
-        (size, size), Image.BICUBIC), dtype=np.float32)[..., None] / 255.0
+    texture = (
+        np.asarray(
+            Image.fromarray((coarse[..., 0] * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+            dtype=np.float32,
+        )[..., None]
+        / 255.0
+    )
     pink, white = np.array([235, 150, 190], np.float32), np.array([245, 235, 240], np.float32)
     image = white * (1 - texture) + pink * texture
     yy, xx = np.mgrid[0:size, 0:size]
@@ -106,15 +111,25 @@ class ClamDataset(Dataset):
         return self.transform(Image.open(self.paths[index]).convert("RGB"))
 
 
-def peer_rate(paths: list[Path], name: str, device: str, batch_size: int, num_workers: int, threads: int) -> float:
+def peer_rate(
+    paths: list[Path], name: str, device: str, batch_size: int, num_workers: int, threads: int
+) -> float:
     backbone = load_backbone(name, "random")  # a fresh copy: NCHW weights, as CLAM has them
     spec = backbone.spec
-    transform = transforms.Compose([
-        transforms.Resize(spec.input_size), transforms.CenterCrop(spec.input_size),
-        transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std),
-    ])
-    loader = DataLoader(ClamDataset(paths, transform), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.startswith("cuda"))
+    transform = transforms.Compose(
+        [
+            transforms.Resize(spec.input_size),
+            transforms.CenterCrop(spec.input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ]
+    )
+    loader = DataLoader(
+        ClamDataset(paths, transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.startswith("cuda"),
+    )
     model = backbone.module.to(device).eval()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -183,18 +198,29 @@ def versions() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n_tiles", type=int, default=None, help="tiles (default: 400 on a CPU, 8192 on a GPU)")
+    parser.add_argument(
+        "--n_tiles", type=int, default=None, help="tiles (default: 400 on a CPU, 8192 on a GPU)"
+    )
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default=DEFAULT_BACKBONE)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--runtime", default="auto")
     parser.add_argument("--batch_size", type=int, default=None)
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="decode workers (default: 4 on a CPU, which embed caps; cores - 1 on a GPU)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of the three measurements; medians are reported")
-    parser.add_argument("--workdir", type=Path, default=None, help="where to write the tiles (default: a temp dir)")
-    parser.add_argument("--write", action="store_true",
-                        help="replace the section in --out (default: print only)")
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=None,
+        help="decode workers (default: 4 on a CPU, which embed caps; cores - 1 on a GPU)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds of the three measurements; medians are reported"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where to write the tiles (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="replace the section in --out (default: print only)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     # Printing only is the default now; --no_write stays accepted for old command lines.
     parser.add_argument("--no_write", action="store_true", help=argparse.SUPPRESS)
@@ -202,16 +228,26 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     n_tiles = args.n_tiles or (8192 if cuda else 400)
-    num_workers = args.num_workers if args.num_workers is not None else (max(1, available_cores() - 1) if cuda else 4)
+    num_workers = (
+        args.num_workers if args.num_workers is not None else (max(1, available_cores() - 1) if cuda else 4)
+    )
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_embed_"))
     try:
         paths = build_cohort(workdir / "train", n_tiles)
         features_dir = workdir / "features"
         backbone = load_backbone(args.backbone, "random")  # speed does not depend on the weight values
         plan = plan_compute(args.device, args.precision, args.runtime, args.batch_size, num_workers)
-        common = EmbedConfig(backbone=args.backbone, weights="random", max_tiles=0, batch_size=plan.batch_size,
-                             num_workers=num_workers, device=args.device, precision=args.precision,
-                             runtime=args.runtime, progress=False)
+        common = EmbedConfig(
+            backbone=args.backbone,
+            weights="random",
+            max_tiles=0,
+            batch_size=plan.batch_size,
+            num_workers=num_workers,
+            device=args.device,
+            precision=args.precision,
+            runtime=args.runtime,
+            progress=False,
+        )
         # Warm-up on a copy of one slide: exports the ONNX graph, fills the page cache.
         warm = workdir / "warm"
         shutil.copytree(paths[0].parent, warm / "EGFR_positive" / "W0")
@@ -221,47 +257,62 @@ def main(argv: list[str] | None = None) -> int:
         decode = decode_ms(paths, backbone.spec.input_size)
         rates: dict[str, list[float]] = {"end_to_end": [], "limit": [], "peer": []}
         for _ in range(args.repeats):  # interleaved, so a burst of load hits all three alike
-            report = embed_cohort(replace(common, overwrite=True), workdir / "train", features_dir=features_dir)
+            report = embed_cohort(
+                replace(common, overwrite=True), workdir / "train", features_dir=features_dir
+            )
             rates["end_to_end"].append(report.tiles_per_second)
             rates["limit"].append(limit_rate(backbone, plan, features_dir, n_tiles))
-            rates["peer"].append(peer_rate(paths, args.backbone, plan.device, plan.batch_size, plan.num_workers,
-                                           plan.compute_threads))
+            rates["peer"].append(
+                peer_rate(
+                    paths, args.backbone, plan.device, plan.batch_size, plan.num_workers, plan.compute_threads
+                )
+            )
         end_to_end, limit, peer = (float(np.median(rates[k])) for k in ("end_to_end", "limit", "peer"))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    command = "python benchmarks/bench_embed.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])
-                                                  if (argv if argv is not None else sys.argv[1:]) else "")
+    command = "python benchmarks/bench_embed.py" + (
+        " " + shlex.join(argv if argv is not None else sys.argv[1:])
+        if (argv if argv is not None else sys.argv[1:])
+        else ""
+    )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     spec = backbone.spec
-    text = "\n".join([
-        SECTION,
-        "",
-        f"`{command}` on {machine()} ({versions()}; load average {load:.2f} when it finished).",
-        "",
-        f"Median of {args.repeats} interleaved rounds; {n_tiles} H&E-like 256 px PNG tiles, {args.backbone} ({spec.feature_dim}-d) at {spec.input_size} px, "
-        f"{report.runtime} on {report.plan.describe() if report.plan else plan.describe()}.",
-        "",
-        "| measurement | tiles/s | ratio |",
-        "|---|---|---|",
-        f"| end to end: `embed_cohort` (decode, resize, backbone, HDF5) | {end_to_end:.1f} | |",
-        f"| limit: same runner on tiles in memory | {limit:.1f} | end to end / limit = {end_to_end / limit:.2f} |",
-        f"| peer: CLAM's recipe (PIL, DataLoader, eager fp32 NCHW) | {peer:.1f} | end to end / peer = {end_to_end / peer:.2f} |",
-        "",
-        "Every round, tiles/s: " + "; ".join(f"{k.replace('_', ' ')} {', '.join(f'{v:.1f}' for v in rates[k])}"
-                                             for k in ("end_to_end", "limit", "peer")) + ".",
-        "",
-        f"A decode worker spends {decode:.2f} ms of one core per tile (decode, RGB, resize); at the limit the "
-        f"backbone spends {1000.0 / limit * plan.compute_threads:.1f} ms of core time per tile "
-        f"({plan.compute_threads} threads x {1000.0 / limit:.1f} ms), so decoding on the same cores costs "
-        f"at least {decode / (decode + 1000.0 / limit * plan.compute_threads):.0%} of the limit on this machine."
-        if plan.device == "cpu" else f"A decode worker spends {decode:.2f} ms of one core per tile (decode, RGB, resize).",
-        "",
-        "Targets: end to end at least 0.9 x the limit and at least 1.5 x the peer on a 2-core CPU; "
-        "at least 3,000 tiles/s end to end for resnet50_trunc on an NVIDIA H200.",
-        "",
-    ])
+    text = "\n".join(
+        [
+            SECTION,
+            "",
+            f"`{command}` on {machine()} ({versions()}; load average {load:.2f} when it finished).",
+            "",
+            f"Median of {args.repeats} interleaved rounds; {n_tiles} H&E-like 256 px PNG tiles, {args.backbone} ({spec.feature_dim}-d) at {spec.input_size} px, "
+            f"{report.runtime} on {report.plan.describe() if report.plan else plan.describe()}.",
+            "",
+            "| measurement | tiles/s | ratio |",
+            "|---|---|---|",
+            f"| end to end: `embed_cohort` (decode, resize, backbone, HDF5) | {end_to_end:.1f} | |",
+            f"| limit: same runner on tiles in memory | {limit:.1f} | end to end / limit = {end_to_end / limit:.2f} |",
+            f"| peer: CLAM's recipe (PIL, DataLoader, eager fp32 NCHW) | {peer:.1f} | end to end / peer = {end_to_end / peer:.2f} |",
+            "",
+            "Every round, tiles/s: "
+            + "; ".join(
+                f"{k.replace('_', ' ')} {', '.join(f'{v:.1f}' for v in rates[k])}"
+                for k in ("end_to_end", "limit", "peer")
+            )
+            + ".",
+            "",
+            f"A decode worker spends {decode:.2f} ms of one core per tile (decode, RGB, resize); at the limit the "
+            f"backbone spends {1000.0 / limit * plan.compute_threads:.1f} ms of core time per tile "
+            f"({plan.compute_threads} threads x {1000.0 / limit:.1f} ms), so decoding on the same cores costs "
+            f"at least {decode / (decode + 1000.0 / limit * plan.compute_threads):.0%} of the limit on this machine."
+            if plan.device == "cpu"
+            else f"A decode worker spends {decode:.2f} ms of one core per tile (decode, RGB, resize).",
+            "",
+            "Targets: end to end at least 0.9 x the limit and at least 1.5 x the peer on a 2-core CPU; "
+            "at least 3,000 tiles/s end to end for resnet50_trunc on an NVIDIA H200.",
+            "",
+        ]
+    )
     print(text)
     if args.write:
         write_section(args.out, SECTION, text)

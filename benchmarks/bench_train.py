@@ -65,12 +65,32 @@ def make_cache(features_dir: Path, n_bags: int, feature_dim: int, max_instances:
         if label:
             features[rng.random(n) < 1 / 3, : feature_dim // 16] += 0.5
         slide_id = f"EGFR_{'positive' if label else 'negative'}__B{i:04d}"
-        write_bag(bag_path(cache_dir, slide_id), features, np.zeros((n, 2)), [str(j) for j in range(n)],
-                  {"slide_id": slide_id, "patient_id": f"B{i:04d}", "class_folder": slide_id.split("__")[0],
-                   "label": label, "split": "train", "cache_key": CACHE_KEY})
-    (cache_dir / CACHE_JSON).write_text(json.dumps({
-        "cache_key": CACHE_KEY, "backbone": "benchmark", "weights": "random", "feature_dim": feature_dim,
-        "max_tiles": max_instances, "seed": seed}))
+        write_bag(
+            bag_path(cache_dir, slide_id),
+            features,
+            np.zeros((n, 2)),
+            [str(j) for j in range(n)],
+            {
+                "slide_id": slide_id,
+                "patient_id": f"B{i:04d}",
+                "class_folder": slide_id.split("__")[0],
+                "label": label,
+                "split": "train",
+                "cache_key": CACHE_KEY,
+            },
+        )
+    (cache_dir / CACHE_JSON).write_text(
+        json.dumps(
+            {
+                "cache_key": CACHE_KEY,
+                "backbone": "benchmark",
+                "weights": "random",
+                "feature_dim": feature_dim,
+                "max_tiles": max_instances,
+                "seed": seed,
+            }
+        )
+    )
     write_manifest(cache_dir, collect_manifest(cache_dir))
     return cache_dir
 
@@ -81,14 +101,25 @@ def make_cache(features_dir: Path, n_bags: int, feature_dim: int, max_instances:
 def run_ours(cache_dir: Path, batch_size: int, epochs: int, workdir: Path, device: str) -> dict:
     from clam.train import TrainConfig, train
 
-    run = train(TrainConfig(features_dir=str(cache_dir), batch_size=batch_size, num_epochs=epochs, device=device,
-                            output_dir=str(workdir / "runs"), progress=False))
+    run = train(
+        TrainConfig(
+            features_dir=str(cache_dir),
+            batch_size=batch_size,
+            num_epochs=epochs,
+            device=device,
+            output_dir=str(workdir / "runs"),
+            progress=False,
+        )
+    )
     config = json.loads((run / "config.json").read_text())
     history = config["metrics"]
     loader = config["loader"]
-    return {"epoch_seconds": [row["seconds"] for row in history], "val_auc": history[-1].get("val_auc"),
-            "loader": f"{'in memory' if loader['in_memory'] else 'streamed'}, {loader['num_workers']} workers",
-            "threads": loader["torch_threads"]}
+    return {
+        "epoch_seconds": [row["seconds"] for row in history],
+        "val_auc": history[-1].get("val_auc"),
+        "loader": f"{'in memory' if loader['in_memory'] else 'streamed'}, {loader['num_workers']} workers",
+        "threads": loader["torch_threads"],
+    }
 
 
 def run_reference(cache_dir: Path, epochs: int, device_name: str) -> dict:
@@ -105,8 +136,13 @@ def run_reference(cache_dir: Path, epochs: int, device_name: str) -> dict:
 
     defaults = TrainConfig()
     device = resolve_device(device_name)
-    bags = validate_records(records_from_cache(cache_dir, None, "train"), cache_dir,
-                            defaults.n_classes, read_cache_config(cache_dir), progress=False)
+    bags = validate_records(
+        records_from_cache(cache_dir, None, "train"),
+        cache_dir,
+        defaults.n_classes,
+        read_cache_config(cache_dir),
+        progress=False,
+    )
     split = train_val_split(bags.records, defaults.val_fraction, defaults.seed)
 
     class GenericMILDataset(Dataset):  # CLAM's Generic_MIL_Dataset.__getitem__ with use_h5
@@ -127,15 +163,35 @@ def run_reference(cache_dir: Path, epochs: int, device_name: str) -> dict:
         return [torch.cat([item[0] for item in batch], dim=0), torch.LongTensor([item[1] for item in batch])]
 
     kwargs = {"num_workers": 4} if device.type == "cuda" else {}  # CLAM's get_split_loader
-    train_loader = DataLoader(GenericMILDataset(split.train), batch_size=1, sampler=RandomSampler(split.train),
-                              collate_fn=collate_mil, **kwargs)
-    val_loader = DataLoader(GenericMILDataset(split.val), batch_size=1, sampler=SequentialSampler(split.val),
-                            collate_fn=collate_mil, **kwargs)
+    train_loader = DataLoader(
+        GenericMILDataset(split.train),
+        batch_size=1,
+        sampler=RandomSampler(split.train),
+        collate_fn=collate_mil,
+        **kwargs,
+    )
+    val_loader = DataLoader(
+        GenericMILDataset(split.val),
+        batch_size=1,
+        sampler=SequentialSampler(split.val),
+        collate_fn=collate_mil,
+        **kwargs,
+    )
     torch.manual_seed(defaults.seed)
-    model = model_from_config(ModelConfig(defaults.model_type, bags.feature_dim, defaults.n_classes, defaults.model_size,
-                                          defaults.dropout, defaults.k_sample,
-                                          defaults.instance_loss)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=defaults.learning_rate, weight_decay=defaults.weight_decay)
+    model = model_from_config(
+        ModelConfig(
+            defaults.model_type,
+            bags.feature_dim,
+            defaults.n_classes,
+            defaults.model_size,
+            defaults.dropout,
+            defaults.k_sample,
+            defaults.instance_loss,
+        )
+    ).to(device)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=defaults.learning_rate, weight_decay=defaults.weight_decay
+    )
     loss_fn = torch.nn.CrossEntropyLoss()
     seconds, val_auc = [], None
     for _ in range(epochs):
@@ -166,8 +222,12 @@ def run_reference(cache_dir: Path, epochs: int, device_name: str) -> dict:
                 labels.append(label.item())
         val_auc = float(roc_auc_score(labels, probs)) if len(set(labels)) == 2 else None
         seconds.append(time.perf_counter() - started)
-    return {"epoch_seconds": seconds, "val_auc": val_auc,
-            "loader": f"opens each bag's file, {kwargs.get('num_workers', 0)} workers", "threads": torch.get_num_threads()}
+    return {
+        "epoch_seconds": seconds,
+        "val_auc": val_auc,
+        "loader": f"opens each bag's file, {kwargs.get('num_workers', 0)} workers",
+        "threads": torch.get_num_threads(),
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -189,14 +249,30 @@ def _peak_rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_child(kind: str, cache_dir: Path, workdir: Path, epochs: int, device: str, batch_size: int = 1) -> dict:
-    command = [sys.executable, __file__, "--child", kind, "--cache_dir", str(cache_dir), "--workdir", str(workdir),
-               "--epochs", str(epochs), "--device", device, "--batch_size", str(batch_size)]
+def run_child(
+    kind: str, cache_dir: Path, workdir: Path, epochs: int, device: str, batch_size: int = 1
+) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--cache_dir",
+        str(cache_dir),
+        "--workdir",
+        str(workdir),
+        "--epochs",
+        str(epochs),
+        "--device",
+        device,
+        "--batch_size",
+        str(batch_size),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
         raise SystemExit(f"{kind} failed:\n{result.stdout}\n{result.stderr}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # ---------------------------------------------------------------- the arithmetic floor
@@ -210,16 +286,22 @@ def epoch_flops(cache_dir: Path, feature_dim: int) -> float:
     from clam.train import TrainConfig
 
     defaults = TrainConfig()
-    bags = validate_records(records_from_cache(cache_dir, None, "train"), cache_dir, 2,
-                            read_cache_config(cache_dir), progress=False)
+    bags = validate_records(
+        records_from_cache(cache_dir, None, "train"),
+        cache_dir,
+        2,
+        read_cache_config(cache_dir),
+        progress=False,
+    )
     split = train_val_split(bags.records, defaults.val_fraction, defaults.seed)
     width, hidden = 512, 256
     per_instance_first = 2 * feature_dim * width  # fc: forward; backward needs only the weight gradient
     per_instance_rest = 2 * (2 * width * hidden + hidden + width * 2 * defaults.n_classes)
     train_instances = sum(min(r.n_instances, defaults.max_tiles) for r in split.train)
     val_instances = sum(min(r.n_instances, defaults.max_tiles) for r in split.val)
-    return (train_instances * (2 * per_instance_first + 3 * per_instance_rest)
-            + val_instances * (per_instance_first + per_instance_rest))
+    return train_instances * (2 * per_instance_first + 3 * per_instance_rest) + val_instances * (
+        per_instance_first + per_instance_rest
+    )
 
 
 def matmul_rate(rows: int, feature_dim: int, device: torch.device, seconds: float = 1.0) -> float:
@@ -243,24 +325,31 @@ def matmul_rate(rows: int, feature_dim: int, device: torch.device, seconds: floa
 def section(args, results: dict, floor_seconds: dict, rates: dict) -> str:
     reference = statistics.median(results["reference"]["epoch_seconds"])
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"`{' '.join(['python', 'benchmarks/bench_train.py'] + [shlex.quote(a) for a in args.argv])}`"
         f" on {machine()}, torch {torch.__version__}, {args.device_resolved}, "
         f"{time.strftime('%Y-%m-%d')}. {args.n_bags} bags of {int(0.6 * args.max_instances)}-{args.max_instances} "
         f"instances x {args.feature_dim} features (one cache; 80% train, 20% validation), CLAM-SB small, defaults of "
-        f"the specification; median of {args.epochs} epochs, each a training and a validation pass.", "",
+        f"the specification; median of {args.epochs} epochs, each a training and a validation pass.",
+        "",
         "| variant | epoch (s) | x reference | x floor | val AUC | peak memory (MiB) | bags reach the model |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, label in (("reference", "reference loop, CLAM style, batch 1"),
-                        ("bs1", "`clam.train --batch_size 1`"), ("bs16", "`clam.train --batch_size 16`")):
+    for name, label in (
+        ("reference", "reference loop, CLAM style, batch 1"),
+        ("bs1", "`clam.train --batch_size 1`"),
+        ("bs16", "`clam.train --batch_size 16`"),
+    ):
         r = results[name]
         epoch = statistics.median(r["epoch_seconds"])
         floor = floor_seconds["bs16" if name == "bs16" else "bs1"]
         memory = r.get("peak_gpu_mib", r["peak_rss_mib"])
         auc = "n/a" if r["val_auc"] is None else f"{r['val_auc']:.3f}"
-        lines.append(f"| {label} | {epoch:.2f} | {epoch / reference:.2f} | {epoch / floor:.1f} | {auc} | "
-                     f"{memory:.0f} | {r['loader']}, {r['threads']} compute threads |")
+        lines.append(
+            f"| {label} | {epoch:.2f} | {epoch / reference:.2f} | {epoch / floor:.1f} | {auc} | "
+            f"{memory:.0f} | {r['loader']}, {r['threads']} compute threads |"
+        )
     lines += [
         "",
         f"Floor: {floor_seconds['flops'] / 1e9:.2f} GFLOP per epoch (forward and backward over the real instances) "
@@ -278,13 +367,18 @@ def section(args, results: dict, floor_seconds: dict, rates: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n_bags", type=int, default=240)
-    parser.add_argument("--max_instances", type=int, default=100, help="instances of the largest bag (the spec's max_tiles)")
+    parser.add_argument(
+        "--max_instances", type=int, default=100, help="instances of the largest bag (the spec's max_tiles)"
+    )
     parser.add_argument("--feature_dim", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--workdir", type=Path, default=None, help="where to write the bags (default: a temp dir)")
-    parser.add_argument("--write", action="store_true",
-                        help="replace the section in --out (default: print only)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where to write the bags (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="replace the section in --out (default: print only)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     # Printing only is the default now; --no_write stays accepted for old command lines.
     parser.add_argument("--no_write", action="store_true", help=argparse.SUPPRESS)
@@ -305,14 +399,22 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         cache_dir = make_cache(workdir / "features", args.n_bags, args.feature_dim, args.max_instances)
         results = {}
-        for name, kind, batch_size in (("reference", "reference", 1), ("bs1", "ours", 1), ("bs16", "ours", 16)):
+        for name, kind, batch_size in (
+            ("reference", "reference", 1),
+            ("bs1", "ours", 1),
+            ("bs16", "ours", 16),
+        ):
             print(f"running {name} ...", flush=True)
             results[name] = run_child(kind, cache_dir, workdir, args.epochs, args.device, batch_size)
-            print(f"  epochs {['%.2f' % s for s in results[name]['epoch_seconds']]} s, val AUC {results[name]['val_auc']}")
+            print(
+                f"  epochs {[f'{s:.2f}' for s in results[name]['epoch_seconds']]} s, val AUC {results[name]['val_auc']}"
+            )
         flops = epoch_flops(cache_dir, args.feature_dim)
     torch.set_num_threads(results["bs1"]["threads"])
-    rates = {"bs1": matmul_rate(args.max_instances, args.feature_dim, device),
-             "bs16": matmul_rate(16 * args.max_instances, args.feature_dim, device)}
+    rates = {
+        "bs1": matmul_rate(args.max_instances, args.feature_dim, device),
+        "bs16": matmul_rate(16 * args.max_instances, args.feature_dim, device),
+    }
     floor_seconds = {"flops": flops, "bs1": flops / rates["bs1"], "bs16": flops / rates["bs16"]}
     text = section(args, results, floor_seconds, rates)
     print(text)

@@ -13,7 +13,9 @@ def write_section(path: Path, section: str, text: str) -> None:
     text = text.rstrip("\n") + "\n\n"  # one blank line before the next section
     old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    new = pattern.sub(lambda _: text, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    new = (
+        pattern.sub(lambda _: text, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    )
     path.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
 
 

@@ -10,29 +10,37 @@ model per fold, so one of them must be named (``--checkpoint RUN/fold_K/best_mod
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
-from feature_extraction.errors import PipelineError, cli_main
 
 from clam.eval_config import DEFAULT_TOP_K, add_input_arguments, config_from_args, parse_attention
 from clam.evaluation import explain
 from clam.run_files import ATTENTION_PREFIX, BEST_NAME, fold_name, newest_run
+from feature_extraction.errors import PipelineError, cli_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clam.attention",
         description="Attention scores, top/bottom-k montages and heatmaps for chosen slides, "
-                    "without computing metrics. Slides missing from the feature cache are embedded first.",
+        "without computing metrics. Slides missing from the feature cache are embedded first.",
     )
     add_input_arguments(parser)
-    parser.add_argument("--slides", nargs="+", default=["all"],
-                        help="slide ids to explain (default: all slides of the split)")
-    parser.add_argument("--top_k", type=int, default=DEFAULT_TOP_K,
-                        help="tiles per row of the montage: the k highest and k lowest (default: %(default)s)")
-    parser.add_argument("--output_dir", type=Path, default=None,
-                        help="default: attention_<timestamp>/ inside the checkpoint's run folder")
+    parser.add_argument(
+        "--slides", nargs="+", default=["all"], help="slide ids to explain (default: all slides of the split)"
+    )
+    parser.add_argument(
+        "--top_k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help="tiles per row of the montage: the k highest and k lowest (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output_dir",
+        type=Path,
+        default=None,
+        help="default: attention_<timestamp>/ inside the checkpoint's run folder",
+    )
     return parser
 
 
@@ -44,8 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(chosen.describe())
         if chosen.crossval:
             example = chosen.run_dir / fold_name(1) / BEST_NAME
-            raise PipelineError(f"{chosen.run_dir} is a cross-validation run, with one model per fold: "
-                                f"name one, e.g. --checkpoint {example}.")
+            raise PipelineError(
+                f"{chosen.run_dir} is a cross-validation run, with one model per fold: "
+                f"name one, e.g. --checkpoint {example}."
+            )
         args.checkpoint = chosen.checkpoint
     config = config_from_args(args, attention=parse_attention(args.slides), output_prefix=ATTENTION_PREFIX)
     out_dir = explain(config)

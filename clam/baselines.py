@@ -12,8 +12,9 @@ The fitted baseline is stored in every checkpoint (``baseline``: plain lists), s
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,19 +68,33 @@ class PooledBaseline:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for a checkpoint (loadable with ``torch.load(weights_only=True)``)."""
-        return {"method": describe(self.pool), "pool": self.pool, "classes": [int(c) for c in self.classes],
-                "n_classes": self.n_classes, "center": self.center.tolist(), "scale": self.scale.tolist(),
-                "coef": self.coef.tolist(), "intercept": self.intercept.tolist()}
+        return {
+            "method": describe(self.pool),
+            "pool": self.pool,
+            "classes": [int(c) for c in self.classes],
+            "n_classes": self.n_classes,
+            "center": self.center.tolist(),
+            "scale": self.scale.tolist(),
+            "coef": self.coef.tolist(),
+            "intercept": self.intercept.tolist(),
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PooledBaseline":
-        return cls(str(data["pool"]), tuple(int(c) for c in data["classes"]), int(data["n_classes"]),
-                   np.asarray(data["center"], dtype=np.float64), np.asarray(data["scale"], dtype=np.float64),
-                   np.asarray(data["coef"], dtype=np.float64), np.asarray(data["intercept"], dtype=np.float64))
+    def from_dict(cls, data: dict[str, Any]) -> PooledBaseline:
+        return cls(
+            str(data["pool"]),
+            tuple(int(c) for c in data["classes"]),
+            int(data["n_classes"]),
+            np.asarray(data["center"], dtype=np.float64),
+            np.asarray(data["scale"], dtype=np.float64),
+            np.asarray(data["coef"], dtype=np.float64),
+            np.asarray(data["intercept"], dtype=np.float64),
+        )
 
 
-def fit_baseline(pooled: np.ndarray, labels: Sequence[int], n_classes: int, pool: str = "mean",
-                 seed: int = 0) -> PooledBaseline | None:
+def fit_baseline(
+    pooled: np.ndarray, labels: Sequence[int], n_classes: int, pool: str = "mean", seed: int = 0
+) -> PooledBaseline | None:
     """Fit the baseline; None when the training bags hold fewer than two classes."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -92,19 +107,29 @@ def fit_baseline(pooled: np.ndarray, labels: Sequence[int], n_classes: int, pool
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a separable training set converges slowly; the fit is still usable
         model.fit(scaler.transform(pooled), y)
-    return PooledBaseline(pool, tuple(int(c) for c in model.classes_), n_classes, scaler.mean_.astype(np.float64),
-                          scaler.scale_.astype(np.float64), model.coef_.astype(np.float64),
-                          model.intercept_.astype(np.float64))
+    return PooledBaseline(
+        pool,
+        tuple(int(c) for c in model.classes_),
+        n_classes,
+        scaler.mean_.astype(np.float64),
+        scaler.scale_.astype(np.float64),
+        model.coef_.astype(np.float64),
+        model.intercept_.astype(np.float64),
+    )
 
 
-def comparison(clam_auc: float | None, baseline_auc: float | None, n_slides: int, pool: str = "mean") -> str | None:
+def comparison(
+    clam_auc: float | None, baseline_auc: float | None, n_slides: int, pool: str = "mean"
+) -> str | None:
     """The warning to end a run with when CLAM is clearly worse than the baseline, else None."""
     if clam_auc is None or baseline_auc is None or n_slides < MIN_SLIDES_TO_WARN:
         return None
     if clam_auc > baseline_auc - CLEARLY_WORSE_AUC:
         return None
-    return (f"CLAM's validation AUC ({clam_auc:.3f}) is {baseline_auc - clam_auc:.3f} below the baseline's "
-            f"({describe(pool)}: {baseline_auc:.3f}) on the same {n_slides} validation slides. CLAM failed to learn "
-            "what a linear model finds in these bags. Check that --feature_norm is standard, try more "
-            "--num_epochs or another --learning_rate, and look at the per-epoch losses in config.json "
-            "(docs/training.md, 'The baseline').")
+    return (
+        f"CLAM's validation AUC ({clam_auc:.3f}) is {baseline_auc - clam_auc:.3f} below the baseline's "
+        f"({describe(pool)}: {baseline_auc:.3f}) on the same {n_slides} validation slides. CLAM failed to learn "
+        "what a linear model finds in these bags. Check that --feature_norm is standard, try more "
+        "--num_epochs or another --learning_rate, and look at the per-epoch losses in config.json "
+        "(docs/training.md, 'The baseline')."
+    )

@@ -35,17 +35,27 @@ from typing import Any
 
 import torch
 
+from clam.baselines import PooledBaseline
+from clam.model import CLAM_SB, MODEL_SIZES, ModelConfig, model_from_config
 from feature_extraction.atomic import atomic_output
 from feature_extraction.errors import PipelineError
 from feature_extraction.runtime import resolve_device
 
-from clam.baselines import PooledBaseline
-from clam.model import CLAM_SB, MODEL_SIZES, ModelConfig, model_from_config
-
 FORMAT_VERSION = 1  # the version build_checkpoint writes; a larger one is refused when read
 CHECKPOINT_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "loss", "args")  # the specification's
-EXTRA_KEYS = ("model_config", "cache", "class_names", "metrics", "history", "run_state", "rng_state",
-              "versions", "format_version", "baseline", "feature_norm")
+EXTRA_KEYS = (
+    "model_config",
+    "cache",
+    "class_names",
+    "metrics",
+    "history",
+    "run_state",
+    "rng_state",
+    "versions",
+    "format_version",
+    "baseline",
+    "feature_norm",
+)
 # ``checkpoint_format`` of the dictionary read_model_file returns for a bare CLAM state dict
 # (checkpoints of clam.train have no such key).
 CLAM_STATE_DICT = "clam_state_dict"
@@ -63,10 +73,19 @@ class SavedProgress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def build_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: SavedProgress, *,
-                     args: dict[str, Any], model_config: dict[str, Any], cache: dict[str, Any],
-                     class_names: list[str], versions: dict[str, str], baseline: dict[str, Any],
-                     feature_norm: dict[str, Any]) -> dict[str, Any]:
+def build_checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: SavedProgress,
+    *,
+    args: dict[str, Any],
+    model_config: dict[str, Any],
+    cache: dict[str, Any],
+    class_names: list[str],
+    versions: dict[str, str],
+    baseline: dict[str, Any],
+    feature_norm: dict[str, Any],
+) -> dict[str, Any]:
     """The checkpoint of one epoch: exactly ``CHECKPOINT_KEYS + EXTRA_KEYS`` (module docstring),
     with the current random state and ``FORMAT_VERSION``."""
     return {
@@ -80,8 +99,11 @@ def build_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
         "class_names": class_names,
         "metrics": progress.history[-1] if progress.history else {},
         "history": progress.history,
-        "run_state": {"best_epoch": progress.best_epoch, "best_loss": progress.best_loss,
-                      "epochs_since_best": progress.epochs_since_best},
+        "run_state": {
+            "best_epoch": progress.best_epoch,
+            "best_loss": progress.best_loss,
+            "epochs_since_best": progress.epochs_since_best,
+        },
         "rng_state": rng_state(),
         "versions": versions,
         "format_version": FORMAT_VERSION,
@@ -93,10 +115,14 @@ def build_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
 def saved_progress(checkpoint: dict[str, Any]) -> SavedProgress:
     """The run state a checkpoint (``read_checkpoint``'s) was saved in."""
     saved = checkpoint.get("run_state", {})
-    return SavedProgress(epoch=int(checkpoint["epoch"]), loss=float(checkpoint["loss"]),
-                         best_epoch=saved.get("best_epoch"), best_loss=float(saved.get("best_loss", math.inf)),
-                         epochs_since_best=int(saved.get("epochs_since_best", 0)),
-                         history=list(checkpoint.get("history", [])))
+    return SavedProgress(
+        epoch=int(checkpoint["epoch"]),
+        loss=float(checkpoint["loss"]),
+        best_epoch=saved.get("best_epoch"),
+        best_loss=float(saved.get("best_loss", math.inf)),
+        epochs_since_best=int(saved.get("epochs_since_best", 0)),
+        history=list(checkpoint.get("history", [])),
+    )
 
 
 def saved_baseline(checkpoint: dict[str, Any]) -> PooledBaseline | None:
@@ -146,8 +172,9 @@ def _load_file(path: Path, device: str | torch.device) -> Any:
             f"and plain values only. Detail: {str(error).splitlines()[0]}"
         ) from error
     except (RuntimeError, EOFError, OSError) as error:
-        raise PipelineError(f"checkpoint {path} cannot be read ({error}); it is truncated or not a "
-                            "PyTorch checkpoint.") from error
+        raise PipelineError(
+            f"checkpoint {path} cannot be read ({error}); it is truncated or not a PyTorch checkpoint."
+        ) from error
 
 
 def read_checkpoint(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -157,10 +184,15 @@ def read_checkpoint(checkpoint_path: str | Path, device: str | torch.device = "c
     path = Path(checkpoint_path)
     checkpoint = _load_file(path, device)
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
-        hint = (" It is a bare state dict (e.g. CLAM's s_0_checkpoint.pt): it can be evaluated "
-                "(python -m clam.evaluate --checkpoint) or loaded with load_checkpoint(), not resumed."
-                if is_state_dict(checkpoint) else "")
-        raise PipelineError(f"checkpoint {path} is not a training checkpoint: it has no 'model_state_dict'.{hint}")
+        hint = (
+            " It is a bare state dict (e.g. CLAM's s_0_checkpoint.pt): it can be evaluated "
+            "(python -m clam.evaluate --checkpoint) or loaded with load_checkpoint(), not resumed."
+            if is_state_dict(checkpoint)
+            else ""
+        )
+        raise PipelineError(
+            f"checkpoint {path} is not a training checkpoint: it has no 'model_state_dict'.{hint}"
+        )
     _check_version(checkpoint, path)
     return checkpoint
 
@@ -169,9 +201,11 @@ def _check_version(checkpoint: dict[str, Any], path: Path) -> None:
     """A newer format than this code knows is refused; an older or unversioned one reads as it is."""
     version = checkpoint.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        raise PipelineError(f"checkpoint {path} has format version {version}, newer than this code "
-                            f"reads (up to {FORMAT_VERSION}): it was written by a newer clam. Update this "
-                            "project's code to read it.")
+        raise PipelineError(
+            f"checkpoint {path} has format version {version}, newer than this code "
+            f"reads (up to {FORMAT_VERSION}): it was written by a newer clam. Update this "
+            "project's code to read it."
+        )
 
 
 def read_model_file(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -184,24 +218,34 @@ def read_model_file(checkpoint_path: str | Path, device: str | torch.device = "c
         _check_version(loaded, path)
         return loaded
     if not is_state_dict(loaded):
-        raise PipelineError(f"checkpoint {path} is neither a training checkpoint (no 'model_state_dict') nor "
-                            "a bare state dict of tensors.")
+        raise PipelineError(
+            f"checkpoint {path} is neither a training checkpoint (no 'model_state_dict') nor "
+            "a bare state dict of tensors."
+        )
     state_dict, config = clam_state_dict(loaded, path)
-    return {"model_state_dict": state_dict, "model_config": config.to_dict(), "checkpoint_format": CLAM_STATE_DICT}
+    return {
+        "model_state_dict": state_dict,
+        "model_config": config.to_dict(),
+        "checkpoint_format": CLAM_STATE_DICT,
+    }
 
 
 def is_state_dict(value: Any) -> bool:
     """A non-empty dict of tensors under string keys (what ``torch.save(model.state_dict())`` writes)."""
-    return (isinstance(value, dict) and bool(value)
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()))
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    )
 
 
 _ATTENTION = re.compile(r"^attention_net\.(\d+)\.attention_[abc]\.")
 _UNGATED = re.compile(r"^attention_net\.\d+\.module\.")
 
 
-def clam_state_dict(state_dict: dict[str, torch.Tensor], source: str | Path = "the state dict"
-                    ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+def clam_state_dict(
+    state_dict: dict[str, torch.Tensor], source: str | Path = "the state dict"
+) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """A mahmoodlab/CLAM ``CLAM_SB``/``CLAM_MB`` state dict under this model's names, and the model
     configuration its tensor shapes give.
 
@@ -213,25 +257,32 @@ def clam_state_dict(state_dict: dict[str, torch.Tensor], source: str | Path = "t
     state dict (another architecture, CLAM without gated attention, another size)."""
     keys: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        if "instance_loss_fn" in key:  # the instance loss's own buffers (SmoothTop1SVM); CLAM's eval drops them
+        if (
+            "instance_loss_fn" in key
+        ):  # the instance loss's own buffers (SmoothTop1SVM); CLAM's eval drops them
             continue
         while key.startswith("module."):  # DataParallel around the whole model
-            key = key[len("module."):]
+            key = key[len("module.") :]
         if key.startswith("attention_net.module."):  # CLAM's relocate(): DataParallel around attention_net
-            key = "attention_net." + key[len("attention_net.module."):]
+            key = "attention_net." + key[len("attention_net.module.") :]
         keys[key] = tensor
     if any(_UNGATED.match(k) for k in keys):
-        raise PipelineError(f"{source} is a CLAM model without gated attention (Attn_Net: keys "
-                            f"'attention_net.N.module.*'); this project's CLAM has gated attention only.")
+        raise PipelineError(
+            f"{source} is a CLAM model without gated attention (Attn_Net: keys "
+            f"'attention_net.N.module.*'); this project's CLAM has gated attention only."
+        )
     indices = {int(m.group(1)) for k in keys if (m := _ATTENTION.match(k))}
     fc = keys.get("attention_net.0.weight")
-    hidden = next((t for k, t in keys.items() if re.match(r"^attention_net\.\d+\.attention_a\.0\.weight$", k)), None)
+    hidden = next(
+        (t for k, t in keys.items() if re.match(r"^attention_net\.\d+\.attention_a\.0\.weight$", k)), None
+    )
     if len(indices) != 1 or not indices <= {2, 3} or fc is None or hidden is None or fc.dim() != 2:
         sample = ", ".join(sorted(keys)[:6])
         raise PipelineError(
             f"{source} is not a CLAM_SB/CLAM_MB state dict: it needs 'attention_net.0.weight' and the gated "
             f"attention at 'attention_net.2' or '.3' ('attention_a.0', 'attention_b.0', 'attention_c'); found "
-            f"{len(keys)} keys: {sample}{', ...' if len(keys) > 6 else ''}")
+            f"{len(keys)} keys: {sample}{', ...' if len(keys) > 6 else ''}"
+        )
     index = indices.pop()
     if index == 2:  # older CLAM without dropout: Linear, ReLU, attention; here a Dropout always sits at 2
         keys = {re.sub(r"^attention_net\.2\.", "attention_net.3.", k): t for k, t in keys.items()}
@@ -241,7 +292,8 @@ def clam_state_dict(state_dict: dict[str, torch.Tensor], source: str | Path = "t
     if model_size is None:
         raise PipelineError(
             f"{source}: CLAM of widths {int(in_dim)} -> {int(width)} -> attention {int(hidden.shape[0])} is not one of "
-            f"CLAM's sizes ({', '.join(f'{n}: {w} -> {h}' for n, (w, h) in MODEL_SIZES.items())}).")
+            f"CLAM's sizes ({', '.join(f'{n}: {w} -> {h}' for n, (w, h) in MODEL_SIZES.items())})."
+        )
     instance = {int(m.group(1)) for k in keys if (m := re.match(r"^instance_classifiers\.(\d+)\.weight$", k))}
     multi = {int(m.group(1)) for k in keys if (m := re.match(r"^classifiers\.(\d+)\.weight$", k))}
     model_type = "clam_mb" if multi else "clam_sb"
@@ -251,11 +303,16 @@ def clam_state_dict(state_dict: dict[str, torch.Tensor], source: str | Path = "t
         n_classes = len(multi)
     else:
         n_classes = int(keys["classifiers.weight"].shape[0]) if "classifiers.weight" in keys else 0
-    settings: dict[str, Any] = {"model_type": model_type, "in_dim": int(in_dim), "n_classes": n_classes,
-                                "model_size": model_size, "dropout": 0.0,
-                                # CLAM feeds raw features; this project's own weights saved bare carry
-                                # the standardisation buffers.
-                                "feature_norm": "standard" if "feature_norm.mean" in keys else "none"}
+    settings: dict[str, Any] = {
+        "model_type": model_type,
+        "in_dim": int(in_dim),
+        "n_classes": n_classes,
+        "model_size": model_size,
+        "dropout": 0.0,
+        # CLAM feeds raw features; this project's own weights saved bare carry
+        # the standardisation buffers.
+        "feature_norm": "standard" if "feature_norm.mean" in keys else "none",
+    }
     try:
         config = ModelConfig(**settings)
     except ValueError as error:
@@ -264,11 +321,14 @@ def clam_state_dict(state_dict: dict[str, torch.Tensor], source: str | Path = "t
     missing, unexpected = sorted(set(expected) - set(keys)), sorted(set(keys) - set(expected))
     wrong = sorted(k for k in set(expected) & set(keys) if expected[k].shape != keys[k].shape)
     if missing or unexpected or wrong:
-        detail = "; ".join(f"{what}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
-                           for what, names in (("missing", missing), ("unexpected", unexpected),
-                                               ("other shape", wrong)) if names)
-        raise PipelineError(f"{source} looks like CLAM ({_describe(config)}) but its keys do not fit that "
-                            f"model: {detail}.")
+        detail = "; ".join(
+            f"{what}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+            for what, names in (("missing", missing), ("unexpected", unexpected), ("other shape", wrong))
+            if names
+        )
+        raise PipelineError(
+            f"{source} looks like CLAM ({_describe(config)}) but its keys do not fit that model: {detail}."
+        )
     return {k: keys[k] for k in expected}, config
 
 
@@ -297,23 +357,30 @@ def load_checkpoint(
     model.to(device)
     if optimizer is not None and checkpoint.get("checkpoint_format") != CLAM_STATE_DICT:
         if "optimizer_state_dict" not in checkpoint:
-            raise PipelineError(f"checkpoint {checkpoint_path} holds no optimizer state; pass optimizer=None.")
+            raise PipelineError(
+                f"checkpoint {checkpoint_path} holds no optimizer state; pass optimizer=None."
+            )
         try:
             optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         except (ValueError, KeyError) as error:
-            raise PipelineError(f"checkpoint {checkpoint_path}: the optimizer state does not fit this "
-                                f"optimizer ({error}).") from error
+            raise PipelineError(
+                f"checkpoint {checkpoint_path}: the optimizer state does not fit this optimizer ({error})."
+            ) from error
     return model, optimizer, int(checkpoint.get("epoch", 0)), float(checkpoint.get("loss", math.nan))
 
 
-def model_from_checkpoint(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> tuple[CLAM_SB, dict[str, Any]]:
+def model_from_checkpoint(
+    checkpoint_path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[CLAM_SB, dict[str, Any]]:
     """Rebuild the model a checkpoint was saved from, load its weights, put it in eval mode on
     ``device``. Returns (model, checkpoint dictionary); for a bare CLAM state dict the model's
     configuration comes from the tensor shapes and the dictionary is ``read_model_file``'s."""
     checkpoint = read_model_file(checkpoint_path, device)
     if "model_config" not in checkpoint:
-        raise PipelineError(f"checkpoint {checkpoint_path} has no 'model_config': it was not written by "
-                            "clam.train. Build the model yourself and use load_checkpoint().")
+        raise PipelineError(
+            f"checkpoint {checkpoint_path} has no 'model_config': it was not written by "
+            "clam.train. Build the model yourself and use load_checkpoint()."
+        )
     try:
         model = model_from_config(ModelConfig(**checkpoint["model_config"]))
     except (TypeError, ValueError) as error:

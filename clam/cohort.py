@@ -7,19 +7,18 @@ checkpoint's is refused.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
+from clam.data import BagRecord, records_from_cache, records_from_labels_csv, validate_records
+from clam.eval_config import EvaluateConfig
+from clam.inference import LoadedModel
 from feature_extraction.bags import bag_path
 from feature_extraction.cache import STATUS_FAILED, is_cache_dir, read_cache_config, read_manifest
 from feature_extraction.embed import CacheKeyMismatch, EmbedConfig, embed_cohort
 from feature_extraction.errors import PipelineError
 from feature_extraction.layout import default_data_dir, default_features_dir, discover_slides
-
-from clam.data import BagRecord, records_from_cache, records_from_labels_csv, validate_records
-from clam.eval_config import EvaluateConfig
-from clam.inference import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +64,10 @@ def cohort_bags(config: EvaluateConfig, loaded: LoadedModel) -> Cohort:
     records = records_from_cache(cache_dir, slide_ids, config.split)
     cohort = _validated(records, cache_dir, loaded, read_cache_config(cache_dir), config.progress)
     errors = {row.slide_id: row.error for row in read_manifest(cache_dir)}
-    left_out = {s: f"no bag in the feature cache: {errors.get(s) or 'stage 1 found no readable tile'}"
-                for s in sorted(slide_ids - {r.slide_id for r in cohort.records})}
+    left_out = {
+        s: f"no bag in the feature cache: {errors.get(s) or 'stage 1 found no readable tile'}"
+        for s in sorted(slide_ids - {r.slide_id for r in cohort.records})
+    }
     return Cohort(cohort.records, cohort.cache_dir, cohort.cache_key, left_out)
 
 
@@ -111,16 +112,26 @@ def _embed_missing(
     recorded = loaded.cache.get("weights")
     weights = recorded if recorded in ("imagenet", "random") else loaded.args.get("weights") or recorded
     max_tiles, seed = int(loaded.cache.get("max_tiles", 0)), int(loaded.cache.get("seed", 0))
-    log.info(f"feature cache: {len(missing)} of {len(slide_ids)} slides of {data_dir} are not in {cache_dir}; "
-             f"embedding them first with the checkpoint's {backbone} / {weights} (max_tiles {max_tiles}, "
-             f"seed {seed}).")
+    log.info(
+        f"feature cache: {len(missing)} of {len(slide_ids)} slides of {data_dir} are not in {cache_dir}; "
+        f"embedding them first with the checkpoint's {backbone} / {weights} (max_tiles {max_tiles}, "
+        f"seed {seed})."
+    )
     # The checkpoint's cache entry replays: whole slides are tiled as for training (its wsi_tiling),
     # and a configuration that no longer gives its cache key is refused before a tile is embedded.
-    replay = EmbedConfig.from_dict({
-        **loaded.cache, "backbone": backbone, "weights": weights, "max_tiles": max_tiles, "seed": seed,
-        "num_workers": config.num_workers, "device": config.device, "progress": config.progress,
-        "expected_cache_key": loaded.cache_key,
-    })
+    replay = EmbedConfig.from_dict(
+        {
+            **loaded.cache,
+            "backbone": backbone,
+            "weights": weights,
+            "max_tiles": max_tiles,
+            "seed": seed,
+            "num_workers": config.num_workers,
+            "device": config.device,
+            "progress": config.progress,
+            "expected_cache_key": loaded.cache_key,
+        }
+    )
     try:
         report = embed_cohort(replay, data_dir, config.split, cache_dir.parent)
     except CacheKeyMismatch as mismatch:
@@ -140,7 +151,8 @@ def _key_difference(config, trained: dict) -> str:
     if not changed:
         return "the weights or the transform changed since training"
     return "changed since training: " + ", ".join(
-        f"{k} {str(trained[k])[:40]!r} -> {str(now[k])[:40]!r}" for k in changed)
+        f"{k} {str(trained[k])[:40]!r} -> {str(now[k])[:40]!r}" for k in changed
+    )
 
 
 def _check_cache_key(cache_dir: Path, loaded: LoadedModel) -> None:
@@ -154,15 +166,18 @@ def _check_cache_key(cache_dir: Path, loaded: LoadedModel) -> None:
         )
 
 
-def _validated(records: Sequence[BagRecord], cache_dir: Path, loaded: LoadedModel, cache_config: dict,
-               progress: bool) -> Cohort:
+def _validated(
+    records: Sequence[BagRecord], cache_dir: Path, loaded: LoadedModel, cache_config: dict, progress: bool
+) -> Cohort:
     expected = {"cache_key": loaded.cache_key, "feature_dim": loaded.feature_dim}
     bagset = validate_records(records, cache_dir, loaded.n_classes, {**cache_config, **expected}, progress)
     if loaded.is_clam_state_dict:
         # Nothing records which extractor CLAM's features came from: only the dimension is checked.
-        log.info(f"note: {loaded.path} records no feature extractor; the bags in {cache_dir} have the feature "
-                 f"dimension it expects ({loaded.feature_dim}), but make sure they come from the extractor it was "
-                 "trained with (CLAM's default: ResNet50 truncated after layer 3, ImageNet weights, 1024 features).")
+        log.info(
+            f"note: {loaded.path} records no feature extractor; the bags in {cache_dir} have the feature "
+            f"dimension it expects ({loaded.feature_dim}), but make sure they come from the extractor it was "
+            "trained with (CLAM's default: ResNet50 truncated after layer 3, ImageNet weights, 1024 features)."
+        )
     elif loaded.cache_key is None and bagset.cache_key is not None:
         raise PipelineError(
             f"the bags in {cache_dir} come from feature cache {bagset.cache_key!r}, but {loaded.path} was trained "

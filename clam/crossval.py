@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
-from feature_extraction.errors import PipelineError
 
 from clam.checkpoints import saved_baseline
 from clam.eval_config import EvaluateConfig
@@ -75,6 +74,7 @@ from clam.run_files import (
 from clam.splits import TrainValSplit
 from clam.train_config import TrainConfig
 from clam.training import load_bags, train
+from feature_extraction.errors import PipelineError
 
 log = logging.getLogger(__name__)
 METRICS = ("test_auc", "test_balanced_accuracy", "test_loss", "baseline_test_auc", "val_auc")
@@ -90,16 +90,23 @@ def cross_validate(config: TrainConfig, n_bootstrap: int = DEFAULT_N_BOOTSTRAP) 
     Folds come from ``config.splits`` if given, else ``config.folds`` seeded by ``config.seed``.
     Returns the parent run folder."""
     if config.resume:
-        raise PipelineError("--resume continues one fold's run: pass that fold's checkpoint without --folds/--splits.")
+        raise PipelineError(
+            "--resume continues one fold's run: pass that fold's checkpoint without --folds/--splits."
+        )
     bags = load_bags(config)
     folds, splits = _folds(config, bags.records)
     n_folds = max(folds.values())
     parent = make_run_dir(config.output_dir or default_runs_dir())
     write_folds(parent / SPLITS_FILE, bags.records, folds, splits)
-    log.info(f"cross-validation: {n_folds} folds of {len(folds)} patients -> {parent}\n"
-             "each fold: test = its own patients (never seen in training or model selection); "
-             + ("validation = a share of the other folds' patients (picks the epoch); train = the rest"
-                if any(s.val for s in splits.values()) else "no validation part: the last epoch is used; train = the rest"))
+    log.info(
+        f"cross-validation: {n_folds} folds of {len(folds)} patients -> {parent}\n"
+        "each fold: test = its own patients (never seen in training or model selection); "
+        + (
+            "validation = a share of the other folds' patients (picks the epoch); train = the rest"
+            if any(s.val for s in splits.values())
+            else "no validation part: the last epoch is used; train = the rest"
+        )
+    )
     fold_config = replace(config, folds=n_folds, splits=str(parent / SPLITS_FILE))
 
     rows, slides = [], []
@@ -114,8 +121,16 @@ def cross_validate(config: TrainConfig, n_bootstrap: int = DEFAULT_N_BOOTSTRAP) 
     _write_rows(parent / OOF_SLIDES, slides)
     _write_rows(parent / OOF_PATIENTS, patients)
     summary = summarize_folds(rows, patients, names, config.n_classes, n_bootstrap, config.seed)
-    summary.update({"run_dir": str(parent), "n_folds": n_folds, "seed": config.seed, "splits_file": SPLITS_FILE,
-                    "splits_from": config.splits, "val_fraction": config.val_fraction})
+    summary.update(
+        {
+            "run_dir": str(parent),
+            "n_folds": n_folds,
+            "seed": config.seed,
+            "splits_file": SPLITS_FILE,
+            "splits_from": config.splits,
+            "val_fraction": config.val_fraction,
+        }
+    )
     write_json(parent / SUMMARY_JSON, summary)
     _write_rows(parent / SUMMARY_CSV, rows + [{"fold": stat, **summary[stat]} for stat in ("mean", "std")])
     log.info(summary_text(summary))
@@ -129,10 +144,14 @@ def _folds(config: TrainConfig, records) -> tuple[dict[str, int], dict[int, Trai
         folds, splits = read_folds(Path(config.splits), records)
         n_folds = max(folds.values())
         if config.folds and config.folds != n_folds:
-            raise PipelineError(f"--folds {config.folds} but {config.splits} has {n_folds} folds; drop --folds.")
+            raise PipelineError(
+                f"--folds {config.folds} but {config.splits} has {n_folds} folds; drop --folds."
+            )
         if splits is None:
-            log.info(f"{config.splits} lists test folds only: each fold's validation part is drawn from the "
-                     f"other folds' patients (--val_fraction {config.val_fraction}, --seed {config.seed})")
+            log.info(
+                f"{config.splits} lists test folds only: each fold's validation part is drawn from the "
+                f"other folds' patients (--val_fraction {config.val_fraction}, --seed {config.seed})"
+            )
     else:
         folds = make_folds(records, config.folds, config.seed)
     if splits is None:
@@ -140,28 +159,46 @@ def _folds(config: TrainConfig, records) -> tuple[dict[str, int], dict[int, Trai
     return folds, splits
 
 
-def _fold_predictions(checkpoint: Path, fold: int, split: TrainValSplit,
-                      device: str) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+def _fold_predictions(
+    checkpoint: Path, fold: int, split: TrainValSplit, device: str
+) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
     """The rows of oof_predictions_slide.csv of one fold's test part, from its selected model: CLAM's
     probabilities and the baseline's (empty: no baseline for this fold, its training bags held one class)."""
     loaded = load_model(checkpoint, device)
     names = loaded.class_names
     baseline = saved_baseline(loaded.checkpoint)
-    rows = [{"slide_id": p.record.slide_id, "patient_id": p.record.patient_id, "fold": fold,
-             "label": p.record.label, **probability_values(names, p.probs), **baseline_values(names, baseline, p)}
-            for p in predict(loaded, split.test, 0, False)]
+    rows = [
+        {
+            "slide_id": p.record.slide_id,
+            "patient_id": p.record.patient_id,
+            "fold": fold,
+            "label": p.record.label,
+            **probability_values(names, p.probs),
+            **baseline_values(names, baseline, p),
+        }
+        for p in predict(loaded, split.test, 0, False)
+    ]
     return rows, names
 
 
-def _fold_row(fold: int, fold_dir: Path, checkpoint: Path, split: TrainValSplit, slides: Sequence[dict[str, Any]],
-              names: Sequence[str], n_classes: int) -> dict[str, Any]:
+def _fold_row(
+    fold: int,
+    fold_dir: Path,
+    checkpoint: Path,
+    split: TrainValSplit,
+    slides: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    n_classes: int,
+) -> dict[str, Any]:
     """One fold: the test part's slide-level numbers from the selected model, the validation AUC
     that selected it (optimistic: the same patients chose the epoch), and the baseline's test AUC."""
     info = read_run_config(fold_dir)
     epoch = info["best_epoch"] if checkpoint.name == BEST_NAME else info["epoch"]
     selected = next((row for row in info["metrics"] if row["epoch"] == epoch), {})
     y = np.array([int(s["label"]) for s in slides], dtype=np.int64)
-    probs = np.array([[float(s[probability_column(n)]) for n in names] for s in slides]).reshape(-1, len(names))
+    probs = np.array([[float(s[probability_column(n)]) for n in names] for s in slides]).reshape(
+        -1, len(names)
+    )
     test = epoch_metrics(y, probs, n_classes)
     loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)).mean()) if len(y) else None
     baseline_auc = None
@@ -169,23 +206,39 @@ def _fold_row(fold: int, fold_dir: Path, checkpoint: Path, split: TrainValSplit,
     if slides and all(s[c] is not None for s in slides for c in base_columns):
         baseline_auc = roc_auc(y, np.array([[s[c] for c in base_columns] for s in slides]), n_classes)[0]
     notes = dict(test.get("notes") or {})
-    return {"fold": fold, "n_train_patients": len({r.patient_id for r in split.train}),
-            "n_val_patients": len({r.patient_id for r in split.val}),
-            "n_test_patients": len({r.patient_id for r in split.test}), "n_test_bags": len(split.test),
-            "selected_epoch": epoch, "selection": "lowest validation loss" if split.val else "last epoch (no validation part)",
-            "test_auc": test["auc"], "test_balanced_accuracy": test["balanced_accuracy"], "test_loss": loss,
-            "baseline_test_auc": baseline_auc, "val_auc": selected.get("val_auc"),
-            "note": "; ".join(f"test: {v}" for v in notes.values())}
+    return {
+        "fold": fold,
+        "n_train_patients": len({r.patient_id for r in split.train}),
+        "n_val_patients": len({r.patient_id for r in split.val}),
+        "n_test_patients": len({r.patient_id for r in split.test}),
+        "n_test_bags": len(split.test),
+        "selected_epoch": epoch,
+        "selection": "lowest validation loss" if split.val else "last epoch (no validation part)",
+        "test_auc": test["auc"],
+        "test_balanced_accuracy": test["balanced_accuracy"],
+        "test_loss": loss,
+        "baseline_test_auc": baseline_auc,
+        "val_auc": selected.get("val_auc"),
+        "note": "; ".join(f"test: {v}" for v in notes.values()),
+    }
 
 
-def summarize_folds(rows: Sequence[dict[str, Any]], patients: Sequence[dict[str, Any]], class_names: Sequence[str],
-                    n_classes: int, n_bootstrap: int, seed: int) -> dict[str, Any]:
+def summarize_folds(
+    rows: Sequence[dict[str, Any]],
+    patients: Sequence[dict[str, Any]],
+    class_names: Sequence[str],
+    n_classes: int,
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
     """Mean and sample standard deviation (ddof 1) of each metric over the folds where it is defined,
     and the pooled patient-level AUC over every fold's test part, CLAM's and the baseline's, with
     their bootstrap CIs."""
     mean, std = {}, {}
     for metric in METRICS:
-        values = np.array([r[metric] for r in rows if r[metric] is not None and math.isfinite(r[metric])], dtype=float)
+        values = np.array(
+            [r[metric] for r in rows if r[metric] is not None and math.isfinite(r[metric])], dtype=float
+        )
         mean[metric] = float(values.mean()) if len(values) else None
         std[metric] = float(values.std(ddof=1)) if len(values) > 1 else None
     y_true = [int(p["label"]) for p in patients]
@@ -197,31 +250,46 @@ def summarize_folds(rows: Sequence[dict[str, Any]], patients: Sequence[dict[str,
         probs = np.array([[float(p[c]) for c in columns] for p in patients])
         return auc_with_ci(y_true, probs, n_classes, n_bootstrap, seed, class_names=class_names).to_dict()
 
-    return {"folds": list(rows), "mean": mean, "std": std,
-            "std_note": "sample standard deviation (ddof 1) over folds with a value",
-            "pooled_oof": {"level": "patient (mean of its slides' probabilities)", "n_patients": len(patients),
-                           "patients": "every patient once, from the test part of its own fold: never seen by "
-                                       "the model that scored it, in training or in model selection",
-                           "auc": pooled(probability_column), "baseline_auc": pooled(baseline_column)},
-            "validation_selected": {
-                "auc_mean": mean.get("val_auc"),
-                "note": "mean over folds of the validation AUC at the selected epoch: the same patients chose "
-                        "the epoch, so it is optimistic; report the pooled test AUC"},
-            "class_names": list(class_names)}
+    return {
+        "folds": list(rows),
+        "mean": mean,
+        "std": std,
+        "std_note": "sample standard deviation (ddof 1) over folds with a value",
+        "pooled_oof": {
+            "level": "patient (mean of its slides' probabilities)",
+            "n_patients": len(patients),
+            "patients": "every patient once, from the test part of its own fold: never seen by "
+            "the model that scored it, in training or in model selection",
+            "auc": pooled(probability_column),
+            "baseline_auc": pooled(baseline_column),
+        },
+        "validation_selected": {
+            "auc_mean": mean.get("val_auc"),
+            "note": "mean over folds of the validation AUC at the selected epoch: the same patients chose "
+            "the epoch, so it is optimistic; report the pooled test AUC",
+        },
+        "class_names": list(class_names),
+    }
 
 
 def summary_text(summary: dict[str, Any]) -> str:
     fmt = format_number
-    lines = ["per fold, on its test part (patients never used to train or select that fold's model):",
-             f"{'fold':<6}{'epoch':>6}{'test AUC':>10}{'bal.acc':>9}{'loss':>8}{'baseline':>10}{'val AUC':>9}  note"]
+    lines = [
+        "per fold, on its test part (patients never used to train or select that fold's model):",
+        f"{'fold':<6}{'epoch':>6}{'test AUC':>10}{'bal.acc':>9}{'loss':>8}{'baseline':>10}{'val AUC':>9}  note",
+    ]
     for r in summary["folds"]:
-        lines.append(f"{r['fold']:<6}{r['selected_epoch']!s:>6}{fmt(r['test_auc']):>10}"
-                     f"{fmt(r['test_balanced_accuracy']):>9}{fmt(r['test_loss']):>8}{fmt(r['baseline_test_auc']):>10}"
-                     f"{fmt(r['val_auc']):>9}  {r['note']}")
+        lines.append(
+            f"{r['fold']:<6}{r['selected_epoch']!s:>6}{fmt(r['test_auc']):>10}"
+            f"{fmt(r['test_balanced_accuracy']):>9}{fmt(r['test_loss']):>8}{fmt(r['baseline_test_auc']):>10}"
+            f"{fmt(r['val_auc']):>9}  {r['note']}"
+        )
     for stat in ("mean", "std"):
         s = summary[stat]
-        lines.append(f"{stat:<12}{fmt(s['test_auc']):>10}{fmt(s['test_balanced_accuracy']):>9}{fmt(s['test_loss']):>8}"
-                     f"{fmt(s['baseline_test_auc']):>10}{fmt(s['val_auc']):>9}")
+        lines.append(
+            f"{stat:<12}{fmt(s['test_auc']):>10}{fmt(s['test_balanced_accuracy']):>9}{fmt(s['test_loss']):>8}"
+            f"{fmt(s['baseline_test_auc']):>10}{fmt(s['val_auc']):>9}"
+        )
     pooled = summary["pooled_oof"]
 
     def auc_line(auc: dict[str, Any] | None, what: str) -> str:
@@ -229,12 +297,21 @@ def summary_text(summary: dict[str, Any]) -> str:
             return f"{what}: not available"
         return f"{what}: {format_auc(auc, undefined='-')}" + (f" ({auc['reason']})" if auc["reason"] else "")
 
-    lines.append(auc_line(pooled["auc"], f"pooled held-out AUC over {pooled['n_patients']} patients (each from its "
-                                         "own fold's test part), CLAM"))
-    lines.append(auc_line(pooled.get("baseline_auc"), "the same patients, mean-pool logistic regression baseline"))
+    lines.append(
+        auc_line(
+            pooled["auc"],
+            f"pooled held-out AUC over {pooled['n_patients']} patients (each from its "
+            "own fold's test part), CLAM",
+        )
+    )
+    lines.append(
+        auc_line(pooled.get("baseline_auc"), "the same patients, mean-pool logistic regression baseline")
+    )
     if summary["mean"].get("val_auc") is not None:
-        lines.append(f"validation AUC at the selected epochs (optimistic: those patients chose the epoch): "
-                     f"mean {fmt(summary['mean']['val_auc'])}")
+        lines.append(
+            f"validation AUC at the selected epochs (optimistic: those patients chose the epoch): "
+            f"mean {fmt(summary['mean']['val_auc'])}"
+        )
     elif all(r["val_auc"] is None for r in summary["folds"]):
         lines.append("no validation part (--val_fraction 0): each fold's last epoch was used")
     return "\n".join(lines)
@@ -265,20 +342,30 @@ def evaluate_folds(config: EvaluateConfig) -> EvaluationResult:
         output_dir.mkdir(parents=True, exist_ok=True)
     else:
         output_dir = make_output_dir(parent, config.output_prefix)
-    results = {checkpoint.parent.name: evaluate(replace(config, checkpoint=checkpoint,
-                                                        output_dir=output_dir / checkpoint.parent.name))
-               for checkpoint in fold_checkpoints(parent)}
+    results = {
+        checkpoint.parent.name: evaluate(
+            replace(config, checkpoint=checkpoint, output_dir=output_dir / checkpoint.parent.name)
+        )
+        for checkpoint in fold_checkpoints(parent)
+    }
     names = next(iter(results.values())).metrics["class_names"]
     slides = ensemble_rows([r.slides for r in results.values()], names)
     patients = aggregate_patients(slides, names)
     write_table(output_dir / PREDICTIONS, slides)
     write_table(output_dir / PATIENT_PREDICTIONS, patients)
-    metrics = {"run_dir": str(parent), "class_names": names,
-               "ensemble": {"method": "mean probability of the fold models",
-                            **per_level_metrics(slides, patients, names, config.n_bootstrap, config.seed)},
-               "folds": {name: {k: r.metrics.get(k) for k in ("checkpoint", "epoch", "per_slide", "per_patient")}
-                         for name, r in results.items()},
-               "created": datetime.now().isoformat(timespec="seconds")}
+    metrics = {
+        "run_dir": str(parent),
+        "class_names": names,
+        "ensemble": {
+            "method": "mean probability of the fold models",
+            **per_level_metrics(slides, patients, names, config.n_bootstrap, config.seed),
+        },
+        "folds": {
+            name: {k: r.metrics.get(k) for k in ("checkpoint", "epoch", "per_slide", "per_patient")}
+            for name, r in results.items()
+        },
+        "created": datetime.now().isoformat(timespec="seconds"),
+    }
     write_json(output_dir / METRICS_JSON, metrics)
     for name, r in [*((n, r.metrics) for n, r in results.items()), ("ensemble", metrics["ensemble"])]:
         auc = r["per_patient"]["auc"]["auc"]

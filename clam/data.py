@@ -26,9 +26,9 @@ import csv
 import logging
 import os
 import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ from feature_extraction.layout import SPLIT_FOLDERS, discover_slides
 from feature_extraction.sources import select_subset
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class BagRecord:
@@ -84,14 +85,20 @@ class BagChanged(BagError):
     """A bag was replaced or rewritten after it was validated, while training was running."""
 
     @classmethod
-    def of(cls, record: "BagRecord", then: str = "once embedding has finished, start training again, or continue "
-                                                  "with --resume from the run's last checkpoint.") -> "BagChanged":
-        return cls(f"bag {record.path} changed while training was running: it was replaced or rewritten (e.g. by a "
-                   "rerun of `python -m feature_extraction.embed`) after it was validated at the start of this run. "
-                   f"Training stops rather than mix old and new features: {then}")
+    def of(
+        cls,
+        record: BagRecord,
+        then: str = "once embedding has finished, start training again, or continue "
+        "with --resume from the run's last checkpoint.",
+    ) -> BagChanged:
+        return cls(
+            f"bag {record.path} changed while training was running: it was replaced or rewritten (e.g. by a "
+            "rerun of `python -m feature_extraction.embed`) after it was validated at the start of this run. "
+            f"Training stops rather than mix old and new features: {then}"
+        )
 
 
-def changed_bags(records: Iterable["BagRecord"]) -> list["BagRecord"]:
+def changed_bags(records: Iterable[BagRecord]) -> list[BagRecord]:
     """The records whose file is no longer the one validated (records without a stamp are not checked)."""
     return [r for r in records if r.stamp is not None and bag_stamp(r.path) != r.stamp]
 
@@ -164,8 +171,14 @@ def resolve_cache(
         f"--data_dir {data_dir} --split {split}` with the --wsi_* options first, then pass the cache folder "
         "it prints as --features_dir)."
     )
-    config = EmbedConfig(backbone=backbone, weights=weights, max_tiles=max_tiles, seed=seed,
-                         num_workers=num_workers, device=device)
+    config = EmbedConfig(
+        backbone=backbone,
+        weights=weights,
+        max_tiles=max_tiles,
+        seed=seed,
+        num_workers=num_workers,
+        device=device,
+    )
     report = embed_cohort(config, data_dir, split, features_dir)
     log.info(f"feature cache: {report.cache_dir}")
     return Path(report.cache_dir), slide_ids
@@ -189,18 +202,26 @@ def records_from_cache(cache_dir: Path, slide_ids: set[str] | None, split: str) 
         if not is_usable(row):
             unusable.append(f"{row.slide_id} ({row.status}{': ' + row.error if row.error else ''})")
             continue
-        records.append(BagRecord(row.slide_id, row.patient_id or row.slide_id, int(row.label), Path(row.file),
-                                 row.class_folder))
+        records.append(
+            BagRecord(
+                row.slide_id, row.patient_id or row.slide_id, int(row.label), Path(row.file), row.class_folder
+            )
+        )
     if unusable:
-        log.warning(f"{len(unusable)} slides have no usable bag in {cache_dir} and are left out: "
-            + "; ".join(unusable[:5]) + (" ..." if len(unusable) > 5 else ""))
+        log.warning(
+            f"{len(unusable)} slides have no usable bag in {cache_dir} and are left out: "
+            + "; ".join(unusable[:5])
+            + (" ..." if len(unusable) > 5 else "")
+        )
     if not records:
         raise PipelineError(f"feature cache {cache_dir} holds no usable bags for --split {split}.")
     return records
 
 
 # Class folder names (EGFR_positive, EGFR_negative_cnn, C-S-EGFR_positive, ...) may stand for labels.
-_FOLDER_LABELS = {folder: label for folders in SPLIT_FOLDERS.values() for folder, (label, _) in folders.items()}
+_FOLDER_LABELS = {
+    folder: label for folders in SPLIT_FOLDERS.values() for folder, (label, _) in folders.items()
+}
 
 
 def _parse_label(value, source: Path) -> int:
@@ -225,7 +246,9 @@ def records_from_labels_csv(labels_csv: Path, bags_dir: Path) -> list[BagRecord]
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         if "slide_id" not in columns or "label" not in columns:
-            raise PipelineError(f"labels CSV {labels_csv} needs the columns slide_id,label[,patient_id]; found {columns}.")
+            raise PipelineError(
+                f"labels CSV {labels_csv} needs the columns slide_id,label[,patient_id]; found {columns}."
+            )
         rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     records, missing, seen = [], [], set()
     for row in rows:
@@ -250,7 +273,10 @@ def records_from_labels_csv(labels_csv: Path, bags_dir: Path) -> list[BagRecord]
 
 
 def validate_records(
-    records: Sequence[BagRecord], cache_dir: Path, n_classes: int, cache_config: dict | None = None,
+    records: Sequence[BagRecord],
+    cache_dir: Path,
+    n_classes: int,
+    cache_config: dict | None = None,
     progress: bool = True,
 ) -> BagSet:
     """Validate every bag (see ``bags.validate_bag``) and return them with their sizes.
@@ -264,8 +290,10 @@ def validate_records(
     checked = []
     for record in tqdm(records, desc="validating bags", unit="bag", disable=not progress, leave=False):
         if not 0 <= record.label < n_classes:
-            raise PipelineError(f"slide {record.slide_id}: label {record.label} is outside 0..{n_classes - 1} "
-                                f"(--n_classes {n_classes}).")
+            raise PipelineError(
+                f"slide {record.slide_id}: label {record.label} is outside 0..{n_classes - 1} "
+                f"(--n_classes {n_classes})."
+            )
         stamp = bag_stamp(record.path)  # before: a bag replaced from here on counts as changed
         summary = validate_bag(record.path, feature_dim=feature_dim, cache_key=expected_key)
         feature_dim = summary.feature_dim
@@ -274,14 +302,24 @@ def validate_records(
         keys.setdefault(key, record.slide_id)
         if len(keys) > 1:
             listed = "; ".join(f"{k!r} (e.g. {s})" for k, s in keys.items())
-            raise BagError(f"bags in {cache_dir} come from different feature caches: {listed}. "
-                           "Bags of different caches are never mixed: keep each cache in its own folder.")
+            raise BagError(
+                f"bags in {cache_dir} come from different feature caches: {listed}. "
+                "Bags of different caches are never mixed: keep each cache in its own folder."
+            )
         if typed is not None and cache_config and typed.label != record.label:
-            raise BagError(f"bag {record.path}: label attribute {typed.label} disagrees with the manifest's "
-                           f"{record.label}. Re-embed this slide.")
+            raise BagError(
+                f"bag {record.path}: label attribute {typed.label} disagrees with the manifest's "
+                f"{record.label}. Re-embed this slide."
+            )
         checked.append(replace(record, n_instances=summary.n_instances, stamp=stamp))
     _check_patient_labels(checked)
-    return BagSet(tuple(checked), int(feature_dim or 0), next(iter(keys)) if keys else None, Path(cache_dir), cache_config)
+    return BagSet(
+        tuple(checked),
+        int(feature_dim or 0),
+        next(iter(keys)) if keys else None,
+        Path(cache_dir),
+        cache_config,
+    )
 
 
 def _check_patient_labels(records: Iterable[BagRecord]) -> None:
@@ -289,8 +327,10 @@ def _check_patient_labels(records: Iterable[BagRecord]) -> None:
     for record in records:
         first = labels.setdefault(record.patient_id, record)
         if first.label != record.label:
-            raise PipelineError(f"patient {record.patient_id} has slides of two labels ({first.slide_id}: "
-                                f"{first.label}, {record.slide_id}: {record.label}); fix the labels.")
+            raise PipelineError(
+                f"patient {record.patient_id} has slides of two labels ({first.slide_id}: "
+                f"{first.label}, {record.slide_id}: {record.label}); fix the labels."
+            )
 
 
 def limit_tiles(bags: BagSet, max_tiles: int, seed: int) -> tuple[BagSet, int]:
@@ -315,7 +355,9 @@ def limit_tiles(bags: BagSet, max_tiles: int, seed: int) -> tuple[BagSet, int]:
 # ---------------------------------------------------------------- serving bags
 
 
-def instance_rows(n: int, sample_tiles: int, seed: int, slide_id: str, epoch: int | None) -> np.ndarray | None:
+def instance_rows(
+    n: int, sample_tiles: int, seed: int, slide_id: str, epoch: int | None
+) -> np.ndarray | None:
     """Sorted rows (of ``n``) of the up to ``sample_tiles`` instances to use, or None for all of them.
 
     Training draws afresh each epoch (``epoch``); validation (``epoch=None``) always draws the
@@ -335,16 +377,27 @@ class BagDataset(torch.utils.data.Dataset):
     ``in_memory``: read every bag once, now; else read only the rows in use on each access, so
     memory is bounded by the batch whatever the size of the cache."""
 
-    def __init__(self, records: Sequence[BagRecord], sample_tiles: int = 0, seed: int = 0, train: bool = True,
-                 in_memory: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self,
+        records: Sequence[BagRecord],
+        sample_tiles: int = 0,
+        seed: int = 0,
+        train: bool = True,
+        in_memory: bool = False,
+        progress: bool = True,
+    ) -> None:
         self.records = tuple(records)
         self.sample_tiles = sample_tiles
         self.seed, self.train = seed, train
         self.epoch = 1
         self.features: list[torch.Tensor] | None = None
         if in_memory:
-            self.features = [torch.from_numpy(self._read(r, None))
-                             for r in tqdm(self.records, desc="reading bags", unit="bag", disable=not progress, leave=False)]
+            self.features = [
+                torch.from_numpy(self._read(r, None))
+                for r in tqdm(
+                    self.records, desc="reading bags", unit="bag", disable=not progress, leave=False
+                )
+            ]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -406,14 +459,20 @@ class FeatureStats:
     n_constant: int
 
     def describe(self) -> str:
-        return (f"{self.n_instances} instances of {self.n_bags} training bags: mean in [{self.mean.min():.3g}, "
-                f"{self.mean.max():.3g}], std in [{self.std.min():.3g}, {self.std.max():.3g}]"
-                + (f", {self.n_constant} constant dimensions left unscaled" if self.n_constant else ""))
+        return (
+            f"{self.n_instances} instances of {self.n_bags} training bags: mean in [{self.mean.min():.3g}, "
+            f"{self.mean.max():.3g}], std in [{self.std.min():.3g}, {self.std.max():.3g}]"
+            + (f", {self.n_constant} constant dimensions left unscaled" if self.n_constant else "")
+        )
 
     def to_dict(self) -> dict:
-        return {"n_instances": self.n_instances, "n_bags": self.n_bags, "n_constant_dims": self.n_constant,
-                "mean_range": [float(self.mean.min()), float(self.mean.max())],
-                "std_range": [float(self.std.min()), float(self.std.max())]}
+        return {
+            "n_instances": self.n_instances,
+            "n_bags": self.n_bags,
+            "n_constant_dims": self.n_constant,
+            "mean_range": [float(self.mean.min()), float(self.mean.max())],
+            "std_range": [float(self.std.min()), float(self.std.max())],
+        }
 
 
 CONSTANT_STD = 1e-6  # a dimension whose std is below this share of (|mean| + typical std) is constant
@@ -457,12 +516,12 @@ class BagBatch:
     labels: torch.Tensor
     indices: torch.Tensor
 
-    def to(self, device: torch.device) -> "BagBatch":
+    def to(self, device: torch.device) -> BagBatch:
         non_blocking = device.type == "cuda"
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return BagBatch(move(self.features), move(self.mask), move(self.labels), self.indices)
 
-    def pin_memory(self) -> "BagBatch":
+    def pin_memory(self) -> BagBatch:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return BagBatch(pin(self.features), pin(self.mask), pin(self.labels), self.indices)
 

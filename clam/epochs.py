@@ -18,7 +18,9 @@ VAL_BATCH_SIZE = 16
 FUSED_CPU_TORCH = (2, 4)  # fused Adam on a CPU needs torch 2.4 or later
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, config: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
     """CLAM's optimiser (Adam with L2 weight decay). The fused kernel updates all parameters in one
     call (same arithmetic, far less per-step overhead at --batch_size 1) where this torch has it
     for ``device``; otherwise, or when torch refuses it, the default Adam."""
@@ -57,23 +59,40 @@ def use_own_kernels(optimizer: torch.optim.Optimizer) -> None:
         group["fused"], group["foreach"] = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
 
 
-def make_loader(dataset: BagDataset, config: TrainConfig, plan: LoaderPlan, device: torch.device,
-                epoch: int, train: bool) -> DataLoader:
+def make_loader(
+    dataset: BagDataset, config: TrainConfig, plan: LoaderPlan, device: torch.device, epoch: int, train: bool
+) -> DataLoader:
     """Training: the bags of ``epoch`` in their seeded order; validation: in a fixed order."""
     dataset.set_epoch(epoch)
-    order = (epoch_order(dataset.records, config.n_classes, config.seed, epoch, config.balance == "sampler")
-             if train else None)
+    order = (
+        epoch_order(dataset.records, config.n_classes, config.seed, epoch, config.balance == "sampler")
+        if train
+        else None
+    )
     # Validation runs forward only, so it batches bags (padded, same results) whatever --batch_size
     # is, unless bags are unbounded (--max_tiles 0 without --sample_tiles) and a padded batch could be huge.
     bounded = config.max_tiles > 0 or config.sample_tiles > 0
     batch_size = config.batch_size if train or not bounded else max(config.batch_size, VAL_BATCH_SIZE)
-    return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate_bags,
-                      num_workers=plan.num_workers, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(config.seed))  # seeds worker processes only
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order,
+        collate_fn=collate_bags,
+        num_workers=plan.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(config.seed),
+    )  # seeds worker processes only
 
 
-def train_one_epoch(model, optimizer, loader: DataLoader, config: TrainConfig, device: torch.device,
-                    class_weights: torch.Tensor | None, desc: str = "train") -> dict[str, Any]:
+def train_one_epoch(
+    model,
+    optimizer,
+    loader: DataLoader,
+    config: TrainConfig,
+    device: torch.device,
+    class_weights: torch.Tensor | None,
+    desc: str = "train",
+) -> dict[str, Any]:
     """One pass over ``loader``; mean losses per bag and the classification metrics."""
     model.train()
     losses: dict[str, list[torch.Tensor]] = {"loss": [], "bag_loss": [], "instance_loss": []}
@@ -100,8 +119,9 @@ def train_one_epoch(model, optimizer, loader: DataLoader, config: TrainConfig, d
 
 
 @torch.inference_mode()
-def validate_epoch(model, loader: DataLoader, config: TrainConfig, device: torch.device,
-                   desc: str = "val") -> dict[str, Any]:
+def validate_epoch(
+    model, loader: DataLoader, config: TrainConfig, device: torch.device, desc: str = "val"
+) -> dict[str, Any]:
     """Validation metrics. ``loss`` (the monitored one) is the unweighted bag cross-entropy, as in
     CLAM's validation; as there, the instance loss and the instance classifiers' accuracy on the
     top and bottom ``k_sample`` instances (``inst_acc``) are computed in eval mode with the labels."""
@@ -119,8 +139,12 @@ def validate_epoch(model, loader: DataLoader, config: TrainConfig, device: torch
         probs.append(output.probs)
         labels.append(batch.labels)
     n = len(loader.dataset)
-    return {"loss": float(loss_sum) / n, "instance_loss": float(instance_sum) / n, "inst_acc": _accuracy(hits),
-            **_classification(labels, probs, config)}
+    return {
+        "loss": float(loss_sum) / n,
+        "instance_loss": float(instance_sum) / n,
+        "inst_acc": _accuracy(hits),
+        **_classification(labels, probs, config),
+    }
 
 
 def _accuracy(hits: torch.Tensor) -> float | None:
@@ -129,5 +153,9 @@ def _accuracy(hits: torch.Tensor) -> float | None:
     return correct / total if total else None
 
 
-def _classification(labels: list[torch.Tensor], probs: list[torch.Tensor], config: TrainConfig) -> dict[str, Any]:
-    return epoch_metrics(torch.cat(labels).cpu().numpy(), torch.cat(probs).float().cpu().numpy(), config.n_classes)
+def _classification(
+    labels: list[torch.Tensor], probs: list[torch.Tensor], config: TrainConfig
+) -> dict[str, Any]:
+    return epoch_metrics(
+        torch.cat(labels).cpu().numpy(), torch.cat(probs).float().cpu().numpy(), config.n_classes
+    )

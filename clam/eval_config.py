@@ -4,15 +4,15 @@ and the command-line arguments the two share."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
-
-from feature_extraction.layout import SPLITS
+from typing import Any
 
 from clam.heatmaps import DEFAULT_TOP_K
 from clam.metrics import DEFAULT_N_BOOTSTRAP
 from clam.run_files import BEST_NAME, EVAL_PREFIX, default_runs_dir
+from feature_extraction.layout import SPLITS
 
 ALL = "all"
 NONE = "none"
@@ -45,19 +45,41 @@ class EvaluateConfig:
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments shared by ``clam.evaluate`` and ``clam.attention``."""
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help=f"checkpoint to evaluate, or the parent run folder of a --folds run (every "
-                             f"fold's model and their ensemble) (default: the newest run under "
-                             f"{default_runs_dir()}: its {BEST_NAME}, or its folds for a --folds run)")
-    parser.add_argument("--data_dir", type=Path, default=None,
-                        help="cohort folder (default: <project root>/<split>); also where the maps read tile images")
-    parser.add_argument("--split", choices=SPLITS, default="test", help="layout of --data_dir (default: %(default)s)")
-    parser.add_argument("--labels_csv", type=Path, default=None,
-                        help="CSV slide_id,label[,patient_id] of bags in --features_dir, instead of --data_dir")
-    parser.add_argument("--features_dir", type=Path, default=None,
-                        help="folder of feature caches, or one cache (default: the one the checkpoint was trained on)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    parser.add_argument("--num_workers", type=int, default=4, help="bag-loading workers (default: %(default)s)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help=f"checkpoint to evaluate, or the parent run folder of a --folds run (every "
+        f"fold's model and their ensemble) (default: the newest run under "
+        f"{default_runs_dir()}: its {BEST_NAME}, or its folds for a --folds run)",
+    )
+    parser.add_argument(
+        "--data_dir",
+        type=Path,
+        default=None,
+        help="cohort folder (default: <project root>/<split>); also where the maps read tile images",
+    )
+    parser.add_argument(
+        "--split", choices=SPLITS, default="test", help="layout of --data_dir (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--labels_csv",
+        type=Path,
+        default=None,
+        help="CSV slide_id,label[,patient_id] of bags in --features_dir, instead of --data_dir",
+    )
+    parser.add_argument(
+        "--features_dir",
+        type=Path,
+        default=None,
+        help="folder of feature caches, or one cache (default: the one the checkpoint was trained on)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--num_workers", type=int, default=4, help="bag-loading workers (default: %(default)s)"
+    )
 
 
 def parse_attention(values: Sequence[str]) -> str | tuple[str, ...]:

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
-
-from feature_extraction.errors import PipelineError, cli_main
 
 from clam.crossval import evaluate_folds
 from clam.eval_config import (
@@ -35,24 +33,42 @@ from clam.eval_config import (
 from clam.evaluation import evaluate
 from clam.metrics import DEFAULT_N_BOOTSTRAP
 from clam.run_files import is_crossval_run, newest_run
+from feature_extraction.errors import PipelineError, cli_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clam.evaluate",
         description="Evaluate a CLAM checkpoint on a cohort: predictions, metrics with bootstrap CIs, ROC and "
-                    "confusion-matrix figures, attention maps. See docs/evaluation.md.",
+        "confusion-matrix figures, attention maps. See docs/evaluation.md.",
     )
     add_input_arguments(parser)
-    parser.add_argument("--output_dir", type=Path, default=None,
-                        help="default: eval_<timestamp>/ inside the checkpoint's run folder")
-    parser.add_argument("--n_bootstrap", type=int, default=DEFAULT_N_BOOTSTRAP,
-                        help="bootstrap resamples for the confidence intervals (default: %(default)s)")
+    parser.add_argument(
+        "--output_dir",
+        type=Path,
+        default=None,
+        help="default: eval_<timestamp>/ inside the checkpoint's run folder",
+    )
+    parser.add_argument(
+        "--n_bootstrap",
+        type=int,
+        default=DEFAULT_N_BOOTSTRAP,
+        help="bootstrap resamples for the confidence intervals (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
-    parser.add_argument("--top_k", type=int, default=DEFAULT_TOP_K,
-                        help="tiles per row of the attention montages (default: %(default)s)")
-    parser.add_argument("--attention", nargs="+", default=["all"], metavar="SLIDE",
-                        help="attention maps for: all (default), none, or the slide ids given")
+    parser.add_argument(
+        "--top_k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help="tiles per row of the attention montages (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["all"],
+        metavar="SLIDE",
+        help="attention maps for: all (default), none, or the slide ids given",
+    )
     return parser
 
 
@@ -73,8 +89,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.n_bootstrap < 0 or args.top_k < 1:
         raise PipelineError("--n_bootstrap must be >= 0 and --top_k >= 1")
-    run(config_from_args(args, n_bootstrap=args.n_bootstrap, seed=args.seed,
-                         attention=parse_attention(args.attention), progress=sys.stderr.isatty()))
+    run(
+        config_from_args(
+            args,
+            n_bootstrap=args.n_bootstrap,
+            seed=args.seed,
+            attention=parse_attention(args.attention),
+            progress=sys.stderr.isatty(),
+        )
+    )
     return 0
 
 

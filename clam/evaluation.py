@@ -18,14 +18,11 @@ Every instance of every bag is used (no subsampling). A cross-validation run is 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
-
-from feature_extraction.bags import read_bag
-from feature_extraction.errors import PipelineError
-from feature_extraction.layout import SPLITS, default_data_dir
+from typing import Any
 
 from clam import heatmaps
 from clam.checkpoints import saved_baseline
@@ -56,6 +53,9 @@ from clam.run_files import (
     make_output_dir,
     write_json,
 )
+from feature_extraction.bags import read_bag
+from feature_extraction.errors import PipelineError
+from feature_extraction.layout import SPLITS, default_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,10 @@ def evaluate(config: EvaluateConfig) -> EvaluationResult:
     loaded = _load(config)
     if loaded.is_clam_state_dict:
         settings = loaded.checkpoint["model_config"]
-        log.info(f"{loaded.path} is a bare CLAM state dict; model from its tensor shapes: "
-                 + ", ".join(f"{k} {settings[k]}" for k in ("model_type", "model_size", "in_dim", "n_classes")))
+        log.info(
+            f"{loaded.path} is a bare CLAM state dict; model from its tensor shapes: "
+            + ", ".join(f"{k} {settings[k]}" for k in ("model_type", "model_size", "in_dim", "n_classes"))
+        )
     cohort = cohort_bags(config, loaded)
     leakage = check_leakage(loaded.path, cohort.records)
     if leakage["message"]:
@@ -93,8 +95,13 @@ def evaluate(config: EvaluateConfig) -> EvaluationResult:
     if config.metrics:
         metrics = _metrics(config, loaded, cohort, slides, patients, leakage)
         write_json(output_dir / METRICS_JSON, metrics)
-        plot_roc(output_dir / ROC_PNG, {"per slide": slides, "per patient": patients}, metrics,
-                 config.n_bootstrap, config.seed)
+        plot_roc(
+            output_dir / ROC_PNG,
+            {"per slide": slides, "per patient": patients},
+            metrics,
+            config.n_bootstrap,
+            config.seed,
+        )
         plot_confusion(output_dir / CONFUSION_PNG, metrics)
         log.info(summary_table(metrics))
     log.info(f"results: {output_dir}")
@@ -103,17 +110,21 @@ def evaluate(config: EvaluateConfig) -> EvaluationResult:
 
 def _load(config: EvaluateConfig) -> LoadedModel:
     if config.checkpoint is None:
-        raise PipelineError("no checkpoint to evaluate: pass one (python -m clam.evaluate picks the "
-                            "newest run).")
+        raise PipelineError(
+            "no checkpoint to evaluate: pass one (python -m clam.evaluate picks the newest run)."
+        )
     if Path(config.checkpoint).is_dir():
-        raise PipelineError(f"{config.checkpoint} is a folder, not a checkpoint file: name its {BEST_NAME} "
-                            "(the parent folder of a cross-validation run is evaluated by "
-                            "clam.crossval.evaluate_folds, as python -m clam.evaluate --checkpoint does).")
+        raise PipelineError(
+            f"{config.checkpoint} is a folder, not a checkpoint file: name its {BEST_NAME} "
+            "(the parent folder of a cross-validation run is evaluated by "
+            "clam.crossval.evaluate_folds, as python -m clam.evaluate --checkpoint does)."
+        )
     return load_model(config.checkpoint, config.device)
 
 
-def _predict(config: EvaluateConfig, loaded: LoadedModel, cohort: Cohort, selected: set[str],
-             attention_dir: Path) -> list[dict[str, Any]]:
+def _predict(
+    config: EvaluateConfig, loaded: LoadedModel, cohort: Cohort, selected: set[str], attention_dir: Path
+) -> list[dict[str, Any]]:
     """predictions.csv's rows; the attention maps of the ``selected`` slides on the way."""
     baseline = saved_baseline(loaded.checkpoint)
     data_dir = _image_dir(config)
@@ -135,8 +146,10 @@ def explain(config: EvaluateConfig) -> Path:
     records = [r for r in cohort.records if r.slide_id in selected]
     output_dir = _output_dir(config, loaded)
     data_dir = _image_dir(config)
-    rows = [_explain(p, loaded.class_names, output_dir, data_dir, config.top_k)
-            for p in predict(loaded, records, config.num_workers, config.progress)]
+    rows = [
+        _explain(p, loaded.class_names, output_dir, data_dir, config.top_k)
+        for p in predict(loaded, records, config.num_workers, config.progress)
+    ]
     heatmaps.write_index(output_dir, rows)
     return output_dir
 
@@ -149,13 +162,24 @@ def _image_dir(config: EvaluateConfig) -> Path | None:
     return Path(config.data_dir or default_data_dir(config.split))
 
 
-def _explain(prediction: SlidePrediction, names: Sequence[str], out_dir: Path, data_dir: Path | None,
-             top_k: int) -> dict[str, Any]:
+def _explain(
+    prediction: SlidePrediction, names: Sequence[str], out_dir: Path, data_dir: Path | None, top_k: int
+) -> dict[str, Any]:
     record = prediction.record
-    bag = read_bag(record.path)  # tile names, coordinates and attributes; the features were read by the loader
+    bag = read_bag(
+        record.path
+    )  # tile names, coordinates and attributes; the features were read by the loader
     slide = heatmaps.slide_attention(
-        record.slide_id, record.patient_id, record.label, prediction.probs, prediction.attention,
-        prediction.attention_raw, bag.tile_names, bag.coords, names, bag.typed_attrs,
+        record.slide_id,
+        record.patient_id,
+        record.label,
+        prediction.probs,
+        prediction.attention,
+        prediction.attention_raw,
+        bag.tile_names,
+        bag.coords,
+        names,
+        bag.typed_attrs,
     )
     return heatmaps.explain_slide(out_dir, slide, data_dir, top_k)
 
@@ -183,8 +207,14 @@ def _output_dir(config: EvaluateConfig, loaded: LoadedModel) -> Path:
     return make_output_dir(loaded.path.parent, config.output_prefix)
 
 
-def _metrics(config: EvaluateConfig, loaded: LoadedModel, cohort: Cohort, slides: list[dict],
-             patients: list[dict], leakage: dict[str, Any] | None = None) -> dict[str, Any]:
+def _metrics(
+    config: EvaluateConfig,
+    loaded: LoadedModel,
+    cohort: Cohort,
+    slides: list[dict],
+    patients: list[dict],
+    leakage: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     names = list(loaded.class_names)
     return {
         "checkpoint": str(loaded.path),
@@ -208,16 +238,21 @@ def _metrics(config: EvaluateConfig, loaded: LoadedModel, cohort: Cohort, slides
     }
 
 
-def _baseline_metrics(config: EvaluateConfig, loaded: LoadedModel, slides: list[dict],
-                      patients: list[dict]) -> dict[str, Any] | None:
+def _baseline_metrics(
+    config: EvaluateConfig, loaded: LoadedModel, slides: list[dict], patients: list[dict]
+) -> dict[str, Any] | None:
     """The baseline's metrics on the same slides and patients as CLAM's, with the same bootstrap."""
     saved = loaded.checkpoint.get("baseline") or {}
     names = list(loaded.class_names)
     if not slides or baseline_column(names[0]) not in slides[0]:
         return None
-    return {"method": saved.get("method"), "fitted_on": "the run's training bags (as the model)",
-            "instances": "every instance of each bag, pooled", "val_auc_at_training": saved.get("val_auc"),
-            **per_level_metrics(slides, patients, names, config.n_bootstrap, config.seed, baseline_column)}
+    return {
+        "method": saved.get("method"),
+        "fitted_on": "the run's training bags (as the model)",
+        "instances": "every instance of each bag, pooled",
+        "val_auc_at_training": saved.get("val_auc"),
+        **per_level_metrics(slides, patients, names, config.n_bootstrap, config.seed, baseline_column),
+    }
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
@@ -229,21 +264,30 @@ def summary_table(metrics: dict[str, Any]) -> str:
         auc_text = format_auc(m["auc"], brackets=True)
         keys = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
         numbers = [format_number(m[key]) for key in keys]
-        lines.append(f"{level[4:]:<9}{m['n']:>5}  {auc_text:<22}{numbers[0]:>9}{numbers[1]:>9}{numbers[2]:>7}"
-                     f"{numbers[3]:>7}{numbers[4]:>7}")
-    notes = sorted({reason for level in ("per_slide", "per_patient")
-                    for reason in metrics[level]["undefined"].values()})
+        lines.append(
+            f"{level[4:]:<9}{m['n']:>5}  {auc_text:<22}{numbers[0]:>9}{numbers[1]:>9}{numbers[2]:>7}"
+            f"{numbers[3]:>7}{numbers[4]:>7}"
+        )
+    notes = sorted(
+        {reason for level in ("per_slide", "per_patient") for reason in metrics[level]["undefined"].values()}
+    )
     baseline = metrics.get("baseline")
     if baseline:
-        aucs = [f"{level[4:]} {format_auc(baseline[level]['auc'], brackets=True)}"
-                for level in ("per_slide", "per_patient")]
+        aucs = [
+            f"{level[4:]} {format_auc(baseline[level]['auc'], brackets=True)}"
+            for level in ("per_slide", "per_patient")
+        ]
         lines.append(f"baseline, {baseline['method']}, same slides: AUC " + ", ".join(aucs))
     lines += [f"note: {note}" for note in notes]
     if metrics.get("left_out"):
-        lines.append(f"note: {len(metrics['left_out'])} slides without a bag were not evaluated "
-                     "(metrics.json: left_out)")
+        lines.append(
+            f"note: {len(metrics['left_out'])} slides without a bag were not evaluated "
+            "(metrics.json: left_out)"
+        )
     leakage = metrics.get("leakage") or {}
     if leakage.get("n_slides"):
-        lines.append(f"WARNING: {leakage['n_slides']} of these slides ({leakage['n_patients']} patients) were used to "
-                     "train or validate this model: the metrics are optimistic (metrics.json: leakage)")
+        lines.append(
+            f"WARNING: {leakage['n_slides']} of these slides ({leakage['n_patients']} patients) were used to "
+            "train or validate this model: the metrics are optimistic (metrics.json: leakage)"
+        )
     return "\n".join(lines)

@@ -9,16 +9,16 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from feature_extraction.atomic import atomic_output
-
 from clam.metrics import format_auc, roc_band
 from clam.run_files import probability_column
+from feature_extraction.atomic import atomic_output
 
 FIGURE_DPI = 110
 
 
-def plot_roc(path: Path, levels: dict[str, list[dict]], metrics: dict[str, Any], n_bootstrap: int,
-             seed: int) -> None:
+def plot_roc(
+    path: Path, levels: dict[str, list[dict]], metrics: dict[str, Any], n_bootstrap: int, seed: int
+) -> None:
     """One panel per level: the ROC of the positive class (or one-vs-rest per class) with its
     pointwise 95% bootstrap band; the AUC and its CI (from ``metrics``) are in the legend
     (for more than two classes, the macro AUC and its CI are in the panel's title)."""
@@ -38,14 +38,21 @@ def plot_roc(path: Path, levels: dict[str, list[dict]], metrics: dict[str, Any],
             if band is None:
                 continue
             colour = colours[colour_index % len(colours)]
-            label = f"AUC {format_auc(auc)}" if len(positives) == 1 else \
-                f"{class_names[positive]} vs rest: AUC {band.auc:.3f}"
-            ax.fill_between(band.grid, band.tpr_low, band.tpr_high, color=colour, alpha=band_alpha, linewidth=0)
+            label = (
+                f"AUC {format_auc(auc)}"
+                if len(positives) == 1
+                else f"{class_names[positive]} vs rest: AUC {band.auc:.3f}"
+            )
+            ax.fill_between(
+                band.grid, band.tpr_low, band.tpr_high, color=colour, alpha=band_alpha, linewidth=0
+            )
             ax.step(band.fpr, band.tpr, where="post", color=colour, linewidth=2, label=label)
             drawn += 1
         ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
         if drawn == 0:
-            ax.text(0.5, 0.55, "ROC undefined:\nonly one class present", ha="center", va="center", fontsize=12)
+            ax.text(
+                0.5, 0.55, "ROC undefined:\nonly one class present", ha="center", va="center", fontsize=12
+            )
         else:
             shade = colours[0] if len(positives) == 1 else "0.5"
             ax.plot([], [], color=shade, alpha=0.3, linewidth=8, label="95% bootstrap band")
@@ -73,11 +80,16 @@ def plot_confusion(path: Path, metrics: dict[str, Any]) -> None:
     axes = np.atleast_1d(fig.subplots(1, len(levels)))
     for ax, (title, summary) in zip(axes, levels.items()):
         matrix = np.array(summary["confusion_matrix"]["matrix"])
-        ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=ax, cmap="Blues", colorbar=False,
-                                                                 values_format="d", text_kw={"fontsize": 14})
+        ConfusionMatrixDisplay(matrix, display_labels=names).plot(
+            ax=ax, cmap="Blues", colorbar=False, values_format="d", text_kw={"fontsize": 14}
+        )
         accuracy = summary["accuracy"]
-        ax.set_title(f"{title} (n={summary['n']}, accuracy {accuracy:.3f})" if accuracy is not None
-                     else f"{title} (n={summary['n']})", fontsize=10)
+        ax.set_title(
+            f"{title} (n={summary['n']}, accuracy {accuracy:.3f})"
+            if accuracy is not None
+            else f"{title} (n={summary['n']})",
+            fontsize=10,
+        )
         if len(names) > 2 or max(len(n) for n in names) > 12:
             ax.tick_params(axis="x", labelrotation=20)
     fig.suptitle("Confusion matrices (rows: true class, columns: predicted class)", fontsize=11)

@@ -21,9 +21,10 @@ import csv
 import io
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.cm import ScalarMappable
@@ -32,11 +33,10 @@ from matplotlib.patches import Patch, Rectangle
 from PIL import Image
 from scipy.stats import rankdata
 
-from feature_extraction.atomic import atomic_output, atomic_write_text
-from feature_extraction.bags import COORD_SENTINEL, BagAttrs
-
 from clam.run_files import ATTENTION_COLUMNS, ATTENTION_INDEX, INDEX_COLUMNS, attention_files
 from clam.tile_images import HEATMAP_MAX_PIXELS, is_whole_slide, read_tile_image, slide_thumbnail
+from feature_extraction.atomic import atomic_output, atomic_write_text
+from feature_extraction.bags import COORD_SENTINEL, BagAttrs
 
 DEFAULT_TOP_K = 8  # tiles per row of the montage, outlined tiles of the heatmap
 MONTAGE_TILE_PIXELS = 224
@@ -127,8 +127,16 @@ def write_attention_csv(path: str | Path, slide: SlideAttention) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(ATTENTION_COLUMNS)
     for i, name in enumerate(slide.tile_names):
-        writer.writerow([name, int(slide.coords[i, 0]), int(slide.coords[i, 1]),
-                         f"{slide.attention[i]:.8g}", f"{slide.attention_raw[i]:.8g}", int(ranks[i])])
+        writer.writerow(
+            [
+                name,
+                int(slide.coords[i, 0]),
+                int(slide.coords[i, 1]),
+                f"{slide.attention[i]:.8g}",
+                f"{slide.attention_raw[i]:.8g}",
+                int(ranks[i]),
+            ]
+        )
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -162,19 +170,24 @@ def plot_topk(
             image = read_tile_image(data_dir, slide.bag_attrs, slide.tile_names[i], slide.coords[i])
             if image is None:
                 ax.set_facecolor("0.85")
-                ax.text(0.5, 0.5, "image\nnot found", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                ax.text(
+                    0.5, 0.5, "image\nnot found", ha="center", va="center", fontsize=8, transform=ax.transAxes
+                )
             else:
                 image.thumbnail((MONTAGE_TILE_PIXELS, MONTAGE_TILE_PIXELS))  # about its size in the figure
                 ax.imshow(image)
-            ax.set_title(f"#{ranks[i]}  a={slide.attention[i]:.3g}\n{slide.attention[i] * n:.2f}x uniform",
-                         fontsize=8)
+            ax.set_title(
+                f"#{ranks[i]}  a={slide.attention[i]:.3g}\n{slide.attention[i] * n:.2f}x uniform", fontsize=8
+            )
             ax.set_xlabel(_short(slide.tile_names[i], 24), fontsize=6.5)
             for spine in ax.spines.values():
                 spine.set_edgecolor("tab:red" if row == 0 else "tab:blue")
                 spine.set_linewidth(2.5)
         axes[row, 0].set_ylabel(caption, fontsize=9)
-    fig.suptitle(f"{slide.title()}\n{n} tiles{_branch_text(slide)}; a = attention weight (sums to 1 over the slide)",
-                 fontsize=10)
+    fig.suptitle(
+        f"{slide.title()}\n{n} tiles{_branch_text(slide)}; a = attention weight (sums to 1 over the slide)",
+        fontsize=10,
+    )
     _save(fig, path)
 
 
@@ -200,8 +213,9 @@ class HeatmapLayout:
         return left, top
 
 
-def heatmap_layout(slide: SlideAttention, data_dir: Path | None,
-                   notes: list[str] | None = None) -> HeatmapLayout | str:
+def heatmap_layout(
+    slide: SlideAttention, data_dir: Path | None, notes: list[str] | None = None
+) -> HeatmapLayout | str:
     """The canvas of ``plot_heatmap``, or why there is none (no tile carries coordinates).
 
     A bag cut from a whole-slide image is laid over the slide's thumbnail at its level-0 positions
@@ -214,8 +228,11 @@ def heatmap_layout(slide: SlideAttention, data_dir: Path | None,
     indices = np.flatnonzero(known)
     found = slide_thumbnail(data_dir, slide.bag_attrs) if is_whole_slide(slide.bag_attrs) else None
     if isinstance(found, str):
-        log.warning("heatmap of %s: %s; drawn without the slide thumbnail, as for tile folders.",
-                    slide.slide_id, found)
+        log.warning(
+            "heatmap of %s: %s; drawn without the slide thumbnail, as for tile folders.",
+            slide.slide_id,
+            found,
+        )
         if notes is not None:
             notes.append(f"heatmap drawn without the slide thumbnail: {found}")
         found = None
@@ -225,8 +242,10 @@ def heatmap_layout(slide: SlideAttention, data_dir: Path | None,
         extent = _tile_extent(slide, indices, {})
         origin = np.zeros(2, dtype=np.int64)
     else:
-        images = {int(i): read_tile_image(data_dir, slide.bag_attrs, slide.tile_names[i], slide.coords[i])
-                  for i in indices}
+        images = {
+            int(i): read_tile_image(data_dir, slide.bag_attrs, slide.tile_names[i], slide.coords[i])
+            for i in indices
+        }
         extent = _tile_extent(slide, indices, images)
         xy = slide.coords[indices]
         origin = xy.min(axis=0)
@@ -234,9 +253,16 @@ def heatmap_layout(slide: SlideAttention, data_dir: Path | None,
         scale = min(1.0, HEATMAP_MAX_PIXELS / max(width, height))
         canvas = (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
         tissue = Image.new("RGB", canvas, (255, 255, 255))
-    layout = HeatmapLayout(tissue, np.full((tissue.size[1], tissue.size[0]), np.nan), origin, scale,
-                           max(1, math.ceil(extent * scale)), known, found is not None,
-                           found is not None or any(image is not None for image in images.values()))
+    layout = HeatmapLayout(
+        tissue,
+        np.full((tissue.size[1], tissue.size[0]), np.nan),
+        origin,
+        scale,
+        max(1, math.ceil(extent * scale)),
+        known,
+        found is not None,
+        found is not None or any(image is not None for image in images.values()),
+    )
     percentile = _percentiles(slide.attention)
     for i in indices:
         left, top = layout.cell(slide.coords[i])
@@ -248,7 +274,10 @@ def heatmap_layout(slide: SlideAttention, data_dir: Path | None,
 
 
 def plot_heatmap(
-    path: str | Path, slide: SlideAttention, data_dir: Path | None, top_k: int = DEFAULT_TOP_K,
+    path: str | Path,
+    slide: SlideAttention,
+    data_dir: Path | None,
+    top_k: int = DEFAULT_TOP_K,
     notes: list[str] | None = None,
 ) -> str | None:
     """The slide (left) and the attention laid over it (right), on the canvas of ``heatmap_layout``.
@@ -263,8 +292,11 @@ def plot_heatmap(
     canvas_w, canvas_h = layout.tissue.size
     # Each panel keeps the slide's aspect ratio within a page-sized box.
     aspect = canvas_w / canvas_h
-    panel_w, panel_h = (6.0, float(np.clip(6.0 / aspect, 1.6, 6.0))) if aspect >= 1 else \
-        (float(np.clip(6.0 * aspect, 2.4, 6.0)), 6.0)
+    panel_w, panel_h = (
+        (6.0, float(np.clip(6.0 / aspect, 1.6, 6.0)))
+        if aspect >= 1
+        else (float(np.clip(6.0 * aspect, 2.4, 6.0)), 6.0)
+    )
     n_panels = 2 if layout.have_images else 1
     fig = Figure(figsize=(n_panels * panel_w + 1.6, panel_h + 1.7), dpi=FIGURE_DPI, layout="constrained")
     axes = list(np.atleast_1d(fig.subplots(1, n_panels)))
@@ -273,8 +305,14 @@ def plot_heatmap(
         axes[0].imshow(layout.tissue)
         axes[0].set_title("slide (thumbnail)" if layout.thumbnail else "tiles", fontsize=10)
     ax_map.imshow(layout.tissue)
-    mapped = ax_map.imshow(layout.scores, cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0,
-                           alpha=HEATMAP_ALPHA if layout.have_images else 1.0, interpolation="nearest")
+    mapped = ax_map.imshow(
+        layout.scores,
+        cmap=HEATMAP_CMAP,
+        vmin=0.0,
+        vmax=1.0,
+        alpha=HEATMAP_ALPHA if layout.have_images else 1.0,
+        interpolation="nearest",
+    )
     ax_map.set_title("attention" if layout.have_images else "attention (tile images not found)", fontsize=10)
     k = _outline_extremes(ax_map, slide, layout, top_k)
     for ax in axes:
@@ -284,14 +322,24 @@ def plot_heatmap(
     colorbar = fig.colorbar(ScalarMappable(norm=mapped.norm, cmap=mapped.cmap), ax=ax_map, shrink=0.85)
     colorbar.set_label("attention percentile within the slide", fontsize=9)
     colorbar.set_ticks([0, 0.25, 0.5, 0.75, 1.0], labels=["0 (lowest)", "0.25", "0.5", "0.75", "1 (highest)"])
-    handles = [Patch(facecolor="none", edgecolor="black", linestyle="-", label=f"top {k} tiles"),
-               Patch(facecolor="none", edgecolor="black", linestyle=":", label=f"bottom {k} tiles")]
+    handles = [
+        Patch(facecolor="none", edgecolor="black", linestyle="-", label=f"top {k} tiles"),
+        Patch(facecolor="none", edgecolor="black", linestyle=":", label=f"bottom {k} tiles"),
+    ]
     if (~layout.known).any():
-        handles.append(Patch(facecolor="white", edgecolor="0.5",
-                             label=f"{int((~layout.known).sum())} tiles without coordinates (not shown)"))
+        handles.append(
+            Patch(
+                facecolor="white",
+                edgecolor="0.5",
+                label=f"{int((~layout.known).sum())} tiles without coordinates (not shown)",
+            )
+        )
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False)
-    fig.suptitle(f"{slide.title()}\n{int(layout.known.sum())} of {len(slide.attention)} tiles placed"
-                 f"{_branch_text(slide)}", fontsize=10)
+    fig.suptitle(
+        f"{slide.title()}\n{int(layout.known.sum())} of {len(slide.attention)} tiles placed"
+        f"{_branch_text(slide)}",
+        fontsize=10,
+    )
     _save(fig, path)
     return None
 
@@ -305,8 +353,17 @@ def _outline_extremes(ax, slide: SlideAttention, layout: HeatmapLayout, top_k: i
         for i in chosen:
             if layout.known[i]:
                 left, top = ((slide.coords[i] - layout.origin) * layout.scale).tolist()
-                ax.add_patch(Rectangle((left, top), layout.side, layout.side, fill=False, edgecolor="black",
-                                       linestyle=style, linewidth=1.6))
+                ax.add_patch(
+                    Rectangle(
+                        (left, top),
+                        layout.side,
+                        layout.side,
+                        fill=False,
+                        edgecolor="black",
+                        linestyle=style,
+                        linewidth=1.6,
+                    )
+                )
     return k
 
 
@@ -371,7 +428,7 @@ def _tile_extent(slide: SlideAttention, indices: np.ndarray, images: dict[int, I
 
 
 def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3):]
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
 
 
 def _save(fig: Figure, path: str | Path) -> None:

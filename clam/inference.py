@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-
-from feature_extraction.atomic import atomic_write_text
-from feature_extraction.runtime import resolve_device
 
 from clam.baselines import PooledBaseline
 from clam.checkpoints import CLAM_STATE_DICT, model_from_checkpoint
@@ -26,6 +24,8 @@ from clam.data import BagDataset, BagRecord
 from clam.loading import plan_loading
 from clam.metrics import default_class_names, summarize
 from clam.run_files import SLIDE_ID_COLUMNS, baseline_column, probability_column
+from feature_extraction.atomic import atomic_write_text
+from feature_extraction.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ class SlidePrediction:
     probs: np.ndarray  # (C,)
     attention: np.ndarray  # (K, N), K = 1 (CLAM-SB) or C (CLAM-MB)
     attention_raw: np.ndarray  # (K, N)
-    pooled: dict[str, np.ndarray] = field(default_factory=dict)  # "mean" / "max" of the bag's raw features, (D,)
+    pooled: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # "mean" / "max" of the bag's raw features, (D,)
 
 
 def load_model(checkpoint_path: str | Path, device: str | torch.device = "auto") -> LoadedModel:
@@ -90,19 +92,28 @@ def predict(
     total_bytes = sum(r.n_instances for r in records) * loaded.feature_dim * 4
     plan = plan_loading(total_bytes, "no", num_workers, loaded.device)
     dataset = BagDataset(records, sample_tiles=0, seed=0, train=False, in_memory=False, progress=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=plan.num_workers,
-                                         pin_memory=loaded.device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=plan.num_workers,
+        pin_memory=loaded.device.type == "cuda",
+    )
     loaded.model.eval()
     with torch.inference_mode():
-        for features, _, index in tqdm(loader, total=len(dataset), desc="evaluating", unit="slide",
-                                       disable=not progress, leave=False):
+        for features, _, index in tqdm(
+            loader, total=len(dataset), desc="evaluating", unit="slide", disable=not progress, leave=False
+        ):
             output = loaded.model(features.to(loaded.device)[None])
             yield SlidePrediction(
                 record=records[int(index)],
                 probs=output.probs[0].float().cpu().numpy(),
                 attention=output.attention[0].float().cpu().numpy(),
                 attention_raw=output.attention_raw[0].float().cpu().numpy(),
-                pooled={"mean": features.double().mean(dim=0).numpy(), "max": features.double().amax(dim=0).numpy()},
+                pooled={
+                    "mean": features.double().mean(dim=0).numpy(),
+                    "max": features.double().amax(dim=0).numpy(),
+                },
             )
 
 
@@ -114,8 +125,9 @@ def probability_values(class_names: Sequence[str], probs: Sequence[float]) -> di
     return {probability_column(n): float(p) for n, p in zip(class_names, probs)}
 
 
-def baseline_values(class_names: Sequence[str], baseline: PooledBaseline | None,
-                    prediction: SlidePrediction) -> dict[str, float | None]:
+def baseline_values(
+    class_names: Sequence[str], baseline: PooledBaseline | None, prediction: SlidePrediction
+) -> dict[str, float | None]:
     """The ``baseline_prob_<class>`` columns of one slide: the baseline's probabilities on every
     instance of the bag, as the model's (None without a baseline)."""
     if baseline is None:
@@ -124,8 +136,9 @@ def baseline_values(class_names: Sequence[str], baseline: PooledBaseline | None,
     return {baseline_column(n): float(p) for n, p in zip(class_names, probs)}
 
 
-def slide_row(prediction: SlidePrediction, class_names: Sequence[str],
-              baseline: PooledBaseline | None) -> dict[str, Any]:
+def slide_row(
+    prediction: SlidePrediction, class_names: Sequence[str], baseline: PooledBaseline | None
+) -> dict[str, Any]:
     """One row of predictions.csv (the baseline's columns only when there is a baseline)."""
     record = prediction.record
     predicted = int(np.argmax(prediction.probs))
@@ -149,7 +162,9 @@ def aggregate_patients(slides: Sequence[dict[str, Any]], class_names: Sequence[s
     ``slides`` are rows of predictions.csv (as dicts); patients are listed in first-seen order."""
     columns = [probability_column(name) for name in class_names]
     # The baseline's probabilities, where the rows carry them: averaged the same way (None when missing).
-    baseline_columns = [baseline_column(name) for name in class_names if slides and baseline_column(name) in slides[0]]
+    baseline_columns = [
+        baseline_column(name) for name in class_names if slides and baseline_column(name) in slides[0]
+    ]
     patients: dict[str, list[dict[str, Any]]] = {}
     for row in slides:
         patients.setdefault(str(row["patient_id"]), []).append(row)
@@ -157,23 +172,30 @@ def aggregate_patients(slides: Sequence[dict[str, Any]], class_names: Sequence[s
     for patient_id, rows in patients.items():
         probs = np.mean([[float(r[c]) for c in columns] for r in rows], axis=0)
         predicted = int(np.argmax(probs))
-        out.append({
-            "patient_id": patient_id,
-            "n_slides": len(rows),
-            "slide_ids": ";".join(str(r["slide_id"]) for r in rows),
-            "label": int(rows[0]["label"]),
-            "label_name": class_names[int(rows[0]["label"])],
-            **{c: float(p) for c, p in zip(columns, probs)},
-            "predicted": predicted,
-            "predicted_name": class_names[predicted],
-            **{c: None if any(r[c] in (None, "") for r in rows) else float(np.mean([float(r[c]) for r in rows]))
-               for c in baseline_columns},
-        })
+        out.append(
+            {
+                "patient_id": patient_id,
+                "n_slides": len(rows),
+                "slide_ids": ";".join(str(r["slide_id"]) for r in rows),
+                "label": int(rows[0]["label"]),
+                "label_name": class_names[int(rows[0]["label"])],
+                **{c: float(p) for c, p in zip(columns, probs)},
+                "predicted": predicted,
+                "predicted_name": class_names[predicted],
+                **{
+                    c: None
+                    if any(r[c] in (None, "") for r in rows)
+                    else float(np.mean([float(r[c]) for r in rows]))
+                    for c in baseline_columns
+                },
+            }
+        )
     return out
 
 
-def ensemble_rows(models_slides: Sequence[Sequence[dict[str, Any]]],
-                  class_names: Sequence[str]) -> list[dict[str, Any]]:
+def ensemble_rows(
+    models_slides: Sequence[Sequence[dict[str, Any]]], class_names: Sequence[str]
+) -> list[dict[str, Any]]:
     """predictions.csv rows of the ensemble of several models (each a list of rows of the same
     slides in the same order): the mean of their probabilities, argmax prediction."""
     columns = [probability_column(n) for n in class_names]
@@ -181,28 +203,48 @@ def ensemble_rows(models_slides: Sequence[Sequence[dict[str, Any]]],
     for i, row in enumerate(models_slides[0]):
         probs = np.mean([[float(slides[i][c]) for c in columns] for slides in models_slides], axis=0)
         predicted = int(np.argmax(probs))
-        rows.append({**{k: row[k] for k in SLIDE_ID_COLUMNS}, **{c: float(p) for c, p in zip(columns, probs)},
-                     "predicted": predicted, "predicted_name": class_names[predicted]})
+        rows.append(
+            {
+                **{k: row[k] for k in SLIDE_ID_COLUMNS},
+                **{c: float(p) for c, p in zip(columns, probs)},
+                "predicted": predicted,
+                "predicted_name": class_names[predicted],
+            }
+        )
     return rows
 
 
-def level_metrics(rows: Sequence[dict[str, Any]], class_names: Sequence[str], n_bootstrap: int, seed: int,
-                  column=probability_column) -> dict[str, Any]:
+def level_metrics(
+    rows: Sequence[dict[str, Any]],
+    class_names: Sequence[str],
+    n_bootstrap: int,
+    seed: int,
+    column=probability_column,
+) -> dict[str, Any]:
     """``clam.metrics.summarize`` of prediction rows (predictions.csv or predictions_patient.csv as
     dicts): their labels and the probabilities in ``column(class name)`` columns."""
     names = list(class_names)
     y_true = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-    probs = np.array([[float(r[column(n)]) for n in names] for r in rows], dtype=np.float64).reshape(-1, len(names))
+    probs = np.array([[float(r[column(n)]) for n in names] for r in rows], dtype=np.float64).reshape(
+        -1, len(names)
+    )
     return summarize(y_true, probs, len(names), n_bootstrap, seed, names)
 
 
-def per_level_metrics(slides: Sequence[dict[str, Any]], patients: Sequence[dict[str, Any]],
-                      class_names: Sequence[str], n_bootstrap: int, seed: int,
-                      column=probability_column) -> dict[str, dict[str, Any]]:
+def per_level_metrics(
+    slides: Sequence[dict[str, Any]],
+    patients: Sequence[dict[str, Any]],
+    class_names: Sequence[str],
+    n_bootstrap: int,
+    seed: int,
+    column=probability_column,
+) -> dict[str, dict[str, Any]]:
     """``level_metrics`` per slide and per patient, with the same bootstrap: metrics.json's
     ``per_slide`` and ``per_patient``."""
-    return {"per_slide": level_metrics(slides, class_names, n_bootstrap, seed, column),
-            "per_patient": level_metrics(patients, class_names, n_bootstrap, seed, column)}
+    return {
+        "per_slide": level_metrics(slides, class_names, n_bootstrap, seed, column),
+        "per_patient": level_metrics(patients, class_names, n_bootstrap, seed, column),
+    }
 
 
 def write_table(path: Path, rows: Sequence[dict[str, Any]]) -> None:

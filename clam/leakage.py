@@ -7,8 +7,9 @@ leakage; without a split file the check is skipped, with a note.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from clam.data import BagRecord
 from clam.run_files import SPLIT_FILE, SPLITS_FILE, fold_name, fold_number
@@ -43,10 +44,22 @@ def run_split_sets(checkpoint_path: Path) -> tuple[Path | None, list[dict[str, s
                     row["set"] = row.get(fold_name(fold)) or ("val" if int(row["fold"]) == fold else "train")
         except (OSError, ValueError, csv.Error, UnicodeDecodeError) as error:
             return path, None, f"the split file {path} cannot be read ({error})"
-        return path, [{"slide_id": r["slide_id"], "patient_id": r.get("patient_id") or "", "set": r["set"]}
-                      for r in rows], None
-    return None, None, (f"there is no {SPLIT_FILE} next to {checkpoint_path} (a checkpoint copied out of its run "
-                        "folder, or weights trained elsewhere), so which slides it was trained on is unknown")
+        return (
+            path,
+            [
+                {"slide_id": r["slide_id"], "patient_id": r.get("patient_id") or "", "set": r["set"]}
+                for r in rows
+            ],
+            None,
+        )
+    return (
+        None,
+        None,
+        (
+            f"there is no {SPLIT_FILE} next to {checkpoint_path} (a checkpoint copied out of its run "
+            "folder, or weights trained elsewhere), so which slides it was trained on is unknown"
+        ),
+    )
 
 
 def _csv_rows(path: Path, needed: Sequence[str]) -> list[dict[str, str]]:
@@ -69,13 +82,23 @@ def check_leakage(checkpoint_path: Path, records: Sequence[BagRecord]) -> dict[s
     and ``message`` (a ``WARNING:`` line, a note when not checked, None when clean)."""
     split_file, rows, reason = run_split_sets(Path(checkpoint_path))
     n_eval_patients = len({r.patient_id for r in records})
-    result: dict[str, Any] = {"checked": rows is not None, "split_file": str(split_file) if split_file else None,
-                              "leakage_sets": list(LEAKAGE_SETS), "n_evaluated_slides": len(records),
-                              "n_evaluated_patients": n_eval_patients, "n_slides": None, "n_patients": None,
-                              "by_set": {}, "reason": reason, "message": None}
+    result: dict[str, Any] = {
+        "checked": rows is not None,
+        "split_file": str(split_file) if split_file else None,
+        "leakage_sets": list(LEAKAGE_SETS),
+        "n_evaluated_slides": len(records),
+        "n_evaluated_patients": n_eval_patients,
+        "n_slides": None,
+        "n_patients": None,
+        "by_set": {},
+        "reason": reason,
+        "message": None,
+    }
     if rows is None:
-        result["message"] = (f"note: not checked for leakage: {reason}. Make sure the evaluated slides were not "
-                             "used to train or validate it.")
+        result["message"] = (
+            f"note: not checked for leakage: {reason}. Make sure the evaluated slides were not "
+            "used to train or validate it."
+        )
         return result
     slides_by_set: dict[str, set[str]] = {}
     patients_by_set: dict[str, set[str]] = {}
@@ -86,8 +109,11 @@ def check_leakage(checkpoint_path: Path, records: Sequence[BagRecord]) -> dict[s
     leaked: dict[str, BagRecord] = {}
     for name in sorted(set(slides_by_set) | set(LEAKAGE_SETS), key=lambda n: (n not in LEAKAGE_SETS, n)):
         same_id = [r for r in records if r.slide_id in slides_by_set.get(name, ())]
-        hit = [r for r in records if r.slide_id in slides_by_set.get(name, ()) or
-               r.patient_id in patients_by_set.get(name, ())]
+        hit = [
+            r
+            for r in records
+            if r.slide_id in slides_by_set.get(name, ()) or r.patient_id in patients_by_set.get(name, ())
+        ]
         if name not in LEAKAGE_SETS and not hit:
             continue
         patients = sorted({r.patient_id for r in hit})
@@ -114,10 +140,18 @@ def _leakage_message(leakage: dict[str, Any]) -> str:
         found = leakage["by_set"][name]
         if found["n_slides"]:
             by_patient = found["n_slides"] - found["n_slides_same_id"]
-            extra = f", {by_patient} of them only by patient id (another slide of that patient)" if by_patient else ""
+            extra = (
+                f", {by_patient} of them only by patient id (another slide of that patient)"
+                if by_patient
+                else ""
+            )
             parts.append(f"{found['n_slides']} slides / {found['n_patients']} patients in its {title}{extra}")
-    examples = sorted({s for name in LEAKAGE_SETS for s in leakage["by_set"][name]["slide_ids"]})[:N_LEAKAGE_EXAMPLES]
-    return (f"WARNING: leakage: {leakage['n_slides']} of the {leakage['n_evaluated_slides']} evaluated slides "
-            f"({leakage['n_patients']} of {leakage['n_evaluated_patients']} patients) were used by this model's run "
-            f"({leakage['split_file']}): {'; '.join(parts)}; e.g. {', '.join(examples)}. These metrics are optimistic, "
-            "not a held-out estimate: evaluate on slides the run never saw (e.g. the external test cohort).")
+    examples = sorted({s for name in LEAKAGE_SETS for s in leakage["by_set"][name]["slide_ids"]})[
+        :N_LEAKAGE_EXAMPLES
+    ]
+    return (
+        f"WARNING: leakage: {leakage['n_slides']} of the {leakage['n_evaluated_slides']} evaluated slides "
+        f"({leakage['n_patients']} of {leakage['n_evaluated_patients']} patients) were used by this model's run "
+        f"({leakage['split_file']}): {'; '.join(parts)}; e.g. {', '.join(examples)}. These metrics are optimistic, "
+        "not a held-out estimate: evaluate on slides the run never saw (e.g. the external test cohort)."
+    )

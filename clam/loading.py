@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -42,8 +43,9 @@ def inverse_frequency_weights(counts: Sequence[int]) -> list[float]:
     return [total / (len(present) * c) if c > 0 else 0.0 for c in counts]
 
 
-def epoch_order(records: Sequence[Labelled], n_classes: int, seed: int, epoch: int,
-                balanced: bool) -> list[int]:
+def epoch_order(
+    records: Sequence[Labelled], n_classes: int, seed: int, epoch: int, balanced: bool
+) -> list[int]:
     """The bags of training epoch ``epoch``, in a seeded order: a permutation, or with ``balanced``
     a draw with replacement in which every class is equally likely (CLAM's ``--weighted_sample``).
 
@@ -74,8 +76,9 @@ def available_memory_bytes() -> int:
         return 4 << 30
 
 
-def plan_loading(total_bytes: int, in_memory: str, requested_workers: int,
-                 device: torch.device) -> LoaderPlan:
+def plan_loading(
+    total_bytes: int, in_memory: str, requested_workers: int, device: torch.device
+) -> LoaderPlan:
     """Choose memory or streaming, loader workers and compute threads so that they never
     compete for the same cores (oversubscribed, a training loop ran 14 x slower here).
 
@@ -87,19 +90,28 @@ def plan_loading(total_bytes: int, in_memory: str, requested_workers: int,
     use_memory = in_memory == "yes" or (in_memory == "auto" and fits)
     size = f"{total_bytes / 2**20:.1f} MiB of features"
     if use_memory:
-        return LoaderPlan(True, 0, threads,
-                          f"{size} read into memory once; bags are sliced in the main process, so loader "
-                          "workers would only add inter-process copies "
-                          f"(--num_workers {requested_workers} not needed)")
+        return LoaderPlan(
+            True,
+            0,
+            threads,
+            f"{size} read into memory once; bags are sliced in the main process, so loader "
+            "workers would only add inter-process copies "
+            f"(--num_workers {requested_workers} not needed)",
+        )
     if requested_workers <= 0:
-        return LoaderPlan(False, 0, threads,
-                          f"{size} streamed from disk in the main process (--num_workers 0)")
+        return LoaderPlan(
+            False, 0, threads, f"{size} streamed from disk in the main process (--num_workers 0)"
+        )
     if device.type == "cpu":
         # Workers only read HDF5 rows; leave the other cores to the model's arithmetic.
         workers = min(requested_workers, max(1, cores // 2))
         threads = max(1, min(threads, cores - workers))
     else:
         workers = min(requested_workers, max(1, cores - 1))
-    return LoaderPlan(False, workers, threads,
-                      f"{size} streamed from disk by {workers} loader workers (of {requested_workers} asked, "
-                      f"{cores} cores) while the model uses {threads} threads")
+    return LoaderPlan(
+        False,
+        workers,
+        threads,
+        f"{size} streamed from disk by {workers} loader workers (of {requested_workers} asked, "
+        f"{cores} cores) while the model uses {threads} threads",
+    )

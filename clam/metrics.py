@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
-    auc as auc_from_curve,
     balanced_accuracy_score,
     confusion_matrix,
     f1_score,
@@ -30,6 +30,9 @@ from sklearn.metrics import (
     recall_score,
     roc_auc_score,
     roc_curve,
+)
+from sklearn.metrics import (
+    auc as auc_from_curve,
 )
 
 from feature_extraction.layout import CLASS_NAMES
@@ -113,7 +116,9 @@ def roc_auc(y_true: Sequence[int], probs: np.ndarray, n_classes: int) -> tuple[f
             f"classes {[names[c] for c in missing]} are absent, so the macro one-vs-rest AUC over "
             f"{n_classes} classes is undefined; see per_class for the classes present"
         )
-    return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(n_classes)))), None
+    return float(
+        roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(n_classes)))
+    ), None
 
 
 def auc_with_ci(
@@ -133,12 +138,17 @@ def auc_with_ci(
     per_class = _per_class_auc(y_true, probs, n_classes, names) if n_classes > 2 else {}
     low = high = None
     if auc is not None and n_bootstrap > 0:
-        aucs = np.array([_resample_auc(y_true[rows], probs[rows], n_classes)
-                         for rows in stratified_bootstrap_indices(y_true, n_bootstrap, seed)])
+        aucs = np.array(
+            [
+                _resample_auc(y_true[rows], probs[rows], n_classes)
+                for rows in stratified_bootstrap_indices(y_true, n_bootstrap, seed)
+            ]
+        )
         alpha = (1.0 - confidence) / 2.0
         low, high = (float(v) for v in np.quantile(aucs, [alpha, 1.0 - alpha]))
-    method = ("percentile bootstrap, class-stratified resamples"
-              + ("" if n_classes == 2 else "; AUC = macro average of one-vs-rest AUCs"))
+    method = "percentile bootstrap, class-stratified resamples" + (
+        "" if n_classes == 2 else "; AUC = macro average of one-vs-rest AUCs"
+    )
     return AucEstimate(auc, low, high, confidence, n_bootstrap, seed, method, per_class, reason)
 
 
@@ -209,16 +219,22 @@ def classification_metrics(
     if n_classes == 2:
         sensitivity, spec, f1_value = recall[1], recall[0], f1[1]
         if np.isnan(sensitivity):
-            undefined["sensitivity"] = f"no {names[1]} cases, so sensitivity (recall of {names[1]}) is undefined"
+            undefined["sensitivity"] = (
+                f"no {names[1]} cases, so sensitivity (recall of {names[1]}) is undefined"
+            )
         if np.isnan(spec):
-            undefined["specificity"] = f"no {names[0]} cases, so specificity (recall of {names[0]}) is undefined"
+            undefined["specificity"] = (
+                f"no {names[0]} cases, so specificity (recall of {names[0]}) is undefined"
+            )
         if np.isnan(f1_value):
             undefined["f1"] = f"no {names[1]} cases and none predicted, so F1 of {names[1]} is undefined"
     else:
         sensitivity, spec, f1_value = (_nanmean(v) for v in (recall, specificity, f1))
         absent = [names[c] for c in labels if np.isnan(recall[c])]
         if absent:
-            undefined["sensitivity"] = f"classes {absent} are absent; macro averages are over the other classes"
+            undefined["sensitivity"] = (
+                f"classes {absent} are absent; macro averages are over the other classes"
+            )
     return {
         "n": int(len(y_true)),
         "n_per_class": {names[c]: int((y_true == c).sum()) for c in labels},
@@ -271,7 +287,9 @@ def _resample_auc(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> floa
     return float(np.mean([auc_from_curve(*roc_curve(y_true == c, probs[:, c])[:2]) for c in columns]))
 
 
-def _per_class_auc(y_true: np.ndarray, probs: np.ndarray, n_classes: int, names: list[str]) -> dict[str, float | None]:
+def _per_class_auc(
+    y_true: np.ndarray, probs: np.ndarray, n_classes: int, names: list[str]
+) -> dict[str, float | None]:
     out = {}
     for c in range(n_classes):
         is_c = y_true == c

@@ -188,9 +188,13 @@ class CLAM_SB(nn.Module):
         instance_loss = hits = None
         if labels is not None and (self.training if instance_eval is None else instance_eval):
             instance_loss, hits = self._instance_loss(masked_raw, h, labels, mask)
-        return ClamOutput(logits, torch.softmax(logits, dim=-1), attention, attention_raw, instance_loss, hits)
+        return ClamOutput(
+            logits, torch.softmax(logits, dim=-1), attention, attention_raw, instance_loss, hits
+        )
 
-    def _instance_layers(self, features: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _instance_layers(
+        self, features: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-instance layers (fc and attention scores). When much of the batch is padding,
         they run on the real instances only, which are then put back in place."""
         if mask is None or mask.sum() > PACK_BELOW * mask.numel():
@@ -230,8 +234,9 @@ class CLAM_SB(nn.Module):
             rank_weight = (in_rank / k_bag.clamp(min=1)[:, None]).to(h.dtype)[:, None, :]  # (B, 1, k)
         in_class = F.one_hot(labels, n_classes).to(h.dtype)  # (B, C)
         # In the class: its top instances are positive, its bottom instances negative.
-        in_loss = ((self._per_instance_loss(top_logits, 1) + self._per_instance_loss(bottom_logits, 0))
-                   * rank_weight).sum(dim=-1) / 2
+        in_loss = (
+            (self._per_instance_loss(top_logits, 1) + self._per_instance_loss(bottom_logits, 0)) * rank_weight
+        ).sum(dim=-1) / 2
         per_bag = (in_loss * in_class).sum(dim=1)
         if self.config.subtyping:
             # Out of the class: another class's top instances must not look like that class.
@@ -239,8 +244,13 @@ class CLAM_SB(nn.Module):
             per_bag = (per_bag + (out_loss * (1 - in_class)).sum(dim=1)) / n_classes
         return per_bag.mean(), self._instance_hits(top_logits, bottom_logits, rank_weight, in_class)
 
-    def _instance_hits(self, top_logits: torch.Tensor, bottom_logits: torch.Tensor, rank_weight: torch.Tensor,
-                       in_class: torch.Tensor) -> torch.Tensor:
+    def _instance_hits(
+        self,
+        top_logits: torch.Tensor,
+        bottom_logits: torch.Tensor,
+        rank_weight: torch.Tensor,
+        in_class: torch.Tensor,
+    ) -> torch.Tensor:
         """(correct, all) predictions, as CLAM's inst_eval counts them: the bag's class's classifier
         on its top (target 1) and bottom (target 0) instances; with subtyping also the other
         classes' classifiers on their top instances (target 0)."""
@@ -276,11 +286,15 @@ class CLAM_MB(CLAM_SB):
         return (bag_repr * weight).sum(dim=-1) + bias
 
 
-def smooth_top1_svm(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0, tau: float = 1.0) -> torch.Tensor:
+def smooth_top1_svm(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0, tau: float = 1.0
+) -> torch.Tensor:
     """Smooth top-1 multiclass SVM loss (Berrada et al. 2018), per element, as CLAM's
     ``topk.SmoothTop1SVM(n_classes)``: tau * logsumexp((s + alpha * [j != y]) / tau) - s_y."""
     margin = alpha * (1.0 - F.one_hot(targets, logits.shape[-1]).to(logits.dtype))
-    return tau * torch.logsumexp((logits + margin) / tau, dim=-1) - logits.gather(-1, targets[..., None])[..., 0]
+    return (
+        tau * torch.logsumexp((logits + margin) / tau, dim=-1) - logits.gather(-1, targets[..., None])[..., 0]
+    )
 
 
 def _unpack(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -302,8 +316,17 @@ def build_model(
 ) -> CLAM_SB:
     """A CLAM-SB or CLAM-MB model; raises ValueError on an invalid configuration."""
     return model_from_config(
-        ModelConfig(model_type, in_dim, n_classes, model_size, dropout, k_sample, instance_loss, subtyping,
-                    feature_norm)
+        ModelConfig(
+            model_type,
+            in_dim,
+            n_classes,
+            model_size,
+            dropout,
+            k_sample,
+            instance_loss,
+            subtyping,
+            feature_norm,
+        )
     )
 
 

@@ -63,8 +63,19 @@ CONFUSION_PNG = "confusion_matrix.png"
 ATTENTION_DIR = "attention"
 ATTENTION_INDEX = "index.csv"
 ATTENTION_COLUMNS = ("tile_name", "x", "y", "attention", "attention_raw", "rank")
-INDEX_COLUMNS = ("slide_id", "patient_id", "label", "predicted", "probability", "branch", "n_tiles",
-                 "scores_csv", "topk_png", "heatmap_png", "note")
+INDEX_COLUMNS = (
+    "slide_id",
+    "patient_id",
+    "label",
+    "predicted",
+    "probability",
+    "branch",
+    "n_tiles",
+    "scores_csv",
+    "topk_png",
+    "heatmap_png",
+    "note",
+)
 # The leading columns of predictions.csv (then prob_<class>..., predicted, predicted_name, n_tiles,
 # baseline_prob_<class>...) and of predictions_patient.csv (then prob_<class>..., predicted, ...).
 SLIDE_ID_COLUMNS = ("slide_id", "patient_id", "class_folder", "label", "label_name")
@@ -82,7 +93,7 @@ def fold_name(fold: int) -> str:
 
 def fold_number(name: str) -> int | None:
     """k of ``fold_<k>``; None for any other name."""
-    rest = name[len(FOLD_PREFIX):] if name.startswith(FOLD_PREFIX) else ""
+    rest = name[len(FOLD_PREFIX) :] if name.startswith(FOLD_PREFIX) else ""
     return int(rest) if rest.isdigit() else None
 
 
@@ -96,8 +107,11 @@ def baseline_column(class_name: str) -> str:
 
 def attention_files(slide_id: str) -> dict[str, str]:
     """The files of one slide in ``attention/``, under the index.csv columns that name them."""
-    return {"scores_csv": f"{slide_id}.csv", "topk_png": f"{slide_id}_topk.png",
-            "heatmap_png": f"{slide_id}_heatmap.png"}
+    return {
+        "scores_csv": f"{slide_id}.csv",
+        "topk_png": f"{slide_id}_topk.png",
+        "heatmap_png": f"{slide_id}_heatmap.png",
+    }
 
 
 # ---------------------------------------------------------------- run folders
@@ -177,8 +191,10 @@ def newest_run(runs_dir: Path | None = None) -> ChosenRun:
     """The newest ``run_*`` folder (by name, i.e. start time) that can be evaluated, whatever its kind:
     a single run with a best_model.pt, or a cross-validation run with at least one fold's."""
     runs_dir = Path(runs_dir or default_runs_dir())
-    runs = sorted((p for p in runs_dir.glob(f"{RUN_PREFIX}*") if is_single_run(p) or is_crossval_run(p)),
-                  key=lambda p: p.name)
+    runs = sorted(
+        (p for p in runs_dir.glob(f"{RUN_PREFIX}*") if is_single_run(p) or is_crossval_run(p)),
+        key=lambda p: p.name,
+    )
     if not runs:
         raise PipelineError(
             f"no training run with a {BEST_NAME} under {runs_dir}. Train one with `python -m clam.train`, "

@@ -20,8 +20,6 @@ import numpy
 import sklearn
 import torch
 
-from feature_extraction.errors import write_failure
-
 from clam import __version__
 from clam.checkpoints import SavedProgress, build_checkpoint, save_checkpoint
 from clam.data import BagSet
@@ -29,6 +27,7 @@ from clam.loading import class_counts
 from clam.metrics import default_class_names, format_number
 from clam.run_files import BEST_NAME, CONFIG_NAME, SPLIT_FILE, checkpoint_name, write_json
 from clam.train_config import TrainConfig, config_args
+from feature_extraction.errors import write_failure
 
 
 @dataclass
@@ -46,14 +45,21 @@ class RunState:
     status: str = "running"
 
     @classmethod
-    def resumed(cls, saved: SavedProgress) -> "RunState":
+    def resumed(cls, saved: SavedProgress) -> RunState:
         """The state a checkpoint was saved in (``clam.checkpoints.saved_progress``)."""
-        return cls(epoch=saved.epoch, loss=saved.loss, best_epoch=saved.best_epoch, best_loss=saved.best_loss,
-                   epochs_since_best=saved.epochs_since_best, history=list(saved.history))
+        return cls(
+            epoch=saved.epoch,
+            loss=saved.loss,
+            best_epoch=saved.best_epoch,
+            best_loss=saved.best_loss,
+            epochs_since_best=saved.epochs_since_best,
+            history=list(saved.history),
+        )
 
     def progress(self) -> SavedProgress:
-        return SavedProgress(self.epoch, self.loss, self.best_epoch, self.best_loss, self.epochs_since_best,
-                             self.history)
+        return SavedProgress(
+            self.epoch, self.loss, self.best_epoch, self.best_loss, self.epochs_since_best, self.history
+        )
 
     def record(self, epoch: int, train: dict, val: dict | None, seconds: float, patience: int | None) -> None:
         # The monitored loss: validation loss, or the training loss when there is no validation set.
@@ -75,10 +81,14 @@ class RunState:
         parts = [f"epoch {row['epoch']}/{num_epochs}"]
         for side in ("train", "val"):
             if f"{side}_loss" in row:
-                numbers = [format_number(row.get(f"{side}_{key}"), "n/a")
-                           for key in ("auc", "balanced_accuracy", "inst_acc")]
-                parts.append(f"{side} loss {row[f'{side}_loss']:.4f} auc {numbers[0]} bacc {numbers[1]} "
-                             f"inst acc {numbers[2]}")
+                numbers = [
+                    format_number(row.get(f"{side}_{key}"), "n/a")
+                    for key in ("auc", "balanced_accuracy", "inst_acc")
+                ]
+                parts.append(
+                    f"{side} loss {row[f'{side}_loss']:.4f} auc {numbers[0]} bacc {numbers[1]} "
+                    f"inst acc {numbers[2]}"
+                )
         parts.append(f"{row['seconds']:.1f} s" + ("  * best" if row["best"] else ""))
         return " | ".join(parts)
 
@@ -90,8 +100,16 @@ def way_on(last_saved: Path | None) -> str:
     return f"continue with: python -m clam.train --resume {last_saved}"
 
 
-def save_epoch(run_dir: Path, model, optimizer, config: TrainConfig, state: RunState, run_info: dict,
-               baseline: dict | None = None, last_saved: Path | None = None) -> Path:
+def save_epoch(
+    run_dir: Path,
+    model,
+    optimizer,
+    config: TrainConfig,
+    state: RunState,
+    run_info: dict,
+    baseline: dict | None = None,
+    last_saved: Path | None = None,
+) -> Path:
     """best_model.pt when this epoch is the best, then config.json, then checkpoint_epoch_N.pt;
     returns the checkpoint's path. The checkpoint goes last: once it exists, everything of epoch N
     is saved (on the last epoch, config.json's final status too); a crash or a full disk before it
@@ -99,19 +117,34 @@ def save_epoch(run_dir: Path, model, optimizer, config: TrainConfig, state: RunS
     cannot be written raises WriteError naming it and the checkpoint to resume from
     (``last_saved``: the newest complete one)."""
     checkpoint = build_checkpoint(
-        model, optimizer, state.progress(), args=config_args(config), model_config=run_info["model"],
-        cache=run_info["cache"], class_names=run_info["data"]["class_names"], versions=run_info["versions"],
-        baseline=baseline or {}, feature_norm=run_info["feature_norm"],
+        model,
+        optimizer,
+        state.progress(),
+        args=config_args(config),
+        model_config=run_info["model"],
+        cache=run_info["cache"],
+        class_names=run_info["data"]["class_names"],
+        versions=run_info["versions"],
+        baseline=baseline or {},
+        feature_norm=run_info["feature_norm"],
     )
     path = run_dir / checkpoint_name(state.epoch)
-    writes = [(run_dir / BEST_NAME, lambda: save_checkpoint(run_dir / BEST_NAME, checkpoint))] if state.is_best else []
-    writes += [(run_dir / CONFIG_NAME, lambda: write_config(run_dir, config, state, run_info)),
-               (path, lambda: save_checkpoint(path, checkpoint))]
+    writes = (
+        [(run_dir / BEST_NAME, lambda: save_checkpoint(run_dir / BEST_NAME, checkpoint))]
+        if state.is_best
+        else []
+    )
+    writes += [
+        (run_dir / CONFIG_NAME, lambda: write_config(run_dir, config, state, run_info)),
+        (path, lambda: save_checkpoint(path, checkpoint)),
+    ]
     for target, write in writes:
         try:
             write()
         except OSError as error:
-            kept = [name for name in (checkpoint_name(state.epoch - 1), BEST_NAME) if (run_dir / name).is_file()]
+            kept = [
+                name for name in (checkpoint_name(state.epoch - 1), BEST_NAME) if (run_dir / name).is_file()
+            ]
             intact = f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} intact. " if kept else ""
             then = way_on(last_saved)
             raise write_failure(target, error, f"{intact}{then[0].upper()}{then[1:]}") from error
@@ -119,17 +152,20 @@ def save_epoch(run_dir: Path, model, optimizer, config: TrainConfig, state: RunS
 
 
 def write_config(run_dir: Path, config: TrainConfig, state: RunState, run_info: dict) -> None:
-    write_json(run_dir / CONFIG_NAME, {
-        "epoch": state.epoch,
-        "loss": state.loss,
-        "args": config_args(config),
-        "best_epoch": state.best_epoch,
-        "best_loss": state.best_loss if state.best_epoch is not None else None,
-        "status": state.status,
-        "metrics": state.history,
-        **run_info,
-        "updated": datetime.now().isoformat(timespec="seconds"),
-    })
+    write_json(
+        run_dir / CONFIG_NAME,
+        {
+            "epoch": state.epoch,
+            "loss": state.loss,
+            "args": config_args(config),
+            "best_epoch": state.best_epoch,
+            "best_loss": state.best_loss if state.best_epoch is not None else None,
+            "status": state.status,
+            "metrics": state.history,
+            **run_info,
+            "updated": datetime.now().isoformat(timespec="seconds"),
+        },
+    )
 
 
 _IMBALANCE = {
@@ -146,8 +182,12 @@ def run_info(config, bags: BagSet, split, plan, model, counts, class_weights, ru
         "run_dir": str(run_dir),
         "model": model.config.to_dict(),
         "n_parameters": sum(p.numel() for p in model.parameters()),
-        "cache": {**cache_config, "cache_dir": str(bags.cache_dir), "cache_key": bags.cache_key,
-                  "feature_dim": bags.feature_dim},
+        "cache": {
+            **cache_config,
+            "cache_dir": str(bags.cache_dir),
+            "cache_key": bags.cache_key,
+            "feature_dim": bags.feature_dim,
+        },
         "data": {
             "class_names": default_class_names(config.n_classes),
             "n_train_bags": len(split.train),
@@ -160,8 +200,11 @@ def run_info(config, bags: BagSet, split, plan, model, counts, class_weights, ru
             "n_test_patients": len({r.patient_id for r in split.test}),
             "split_file": SPLIT_FILE,
         },
-        "imbalance": {"method": config.balance, "description": _IMBALANCE[config.balance],
-                      "class_weights": class_weights},
+        "imbalance": {
+            "method": config.balance,
+            "description": _IMBALANCE[config.balance],
+            "class_weights": class_weights,
+        },
         "loader": asdict(plan),
         "versions": versions(),
     }
@@ -169,13 +212,21 @@ def run_info(config, bags: BagSet, split, plan, model, counts, class_weights, ru
 
 def describe_run(info: dict) -> str:
     data, cache = info["data"], info["cache"]
-    return (f"bags: {data['n_train_bags']} train ({data['n_train_patients']} patients, classes "
-            f"{data['train_class_counts']}), {data['n_val_bags']} validation ({data['n_val_patients']} "
-            f"patients); {cache['feature_dim']}-d features from {cache['cache_dir']}\nimbalance: "
-            f"{info['imbalance']['description']}\nloading: {info['loader']['reason']}")
+    return (
+        f"bags: {data['n_train_bags']} train ({data['n_train_patients']} patients, classes "
+        f"{data['train_class_counts']}), {data['n_val_bags']} validation ({data['n_val_patients']} "
+        f"patients); {cache['feature_dim']}-d features from {cache['cache_dir']}\nimbalance: "
+        f"{info['imbalance']['description']}\nloading: {info['loader']['reason']}"
+    )
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-             "scikit-learn": sklearn.__version__, "h5py": h5py.__version__, "clam": __version__}
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "h5py": h5py.__version__,
+        "clam": __version__,
+    }
     return {name: str(version) for name, version in found.items()}  # torch's is a str subclass

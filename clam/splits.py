@@ -8,17 +8,16 @@ patients, so a split is a pure function of (patients, labels, seed).
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
-from feature_extraction.atomic import atomic_output
-from feature_extraction.errors import PipelineError
-
 from clam.data import BagRecord
 from clam.run_files import SPLIT_COLUMNS
+from feature_extraction.atomic import atomic_output
+from feature_extraction.errors import PipelineError
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,10 @@ def shuffled_patients_by_label(labels: Mapping[str, int], seed: int) -> dict[int
     for patient in sorted(labels):
         by_label.setdefault(labels[patient], []).append(patient)
     rng = np.random.default_rng(seed)
-    return {label: [patients[i] for i in rng.permutation(len(patients))] for label, patients in sorted(by_label.items())}
+    return {
+        label: [patients[i] for i in rng.permutation(len(patients))]
+        for label, patients in sorted(by_label.items())
+    }
 
 
 def assign_patient_folds(labels: Mapping[str, int], n_folds: int, seed: int) -> dict[str, int]:
@@ -67,8 +69,9 @@ def assign_patient_folds(labels: Mapping[str, int], n_folds: int, seed: int) -> 
     return folds
 
 
-def train_val_split(records: Sequence[BagRecord], val_fraction: float, seed: int,
-                    test: Sequence[BagRecord] = ()) -> TrainValSplit:
+def train_val_split(
+    records: Sequence[BagRecord], val_fraction: float, seed: int, test: Sequence[BagRecord] = ()
+) -> TrainValSplit:
     """Put round(val_fraction x patients) of each label's patients (at least one when the label has
     two or more, never all) and all their bags in validation; ``val_fraction`` 0 means none.
     ``test`` (bags held out before this split) is passed through unchanged."""
@@ -101,10 +104,16 @@ def read_split(path: Path, records: Sequence[BagRecord]) -> TrainValSplit:
         with open(path, newline="", encoding="utf-8") as handle:
             sides = {row["slide_id"]: row["set"] for row in csv.DictReader(handle)}
     except (OSError, KeyError) as error:
-        raise PipelineError(f"cannot read the split file {path} ({error}); resume needs the run folder "
-                            "the checkpoint was written in.") from error
+        raise PipelineError(
+            f"cannot read the split file {path} ({error}); resume needs the run folder "
+            "the checkpoint was written in."
+        ) from error
     unknown = [r.slide_id for r in records if r.slide_id not in sides]
     if unknown:
-        raise PipelineError(f"split file {path} does not list {len(unknown)} of the bags, e.g. {unknown[0]}; "
-                            "the cohort changed since this run started. Start a new run instead of resuming.")
-    return TrainValSplit(*(tuple(r for r in records if sides[r.slide_id] == name) for name in ("train", "val", "test")))
+        raise PipelineError(
+            f"split file {path} does not list {len(unknown)} of the bags, e.g. {unknown[0]}; "
+            "the cohort changed since this run started. Start a new run instead of resuming."
+        )
+    return TrainValSplit(
+        *(tuple(r for r in records if sides[r.slide_id] == name) for name in ("train", "val", "test"))
+    )

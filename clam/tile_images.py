@@ -3,8 +3,8 @@ tile (and the thumbnail) of a whole-slide image, read from the slide exactly as 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image
 
@@ -85,8 +85,9 @@ def _read_wsi_tile(data_dir: Path | None, attrs: BagAttrs, xy: Sequence[int]) ->
     return None
 
 
-def slide_thumbnail(data_dir: Path | None, attrs: BagAttrs,
-                    max_size: int = HEATMAP_MAX_PIXELS) -> tuple[Image.Image, float] | str:
+def slide_thumbnail(
+    data_dir: Path | None, attrs: BagAttrs, max_size: int = HEATMAP_MAX_PIXELS
+) -> tuple[Image.Image, float] | str:
     """The thumbnail of a bag's whole-slide image and its scale (thumbnail px per level-0 px),
     or why there is none: the slide file is not found, cannot be opened, or OpenSlide is missing."""
     candidates = _wsi_candidates(data_dir, attrs)

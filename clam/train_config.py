@@ -12,15 +12,16 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from clam.checkpoints import SavedProgress
+from clam.model import FEATURE_NORMS, INSTANCE_LOSSES, MODEL_SIZES, MODEL_TYPES, ModelConfig
 from feature_extraction.errors import PipelineError
 from feature_extraction.layout import SPLITS
 
-from clam.checkpoints import SavedProgress
-from clam.model import FEATURE_NORMS, INSTANCE_LOSSES, MODEL_SIZES, MODEL_TYPES, ModelConfig
-
 BALANCE_CHOICES = ("loss", "sampler", "none")
 # On --resume these may be given anew, when typed (``explicit``); everything else continues as it was.
-RESUME_OVERRIDES = frozenset({"num_epochs", "patience", "device", "num_workers", "in_memory", "progress", "resume"})
+RESUME_OVERRIDES = frozenset(
+    {"num_epochs", "patience", "device", "num_workers", "in_memory", "progress", "resume"}
+)
 # Fields whose command-line flag and ``args`` key have another name.
 ARG_NAMES = {"instance_loss": "inst_loss"}
 FIELD_NAMES = {arg: name for name, arg in ARG_NAMES.items()}
@@ -67,8 +68,17 @@ class TrainConfig:
     sample_tiles: int = 0
 
     def model_config(self, in_dim: int) -> ModelConfig:
-        return ModelConfig(self.model_type, in_dim, self.n_classes, self.model_size, self.dropout,
-                           self.k_sample, self.instance_loss, self.subtyping, self.feature_norm)
+        return ModelConfig(
+            self.model_type,
+            in_dim,
+            self.n_classes,
+            self.model_size,
+            self.dropout,
+            self.k_sample,
+            self.instance_loss,
+            self.subtyping,
+            self.feature_norm,
+        )
 
 
 def flag(name: str) -> str:
@@ -92,18 +102,32 @@ def check_config(config: TrainConfig) -> None:
     checks = [
         (config.split in SPLITS, f"--split {config.split}: use one of {SPLITS}"),
         (config.model_type in MODEL_TYPES, f"--model_type {config.model_type}: use one of {MODEL_TYPES}"),
-        (config.model_size in MODEL_SIZES, f"--model_size {config.model_size}: use one of {tuple(MODEL_SIZES)}"),
-        (config.instance_loss in INSTANCE_LOSSES,
-         f"--inst_loss {config.instance_loss}: use one of {INSTANCE_LOSSES}"),
+        (
+            config.model_size in MODEL_SIZES,
+            f"--model_size {config.model_size}: use one of {tuple(MODEL_SIZES)}",
+        ),
+        (
+            config.instance_loss in INSTANCE_LOSSES,
+            f"--inst_loss {config.instance_loss}: use one of {INSTANCE_LOSSES}",
+        ),
         (config.balance in BALANCE_CHOICES, f"--balance {config.balance}: use one of {BALANCE_CHOICES}"),
         (config.in_memory in ("auto", "yes", "no"), f"--in_memory {config.in_memory}: use auto, yes or no"),
-        (config.feature_norm in FEATURE_NORMS, f"--feature_norm {config.feature_norm}: use one of {FEATURE_NORMS}"),
+        (
+            config.feature_norm in FEATURE_NORMS,
+            f"--feature_norm {config.feature_norm}: use one of {FEATURE_NORMS}",
+        ),
         (config.n_classes >= 2, "--n_classes must be at least 2"),
-        (config.num_epochs >= 1 and config.batch_size >= 1, "--num_epochs and --batch_size must be at least 1"),
+        (
+            config.num_epochs >= 1 and config.batch_size >= 1,
+            "--num_epochs and --batch_size must be at least 1",
+        ),
         (config.k_sample >= 1, "--k_sample must be at least 1"),
         (0.0 <= config.dropout < 1.0, "--dropout must be in [0, 1)"),
         (0.0 <= config.bag_weight <= 1.0, "--bag_weight must be in [0, 1]"),
-        (config.learning_rate > 0 and config.weight_decay >= 0, "--learning_rate must be > 0, --weight_decay >= 0"),
+        (
+            config.learning_rate > 0 and config.weight_decay >= 0,
+            "--learning_rate must be > 0, --weight_decay >= 0",
+        ),
         (config.patience is None or config.patience >= 1, "--patience must be at least 1"),
     ]
     for ok, message in checks:
@@ -129,11 +153,16 @@ def config_for_resume(config: TrainConfig, checkpoint: dict, explicit: frozenset
     merged.setdefault("feature_norm", (checkpoint.get("model_config") or {}).get("feature_norm", "none"))
     # A run from before --sample_tiles drew --max_tiles instances of each bag every epoch.
     merged.setdefault("sample_tiles", merged.get("max_tiles", 0))
-    conflicts = [f"{flag(name)} (run: {merged.get(name)!r}, given: {getattr(config, name)!r})"
-                 for name in sorted(explicit - RESUME_OVERRIDES) if name in merged and merged[name] != getattr(config, name)]
+    conflicts = [
+        f"{flag(name)} (run: {merged.get(name)!r}, given: {getattr(config, name)!r})"
+        for name in sorted(explicit - RESUME_OVERRIDES)
+        if name in merged and merged[name] != getattr(config, name)
+    ]
     if conflicts:
-        raise PipelineError(f"--resume continues a run as it was started; these arguments differ: {', '.join(conflicts)}. "
-                            "Start a new run to change them.")
+        raise PipelineError(
+            f"--resume continues a run as it was started; these arguments differ: {', '.join(conflicts)}. "
+            "Start a new run to change them."
+        )
     merged.update({name: getattr(config, name) for name in RESUME_OVERRIDES & explicit})
     merged["resume"] = config.resume
     return TrainConfig(**merged)
@@ -143,11 +172,15 @@ def nothing_to_resume(config: TrainConfig, progress: SavedProgress) -> str | Non
     """Why resuming ``config.resume`` would train no epoch (None: it trains). Such a resume writes nothing."""
     if progress.epoch >= config.num_epochs:
         more = "" if progress.epoch > config.num_epochs else " already"
-        return (f"nothing to train: {Path(config.resume).name} is at epoch {progress.epoch} and the run{more} "
-                f"ends at --num_epochs {config.num_epochs}. Pass --num_epochs larger than {progress.epoch} to train "
-                "more epochs; the run folder is left as it is.")
+        return (
+            f"nothing to train: {Path(config.resume).name} is at epoch {progress.epoch} and the run{more} "
+            f"ends at --num_epochs {config.num_epochs}. Pass --num_epochs larger than {progress.epoch} to train "
+            "more epochs; the run folder is left as it is."
+        )
     if config.patience is not None and progress.epochs_since_best >= config.patience:
-        return (f"nothing to train: the run stopped early at epoch {progress.epoch} (no lower loss for "
-                f"{progress.epochs_since_best} epochs, --patience {config.patience}). Pass a larger --patience "
-                "to train more epochs; the run folder is left as it is.")
+        return (
+            f"nothing to train: the run stopped early at epoch {progress.epoch} (no lower loss for "
+            f"{progress.epochs_since_best} epochs, --patience {config.patience}). Pass a larger --patience "
+            "to train more epochs; the run folder is left as it is."
+        )
     return None

@@ -17,12 +17,8 @@ from typing import Any
 
 import torch
 
-from feature_extraction.atomic import remove_stale_temps
-from feature_extraction.errors import Interrupted, PipelineError, write_failure
-from feature_extraction.layout import default_data_dir, default_features_dir
-from feature_extraction.runtime import resolve_device
-
-from clam.baselines import comparison, describe as describe_baseline, fit_baseline, pool_bags
+from clam.baselines import comparison, fit_baseline, pool_bags
+from clam.baselines import describe as describe_baseline
 from clam.checkpoints import load_checkpoint, read_checkpoint, saved_progress, set_rng_state
 from clam.data import (
     BagChanged,
@@ -52,6 +48,10 @@ from clam.run_files import BEST_NAME, SPLIT_FILE, default_runs_dir, make_run_dir
 from clam.run_record import RunState, describe_run, run_info, save_epoch, way_on
 from clam.splits import TrainValSplit, read_split, train_val_split, write_split
 from clam.train_config import TrainConfig, check_config, config_for_resume, nothing_to_resume
+from feature_extraction.atomic import remove_stale_temps
+from feature_extraction.errors import Interrupted, PipelineError, write_failure
+from feature_extraction.layout import default_data_dir, default_features_dir
+from feature_extraction.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,12 @@ class _Run:
     last_saved: Path | None  # the newest complete checkpoint
 
 
-def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), split: TrainValSplit | None = None,
-          run_dir: Path | None = None) -> Path:
+def train(
+    config: TrainConfig,
+    explicit: frozenset[str] = frozenset(),
+    split: TrainValSplit | None = None,
+    run_dir: Path | None = None,
+) -> Path:
     """Train as ``config`` says (or continue ``config.resume``); returns the run folder.
 
     ``split`` and ``run_dir`` (both or neither) replace the seeded split and the new run folder:
@@ -92,15 +96,18 @@ def train(config: TrainConfig, explicit: frozenset[str] = frozenset(), split: Tr
     run = _set_up(config, resumed, split, run_dir)
     _train_epochs(run, config)
     verdict = run.info["baseline"]
-    log.info(f"done: best epoch {run.state.best_epoch} (loss {run.state.best_loss:.4f}) -> "
-             f"{run.run_dir / BEST_NAME}\n{verdict['line']}")
+    log.info(
+        f"done: best epoch {run.state.best_epoch} (loss {run.state.best_loss:.4f}) -> "
+        f"{run.run_dir / BEST_NAME}\n{verdict['line']}"
+    )
     if verdict["warning"]:
         log.warning(verdict["warning"])
     return run.run_dir
 
 
-def _set_up(config: TrainConfig, resumed: dict | None, split: TrainValSplit | None,
-            run_dir: Path | None) -> _Run:
+def _set_up(
+    config: TrainConfig, resumed: dict | None, split: TrainValSplit | None, run_dir: Path | None
+) -> _Run:
     device = resolve_device(config.device)
     # A checkpoint from before --sample_tiles drew max_tiles instances per epoch from whole bags.
     legacy_draw = resumed is not None and "sample_tiles" not in resumed["args"]
@@ -114,7 +121,9 @@ def _set_up(config: TrainConfig, resumed: dict | None, split: TrainValSplit | No
         run_dir = _start_run_folder(run_dir, config, split)
     plan = plan_loading(bags.total_bytes, config.in_memory, config.num_workers, device)
     torch.set_num_threads(plan.torch_threads)
-    train_set = BagDataset(split.train, config.sample_tiles, config.seed, True, plan.in_memory, config.progress)
+    train_set = BagDataset(
+        split.train, config.sample_tiles, config.seed, True, plan.in_memory, config.progress
+    )
     val_set = BagDataset(split.val, config.sample_tiles, config.seed, False, plan.in_memory, config.progress)
 
     torch.manual_seed(config.seed)
@@ -142,8 +151,20 @@ def _set_up(config: TrainConfig, resumed: dict | None, split: TrainValSplit | No
     info["baseline"] = {k: v for k, v in baseline.items() if k != "params"}
     log.info(f"run folder: {run_dir}\n{describe_run(info)}")
     weights = torch.tensor(class_weights, device=device) if class_weights else None
-    return _Run(run_dir, device, plan, train_set, val_set, model, optimizer, weights, state, info, baseline,
-                Path(config.resume) if resumed is not None else None)
+    return _Run(
+        run_dir,
+        device,
+        plan,
+        train_set,
+        val_set,
+        model,
+        optimizer,
+        weights,
+        state,
+        info,
+        baseline,
+        Path(config.resume) if resumed is not None else None,
+    )
 
 
 def _train_epochs(run: _Run, config: TrainConfig) -> None:
@@ -153,30 +174,42 @@ def _train_epochs(run: _Run, config: TrainConfig) -> None:
     for epoch in range(state.epoch + 1, config.num_epochs + 1):
         if state.stopped_early:
             monitored = "validation" if len(run.val_set) else "training"
-            log.info(f"early stopping: the {monitored} loss has not improved for {state.epochs_since_best} "
-                     f"epochs (best epoch {state.best_epoch}, loss {state.best_loss:.4f})")
+            log.info(
+                f"early stopping: the {monitored} loss has not improved for {state.epochs_since_best} "
+                f"epochs (best epoch {state.best_epoch}, loss {state.best_loss:.4f})"
+            )
             break
         started = time.perf_counter()
         try:
             train_loader = make_loader(run.train_set, config, run.plan, run.device, epoch, train=True)
-            train_metrics = train_one_epoch(run.model, run.optimizer, train_loader, config, run.device,
-                                            run.class_weights, f"epoch {epoch}")
+            train_metrics = train_one_epoch(
+                run.model,
+                run.optimizer,
+                train_loader,
+                config,
+                run.device,
+                run.class_weights,
+                f"epoch {epoch}",
+            )
             val_metrics = None
             if len(run.val_set):
                 val_loader = make_loader(run.val_set, config, run.plan, run.device, epoch, train=False)
                 val_metrics = validate_epoch(run.model, val_loader, config, run.device, f"epoch {epoch} val")
         except BagChanged as error:
-            raise _bag_changed(run.train_set, run.val_set, run.last_saved) or error
+            raise _bag_changed(run.train_set, run.val_set, run.last_saved) or error from None
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted during epoch {epoch}; {way_on(run.last_saved)}") from None
         if run.plan.in_memory:
             _warn_changed_in_memory(run.train_set, run.val_set, warned)
         state.record(epoch, train_metrics, val_metrics, time.perf_counter() - started, config.patience)
-        if epoch == config.num_epochs or state.stopped_early:  # the last epoch's config.json says how the run ended
+        if (
+            epoch == config.num_epochs or state.stopped_early
+        ):  # the last epoch's config.json says how the run ended
             state.status = "stopped early" if epoch < config.num_epochs else "finished"
             run.info["baseline"].update(compare_with_baseline(state, run.info["baseline"], len(run.val_set)))
-        run.last_saved = save_epoch(run.run_dir, run.model, run.optimizer, config, state, run.info,
-                                    run.baseline, run.last_saved)
+        run.last_saved = save_epoch(
+            run.run_dir, run.model, run.optimizer, config, state, run.info, run.baseline, run.last_saved
+        )
         log.info(state.summary_line(config.num_epochs))
 
 
@@ -191,16 +224,22 @@ def _start_run_folder(run_dir: Path | None, config: TrainConfig, split: TrainVal
         run_dir = make_run_dir(output_dir) if run_dir is None else run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise write_failure(output_dir, error, "No run was started: pass a writable --output_dir, or run the "
-                                               "command again once that is fixed.",
-                            what="cannot create a run folder in") from error
+        raise write_failure(
+            output_dir,
+            error,
+            "No run was started: pass a writable --output_dir, or run the command again once that is fixed.",
+            what="cannot create a run folder in",
+        ) from error
     try:
         write_split(run_dir / SPLIT_FILE, split)
     except OSError as error:
         with contextlib.suppress(OSError):
             run_dir.rmdir()  # nothing else is in it yet
-        raise write_failure(run_dir / SPLIT_FILE, error, "Nothing was trained: run the command again once that is "
-                                                         "fixed, or pass another --output_dir.") from error
+        raise write_failure(
+            run_dir / SPLIT_FILE,
+            error,
+            "Nothing was trained: run the command again once that is fixed, or pass another --output_dir.",
+        ) from error
     return run_dir
 
 
@@ -221,8 +260,10 @@ def _warn_changed_in_memory(train_set: BagDataset, val_set: BagDataset, warned: 
     for record in train_set.changed() + val_set.changed():
         if record.slide_id not in warned:
             warned.add(record.slide_id)
-            log.warning(f"bag {record.path} changed on disk after this run read it into memory; this run goes "
-                        "on with the features it read, but a --resume or a new run will read the new bag.")
+            log.warning(
+                f"bag {record.path} changed on disk after this run read it into memory; this run goes "
+                "on with the features it read, but a --resume or a new run will read the new bag."
+            )
 
 
 def load_bags(config: TrainConfig, limit: bool = True) -> BagSet:
@@ -234,9 +275,11 @@ def load_bags(config: TrainConfig, limit: bool = True) -> BagSet:
         return bags
     bags, cut = limit_tiles(bags, config.max_tiles, config.seed)
     if cut:
-        log.info(f"--max_tiles {config.max_tiles}: {cut} of {len(bags.records)} bags hold more tiles (their "
-                 f"cache was embedded with more); each is cut to its seeded {config.max_tiles}-tile subset, the one "
-                 f"stage 1 embeds with --max_tiles {config.max_tiles}. --max_tiles 0 uses every tile.")
+        log.info(
+            f"--max_tiles {config.max_tiles}: {cut} of {len(bags.records)} bags hold more tiles (their "
+            f"cache was embedded with more); each is cut to its seeded {config.max_tiles}-tile subset, the one "
+            f"stage 1 embeds with --max_tiles {config.max_tiles}. --max_tiles 0 uses every tile."
+        )
     return bags
 
 
@@ -253,11 +296,20 @@ def _validated_bags(config: TrainConfig) -> BagSet:
     if config.data_dir is None and is_cache_dir(features_dir):
         data_dir = None  # one cache folder and no --data_dir: every bag of the split in its manifest
     cache_dir, slide_ids = resolve_cache(
-        features_dir, data_dir, config.split, backbone=config.backbone, weights=config.weights,
-        max_tiles=config.max_tiles, seed=config.seed, device=config.device, num_workers=config.num_workers,
+        features_dir,
+        data_dir,
+        config.split,
+        backbone=config.backbone,
+        weights=config.weights,
+        max_tiles=config.max_tiles,
+        seed=config.seed,
+        device=config.device,
+        num_workers=config.num_workers,
     )
     records = records_from_cache(cache_dir, slide_ids, config.split)
-    return validate_records(records, cache_dir, config.n_classes, read_cache_config(cache_dir), config.progress)
+    return validate_records(
+        records, cache_dir, config.n_classes, read_cache_config(cache_dir), config.progress
+    )
 
 
 def make_split(bags: BagSet, config: TrainConfig) -> TrainValSplit:
@@ -276,14 +328,20 @@ def standardise_features(model, train_set: BagDataset, config: TrainConfig) -> d
     stats = feature_statistics(train_set.all_instances())
     model.feature_norm.set_statistics(stats.mean, stats.std)
     log.info(f"feature standardisation: mean and std per dimension from {stats.describe()}")
-    return {"method": "standard", "description": "(x - mean) / std per dimension, training instances' statistics "
-                                                 "(stored in the model as feature_norm.mean / feature_norm.std)",
-            **stats.to_dict()}
+    return {
+        "method": "standard",
+        "description": "(x - mean) / std per dimension, training instances' statistics "
+        "(stored in the model as feature_norm.mean / feature_norm.std)",
+        **stats.to_dict(),
+    }
 
 
-def fit_run_baseline(train_set: BagDataset, val_set: BagDataset, config: TrainConfig, pool: str = "mean") -> dict[str, Any]:
+def fit_run_baseline(
+    train_set: BagDataset, val_set: BagDataset, config: TrainConfig, pool: str = "mean"
+) -> dict[str, Any]:
     """The pooled logistic-regression baseline on the same bags (the validation draw of each bag):
     fitted on the training bags, scored on the validation bags. ``params`` goes into checkpoints."""
+
     def pooled(dataset: BagDataset):
         return pool_bags(dataset.instances(i, None) for i in range(len(dataset)))
 
@@ -291,8 +349,12 @@ def fit_run_baseline(train_set: BagDataset, val_set: BagDataset, config: TrainCo
     train_labels = [r.label for r in train_set.records]
     train_pooled = pooled(train_set)
     fitted = fit_baseline(train_pooled, train_labels, config.n_classes, pool, config.seed)
-    result: dict[str, Any] = {"method": describe_baseline(pool), "train_auc": None, "val_auc": None,
-                              "n_val_bags": len(val_set)}
+    result: dict[str, Any] = {
+        "method": describe_baseline(pool),
+        "train_auc": None,
+        "val_auc": None,
+        "n_val_bags": len(val_set),
+    }
     if fitted is None:
         return {**result, "note": "the training bags hold one class only: no baseline"}
     result["train_auc"] = roc_auc(train_labels, fitted.probs(train_pooled), config.n_classes)[0]
@@ -310,6 +372,8 @@ def compare_with_baseline(state: RunState, baseline: dict[str, Any], n_val: int)
     if not n_val:
         line = "no validation set: CLAM and the baseline are not compared"
     else:
-        line = (f"validation AUC: CLAM {format_number(clam_auc, 'n/a')} (best epoch {state.best_epoch}) | "
-                f"baseline {format_number(base_auc, 'n/a')} ({baseline['method']})")
+        line = (
+            f"validation AUC: CLAM {format_number(clam_auc, 'n/a')} (best epoch {state.best_epoch}) | "
+            f"baseline {format_number(base_auc, 'n/a')} ({baseline['method']})"
+        )
     return {"clam_val_auc": clam_auc, "line": line, "warning": comparison(clam_auc, base_auc, n_val)}

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 import torchvision
@@ -70,7 +71,9 @@ class BackboneSpec:
     std: tuple[float, float, float]
     feature_dim: int
     builder: Callable[[], nn.Module]
-    imagenet_weights: Callable[[], torchvision.models.WeightsEnum]  # whose state dict fits builder()'s full net
+    imagenet_weights: Callable[
+        [], torchvision.models.WeightsEnum
+    ]  # whose state dict fits builder()'s full net
 
 
 def _resnet(arch: str, last_layer: str) -> Callable[[], nn.Module]:
@@ -84,12 +87,33 @@ BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
         # CLAM's standard: ResNet-50 through layer3 (conv4_x), average pooled, 1024 features.
-        BackboneSpec("resnet50_trunc", 224, IMAGENET_MEAN, IMAGENET_STD, 1024, _resnet("resnet50", "layer3"),
-                     lambda: torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
-        BackboneSpec("resnet50", 224, IMAGENET_MEAN, IMAGENET_STD, 2048, _resnet("resnet50", "layer4"),
-                     lambda: torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
-        BackboneSpec("resnet18", 224, IMAGENET_MEAN, IMAGENET_STD, 512, _resnet("resnet18", "layer4"),
-                     lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+        BackboneSpec(
+            "resnet50_trunc",
+            224,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            1024,
+            _resnet("resnet50", "layer3"),
+            lambda: torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+        ),
+        BackboneSpec(
+            "resnet50",
+            224,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            2048,
+            _resnet("resnet50", "layer4"),
+            lambda: torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+        ),
+        BackboneSpec(
+            "resnet18",
+            224,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            512,
+            _resnet("resnet18", "layer4"),
+            lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+        ),
     )
 }
 DEFAULT_BACKBONE = "resnet50_trunc"
@@ -183,7 +207,7 @@ def weights_digest(module: nn.Module) -> str:
         if key.endswith("num_batches_tracked"):  # a training counter: no effect in eval mode
             continue
         value = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}\n".encode("utf-8"))
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}\n".encode())
         digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
@@ -236,7 +260,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         changed = False
         for prefix in _PREFIXES:
             if all(key.startswith(prefix) for key in state):
-                state = {key[len(prefix):]: value for key, value in state.items()}
+                state = {key[len(prefix) :]: value for key, value in state.items()}
                 changed = True
     return state
 
@@ -280,8 +304,10 @@ def _safe_label(text: str) -> str:
 def describe(backbone: LoadedBackbone) -> str:
     """One line for logs: name, weights label and the short digest."""
     warning = "  ** RANDOM WEIGHTS: features are meaningless for diagnosis **" if backbone.is_random else ""
-    return (f"backbone {backbone.spec.name} ({backbone.spec.feature_dim}-d, {backbone.spec.input_size} px), "
-            f"weights {backbone.weights} sha256:{backbone.weights_digest[:12]}{warning}")
+    return (
+        f"backbone {backbone.spec.name} ({backbone.spec.feature_dim}-d, {backbone.spec.input_size} px), "
+        f"weights {backbone.weights} sha256:{backbone.weights_digest[:12]}{warning}"
+    )
 
 
 __all__ = [

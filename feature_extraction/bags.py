@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -89,23 +90,27 @@ class BagAttrs:
         return {**self.extra, **named}
 
     @classmethod
-    def from_attrs(cls, raw: Mapping[str, Any], path: str | Path) -> "BagAttrs":
+    def from_attrs(cls, raw: Mapping[str, Any], path: str | Path) -> BagAttrs:
         """Parse a bag's stored attributes: an older format is upgraded; a bag of a newer format, one
         missing a required attribute or one holding a value of the wrong type raises BagError."""
         raw = _upgraded(dict(raw), path)
         missing = [key for key in REQUIRED_KEYS if key not in raw]
         if missing:
-            raise BagError(f"bag {path} (format_version {raw[FORMAT_KEY]}) lacks the attributes {missing}: "
-                           "it was not written (completely) by `python -m feature_extraction.embed`. Delete it and "
-                           "re-embed the slide.")
+            raise BagError(
+                f"bag {path} (format_version {raw[FORMAT_KEY]}) lacks the attributes {missing}: "
+                "it was not written (completely) by `python -m feature_extraction.embed`. Delete it and "
+                "re-embed the slide."
+            )
         values: dict[str, Any] = {"extra": {k: v for k, v in raw.items() if k not in _KINDS}}
         for key, kind in _KINDS.items():
             value = raw.get(key, _EMPTY[kind])
             try:
                 values[key] = _parse_skipped(value) if kind is tuple else kind(value)
             except (TypeError, ValueError) as error:
-                raise BagError(f"bag {path}: attribute {key}={value!r} is not a {kind.__name__} ({error}). "
-                               "Delete it and re-embed the slide.") from None
+                raise BagError(
+                    f"bag {path}: attribute {key}={value!r} is not a {kind.__name__} ({error}). "
+                    "Delete it and re-embed the slide."
+                ) from None
         return cls(**values)
 
 
@@ -114,7 +119,8 @@ _DERIVED = ("format_version", "feature_dim", "n_instances")  # written by write_
 REQUIRED_KEYS = (*_DERIVED, "slide_id", "label", "cache_key")
 _KINDS: dict[str, type] = {
     f.name: {"str": str, "int": int, "bool": bool}.get(str(f.type), tuple)
-    for f in fields(BagAttrs) if f.name != "extra"
+    for f in fields(BagAttrs)
+    if f.name != "extra"
 }
 _EMPTY: dict[type, Any] = {str: "", int: 0, bool: False, tuple: ()}
 # format_version v -> the function turning v's attributes into v + 1's. Every bag written so far is
@@ -125,21 +131,28 @@ _UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 def _upgraded(raw: dict[str, Any], path: str | Path) -> dict[str, Any]:
     if FORMAT_KEY not in raw:
-        raise BagError(f"bag {path} has no {FORMAT_KEY} attribute: it was not written by "
-                       "`python -m feature_extraction.embed` (CLAM, TRIDENT or STAMP bags are read through "
-                       "--labels_csv). Re-embed the slide to use it in a feature cache.")
+        raise BagError(
+            f"bag {path} has no {FORMAT_KEY} attribute: it was not written by "
+            "`python -m feature_extraction.embed` (CLAM, TRIDENT or STAMP bags are read through "
+            "--labels_csv). Re-embed the slide to use it in a feature cache."
+        )
     try:
         version = int(raw[FORMAT_KEY])
     except (TypeError, ValueError):
-        raise BagError(f"bag {path}: {FORMAT_KEY} {raw[FORMAT_KEY]!r} is not a number. "
-                       "Re-embed the slide.") from None
+        raise BagError(
+            f"bag {path}: {FORMAT_KEY} {raw[FORMAT_KEY]!r} is not a number. Re-embed the slide."
+        ) from None
     if version > FORMAT_VERSION:
-        raise BagError(f"bag {path} has format_version {version}, newer than this clam-egfr reads "
-                       f"({FORMAT_VERSION}): update clam-egfr, or re-embed the slide with this version.")
+        raise BagError(
+            f"bag {path} has format_version {version}, newer than this clam-egfr reads "
+            f"({FORMAT_VERSION}): update clam-egfr, or re-embed the slide with this version."
+        )
     while version < FORMAT_VERSION:
         if version not in _UPGRADES:
-            raise BagError(f"bag {path} has format_version {version}, which this clam-egfr cannot upgrade. "
-                           "Delete it and re-embed the slide.")
+            raise BagError(
+                f"bag {path} has format_version {version}, which this clam-egfr cannot upgrade. "
+                "Delete it and re-embed the slide."
+            )
         raw = {**_UPGRADES[version](raw), FORMAT_KEY: version + 1}
         version += 1
     return raw
@@ -210,8 +223,13 @@ def write_bag(
                 _fill_bag(h5, features, coords, tile_names, attrs)
 
 
-def _fill_bag(h5: h5py.File, features: np.ndarray, coords: np.ndarray, tile_names: Sequence[str],
-              attrs: Mapping[str, Any]) -> None:
+def _fill_bag(
+    h5: h5py.File,
+    features: np.ndarray,
+    coords: np.ndarray,
+    tile_names: Sequence[str],
+    attrs: Mapping[str, Any],
+) -> None:
     # Contiguous, uncompressed: features barely compress and chunking slows reads (docs/embedding.md, "Bag format").
     h5.create_dataset(FEATURES, data=features)
     h5.create_dataset(COORDS, data=coords)
@@ -286,9 +304,13 @@ def validate_bag(
         name = _features_name(h5, path)
         dataset = h5[name]
         if dataset.ndim != 2:
-            raise BagError(f"bag {path}: '{name}' has shape {dataset.shape}, expected (N, D). Re-embed this slide.")
+            raise BagError(
+                f"bag {path}: '{name}' has shape {dataset.shape}, expected (N, D). Re-embed this slide."
+            )
         if not np.issubdtype(dataset.dtype, np.floating):
-            raise BagError(f"bag {path}: '{name}' has dtype {dataset.dtype}, expected float. Re-embed this slide.")
+            raise BagError(
+                f"bag {path}: '{name}' has dtype {dataset.dtype}, expected float. Re-embed this slide."
+            )
         n, dim = dataset.shape
         if n == 0:
             raise BagError(f"bag {path}: holds no instances. Delete it and re-embed the slide.")
@@ -305,7 +327,9 @@ def validate_bag(
             for start in range(0, n, 4096):  # bounded memory for very large bags
                 block = dataset[start : start + 4096]
                 if not np.isfinite(block).all():
-                    raise BagError(f"bag {path}: features contain NaN or Inf. Delete it and re-embed the slide.")
+                    raise BagError(
+                        f"bag {path}: features contain NaN or Inf. Delete it and re-embed the slide."
+                    )
         attrs = _attrs(h5)
         typed = BagAttrs.from_attrs(attrs, path) if FORMAT_KEY in attrs else None
         found_key = typed.cache_key if typed is not None else attrs.get("cache_key")
@@ -324,16 +348,19 @@ def _open(path: str | Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as error:
-        raise BagError(f"bag {path} cannot be opened as HDF5 ({error}); it is truncated or corrupt. "
-                       "Delete it and re-embed the slide.") from error
+        raise BagError(
+            f"bag {path} cannot be opened as HDF5 ({error}); it is truncated or corrupt. "
+            "Delete it and re-embed the slide."
+        ) from error
 
 
 def _features_name(h5: h5py.File, path) -> str:
     for name in FEATURES_ALIASES:
         if name in h5 and isinstance(h5[name], h5py.Dataset):
             return name
-    raise BagError(f"bag {path} has no 'features' (or 'feats') dataset; found {sorted(h5.keys())}. "
-                   "Re-embed this slide.")
+    raise BagError(
+        f"bag {path} has no 'features' (or 'feats') dataset; found {sorted(h5.keys())}. Re-embed this slide."
+    )
 
 
 def _to_attr(value: Any):

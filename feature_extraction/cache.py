@@ -35,9 +35,10 @@ import io
 import json
 import re
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from feature_extraction.atomic import atomic_write_json, atomic_write_text
 from feature_extraction.bags import BAG_SUFFIX, BagAttrs, bag_path, read_bag_attrs
@@ -76,15 +77,18 @@ class ExtractionConfig:
     def cache_key(self) -> str:
         """sha256 (hex) of the fields that change a feature."""
         # An empty wsi_tiling is left out, so tile-folder caches keep the key they had without it.
-        keyed = {k: v for k, v in asdict(self).items() if k != "weights" and not (k == "wsi_tiling" and not v)}
+        keyed = {
+            k: v for k, v in asdict(self).items() if k != "weights" and not (k == "wsi_tiling" and not v)
+        }
         keyed["cache_format"] = CACHE_FORMAT
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode("utf-8")).hexdigest()
 
     @property
     def folder_name(self) -> str:
         tiles = f"max{self.max_tiles}" if self.max_tiles > 0 else "maxall"
-        return (f"{self.backbone}-{self.weights}-{self.input_size}px-{tiles}-seed{self.seed}-"
-                f"{self.cache_key[:8]}")
+        return (
+            f"{self.backbone}-{self.weights}-{self.input_size}px-{tiles}-seed{self.seed}-{self.cache_key[:8]}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {"cache_key": self.cache_key, "cache_format": CACHE_FORMAT, **asdict(self)}
@@ -126,7 +130,8 @@ def read_cache_config(cache_dir: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise PipelineError(
             f"{cache_dir} is not a feature cache (no {CACHE_JSON}). Pass the folder that "
-            "`python -m feature_extraction.embed` printed, e.g. features/resnet50_trunc-imagenet-224px-...") from None
+            "`python -m feature_extraction.embed` printed, e.g. features/resnet50_trunc-imagenet-224px-..."
+        ) from None
     except (OSError, ValueError) as error:
         raise PipelineError(f"cannot read {path} ({error}); rerun the embedding to rewrite it") from error
 
@@ -134,8 +139,19 @@ def read_cache_config(cache_dir: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- manifest
 
 MANIFEST_FIELDS = (
-    "slide_id", "patient_id", "class_folder", "label", "split", "n_tiles", "file", "status",
-    "tiles_digest", "n_available", "n_skipped", "source", "error",
+    "slide_id",
+    "patient_id",
+    "class_folder",
+    "label",
+    "split",
+    "n_tiles",
+    "file",
+    "status",
+    "tiles_digest",
+    "n_available",
+    "n_skipped",
+    "source",
+    "error",
 )
 STATUS_OK, STATUS_FAILED, STATUS_INVALID = "ok", "failed", "invalid"
 
@@ -175,8 +191,9 @@ def collect_manifest(cache_dir: str | Path) -> list[ManifestRow]:
             attrs = read_bag_attrs(path)
         except BagError as error:
             class_folder, _, patient_id = slide_id.partition("__")  # layout.slide_id_for's convention
-            rows[slide_id] = ManifestRow(slide_id, patient_id, class_folder, -1, "", 0, path, STATUS_INVALID,
-                                         error=str(error))
+            rows[slide_id] = ManifestRow(
+                slide_id, patient_id, class_folder, -1, "", 0, path, STATUS_INVALID, error=str(error)
+            )
             continue
         row = _row_from_attrs(slide_id, path, attrs)
         if attrs.cache_key != cache_key:
@@ -187,21 +204,37 @@ def collect_manifest(cache_dir: str | Path) -> list[ManifestRow]:
         if record.get("slide_id") in rows:
             continue  # a bag written after the failure wins
         rows[record["slide_id"]] = ManifestRow(
-            slide_id=record["slide_id"], patient_id=record.get("patient_id", ""),
-            class_folder=record.get("class_folder", ""), label=int(record.get("label", -1)),
-            split=record.get("split", ""), n_tiles=0, file=bag_path(cache_dir, record["slide_id"]),
-            status=STATUS_FAILED, tiles_digest=record.get("tiles_digest", ""),
-            n_available=int(record.get("n_available", 0)), n_skipped=int(record.get("n_skipped", 0)),
-            source=record.get("source", ""), error=record.get("reason", ""),
+            slide_id=record["slide_id"],
+            patient_id=record.get("patient_id", ""),
+            class_folder=record.get("class_folder", ""),
+            label=int(record.get("label", -1)),
+            split=record.get("split", ""),
+            n_tiles=0,
+            file=bag_path(cache_dir, record["slide_id"]),
+            status=STATUS_FAILED,
+            tiles_digest=record.get("tiles_digest", ""),
+            n_available=int(record.get("n_available", 0)),
+            n_skipped=int(record.get("n_skipped", 0)),
+            source=record.get("source", ""),
+            error=record.get("reason", ""),
         )
     return sorted(rows.values(), key=lambda r: (r.split, r.slide_id))
 
 
 def _row_from_attrs(slide_id: str, path: Path, attrs: BagAttrs) -> ManifestRow:
     return ManifestRow(
-        slide_id=slide_id, patient_id=attrs.patient_id, class_folder=attrs.class_folder, label=attrs.label,
-        split=attrs.split, n_tiles=attrs.n_instances, file=path, status=STATUS_OK,
-        tiles_digest=attrs.tiles_digest, n_available=attrs.n_available, n_skipped=attrs.n_skipped, source=attrs.source,
+        slide_id=slide_id,
+        patient_id=attrs.patient_id,
+        class_folder=attrs.class_folder,
+        label=attrs.label,
+        split=attrs.split,
+        n_tiles=attrs.n_instances,
+        file=path,
+        status=STATUS_OK,
+        tiles_digest=attrs.tiles_digest,
+        n_available=attrs.n_available,
+        n_skipped=attrs.n_skipped,
+        source=attrs.source,
     )
 
 
@@ -228,9 +261,11 @@ def write_manifest(cache_dir: str | Path, rows: list[ManifestRow]) -> Path:
         deadline = time.monotonic() + MANIFEST_LOCK_WAIT_SECONDS
         while not locks.try_acquire(MANIFEST_LOCK):
             if time.monotonic() > deadline:
-                raise PipelineError(f"{locks.directory / (MANIFEST_LOCK + '.lock')} has been held for "
-                                    f"{MANIFEST_LOCK_WAIT_SECONDS:.0f} s; delete it if no other run is active, "
-                                    "then rerun")
+                raise PipelineError(
+                    f"{locks.directory / (MANIFEST_LOCK + '.lock')} has been held for "
+                    f"{MANIFEST_LOCK_WAIT_SECONDS:.0f} s; delete it if no other run is active, "
+                    "then rerun"
+                )
             time.sleep(0.05)
         try:
             atomic_write_text(path, text)
@@ -246,7 +281,9 @@ def read_manifest(cache_dir: str | Path) -> list[ManifestRow]:
     cache_dir = Path(cache_dir)
     path = cache_dir / MANIFEST_CSV
     if not path.is_file():
-        raise PipelineError(f"{path} does not exist: run `python -m feature_extraction.embed` to build the cache")
+        raise PipelineError(
+            f"{path} does not exist: run `python -m feature_extraction.embed` to build the cache"
+        )
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         missing = set(MANIFEST_FIELDS[:8]) - set(reader.fieldnames or ())
@@ -254,14 +291,23 @@ def read_manifest(cache_dir: str | Path) -> list[ManifestRow]:
             raise PipelineError(f"{path} lacks columns {sorted(missing)}; rerun the embedding to rebuild it")
         rows = []
         for record in reader:
-            rows.append(ManifestRow(
-                slide_id=record["slide_id"], patient_id=record["patient_id"], class_folder=record["class_folder"],
-                label=int(record["label"]), split=record["split"], n_tiles=int(record["n_tiles"]),
-                file=cache_dir / record["file"], status=record["status"],
-                tiles_digest=record.get("tiles_digest", ""), n_available=int(record.get("n_available") or 0),
-                n_skipped=int(record.get("n_skipped") or 0), source=record.get("source", ""),
-                error=record.get("error", ""),
-            ))
+            rows.append(
+                ManifestRow(
+                    slide_id=record["slide_id"],
+                    patient_id=record["patient_id"],
+                    class_folder=record["class_folder"],
+                    label=int(record["label"]),
+                    split=record["split"],
+                    n_tiles=int(record["n_tiles"]),
+                    file=cache_dir / record["file"],
+                    status=record["status"],
+                    tiles_digest=record.get("tiles_digest", ""),
+                    n_available=int(record.get("n_available") or 0),
+                    n_skipped=int(record.get("n_skipped") or 0),
+                    source=record.get("source", ""),
+                    error=record.get("error", ""),
+                )
+            )
     return rows
 
 
@@ -269,13 +315,15 @@ def read_manifest(cache_dir: str | Path) -> list[ManifestRow]:
 # Whether a bag is current is decided here only: stage 1 (what to embed) and clam.data (which
 # cache to train from, what is missing) ask these functions.
 
+
 def is_cache_dir(path: str | Path) -> bool:
     """Whether ``path`` is a feature cache folder (it holds ``cache.json``)."""
     return (Path(path) / CACHE_JSON).is_file()
 
 
-def current_bag(cache_dir: Path, slide_id: str, cache_key: str, tiles_digest: str,
-                newer_than: float | None = None) -> BagAttrs | None:
+def current_bag(
+    cache_dir: Path, slide_id: str, cache_key: str, tiles_digest: str, newer_than: float | None = None
+) -> BagAttrs | None:
     """The attributes of the slide's bag if it is complete, of this key and of these tiles (and,
     with ``newer_than``, written after that time); else None (the slide is to be embedded)."""
     path = bag_path(cache_dir, slide_id)
@@ -290,17 +338,28 @@ def current_bag(cache_dir: Path, slide_id: str, cache_key: str, tiles_digest: st
     return attrs
 
 
-def slide_status(cache_dir: Path, slide_id: str, cache_key: str, tiles_digest: str, *,
-                 newer_than: float | None = None, failed_since: float | None = None) -> str | None:
+def slide_status(
+    cache_dir: Path,
+    slide_id: str,
+    cache_key: str,
+    tiles_digest: str,
+    *,
+    newer_than: float | None = None,
+    failed_since: float | None = None,
+) -> str | None:
     """STATUS_OK if the slide's bag is current (``current_bag``); STATUS_FAILED if a failure of
     this key and these tiles was recorded at or after ``failed_since`` (2 s of slack for coarse
     file-system clocks; an older record is retried); else None: the slide is still to be done."""
     if current_bag(cache_dir, slide_id, cache_key, tiles_digest, newer_than) is not None:
         return STATUS_OK
     record = read_failure(cache_dir, slide_id)
-    if (failed_since is not None and record and record.get("cache_key") == cache_key
-            and record.get("tiles_digest") == tiles_digest
-            and float(record.get("written_at", 0)) >= failed_since - 2.0):
+    if (
+        failed_since is not None
+        and record
+        and record.get("cache_key") == cache_key
+        and record.get("tiles_digest") == tiles_digest
+        and float(record.get("written_at", 0)) >= failed_since - 2.0
+    ):
         return STATUS_FAILED
     return None
 
@@ -331,7 +390,11 @@ def cache_is_current(cache_dir: Path, slides: Sequence[SlideSource]) -> bool:
         row = rows.get(slide.slide_id)
         if row is None or not is_usable(row):
             return False
-        if row.tiles_digest and slide.kind == "tiles" and list_slide_tiles(slide, 0).tiles_digest != row.tiles_digest:
+        if (
+            row.tiles_digest
+            and slide.kind == "tiles"
+            and list_slide_tiles(slide, 0).tiles_digest != row.tiles_digest
+        ):
             return False
     return True
 
@@ -349,8 +412,9 @@ def holds_every_tile(cache_dir: Path, slides: Sequence[SlideSource], max_tiles: 
     return all(s.slide_id in rows and 0 < rows[s.slide_id].n_available <= max_tiles for s in slides)
 
 
-def find_cache(features_dir: Path, backbone: str, weights: str, max_tiles: int, seed: int,
-               slides: Sequence[SlideSource]) -> Path | None:
+def find_cache(
+    features_dir: Path, backbone: str, weights: str, max_tiles: int, seed: int, slides: Sequence[SlideSource]
+) -> Path | None:
     """A cache folder under ``features_dir`` of this backbone and weights whose bags hold this
     ``max_tiles`` and ``seed``'s subset of every slide of ``slides`` (or more, cut to it by
     ``clam.data.limit_tiles``), current for each of them (``cache_is_current``).
@@ -399,6 +463,7 @@ def as_int(value: Any) -> int:
 
 # ------------------------------------------------------------------------------- failure records
 
+
 def write_failure(cache_dir: Path, record: dict[str, Any]) -> None:
     """Record that ``record['slide_id']`` produced no bag (and why). Call only while holding
     the slide's lock: ``sweep_leftovers`` removes the temporary file of a killed writer."""
@@ -443,6 +508,7 @@ def remove_stale_temporaries(cache_dir: Path, slide_id: str) -> None:
 
 # ------------------------------------------------------------------------------------ leftovers
 
+
 def sweep_leftovers(cache_dir: Path, locks: SlideLocks) -> None:
     """Remove stale locks, and the temporary files of slides (bags, spills, failure records)
     and of the manifest that no live process holds the lock of: a kill left them. Any
@@ -455,7 +521,9 @@ def sweep_leftovers(cache_dir: Path, locks: SlideLocks) -> None:
             owner = match.group(1) if match else None
         else:
             match = _SLIDE_TEMPORARY.match(path.name)
-            owner = match.group(1) if match else MANIFEST_LOCK if _MANIFEST_TEMPORARY.match(path.name) else None
+            owner = (
+                match.group(1) if match else MANIFEST_LOCK if _MANIFEST_TEMPORARY.match(path.name) else None
+            )
         with contextlib.suppress(OSError):
             if owner is not None:
                 if not locks.held_by_other(owner) and owner not in locks.held:

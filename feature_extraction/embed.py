@@ -16,9 +16,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from feature_extraction.backbones import BACKBONES, DEFAULT_BACKBONE, LoadedBackbone, describe, load_backbone
 from feature_extraction.bags import read_bag_attrs
@@ -32,7 +33,13 @@ from feature_extraction.cache import (
 )
 from feature_extraction.errors import PipelineError, cli_main
 from feature_extraction.extractor import EmbeddingRun, Outcome, shard_order
-from feature_extraction.layout import SPLITS, default_data_dir, default_features_dir, discover_slides, list_slide_tiles
+from feature_extraction.layout import (
+    SPLITS,
+    default_data_dir,
+    default_features_dir,
+    discover_slides,
+    list_slide_tiles,
+)
 from feature_extraction.reporting import configure_cli_logging
 from feature_extraction.runtime import (
     DEVICES,
@@ -79,7 +86,7 @@ class EmbedConfig:
         return {**asdict(self), "weights": str(self.weights), "wsi": self.wsi.as_dict() if self.wsi else None}
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "EmbedConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> EmbedConfig:
         """The inverse of ``to_dict``; unknown keys are ignored. It also replays a training
         checkpoint's ``cache`` entry (cache.json plus ``cache_dir``): its ``wsi_tiling`` (JSON) gives
         ``wsi`` and its ``cache_key`` gives ``expected_cache_key``, so the replay must reproduce
@@ -140,8 +147,9 @@ class CacheKeyMismatch(PipelineError):
         self.config = config
 
 
-def embed_cohort(config: EmbedConfig, data_dir: str | Path, split: str = "train",
-                 features_dir: str | Path | None = None) -> EmbedReport:
+def embed_cohort(
+    config: EmbedConfig, data_dir: str | Path, split: str = "train", features_dir: str | Path | None = None
+) -> EmbedReport:
     """Embed the slides of ``data_dir`` (layout of ``split``) as ``config`` says, into the cache of
     the configuration under ``features_dir`` (default: <project root>/features); reuse every bag
     that is already current.
@@ -152,13 +160,17 @@ def embed_cohort(config: EmbedConfig, data_dir: str | Path, split: str = "train"
     started = time.time()
     slides = discover_slides(data_dir, split)
     if not slides:
-        raise PipelineError(f"{data_dir} has the class folders of --split {split} but no patient folder in them")
+        raise PipelineError(
+            f"{data_dir} has the class folders of --split {split} but no patient folder in them"
+        )
     require_openslide(slides)  # whole-slide images without OpenSlide: stop once, before any work
     loaded = load_backbone(config.backbone, config.weights)
     rank, world = rank_and_world()
     if loaded.is_random:
-        log.warning("--weights random: the backbone is randomly initialised (fixed seed). Its features only "
-                    "test the pipeline; the cache folder and every bag say weights=random.")
+        log.warning(
+            "--weights random: the backbone is randomly initialised (fixed seed). Its features only "
+            "test the pipeline; the cache folder and every bag say weights=random."
+        )
     extraction, transform = _extraction_config(config, loaded, slides)
     if config.expected_cache_key is not None and extraction.cache_key != config.expected_cache_key:
         raise CacheKeyMismatch(extraction)
@@ -167,17 +179,35 @@ def embed_cohort(config: EmbedConfig, data_dir: str | Path, split: str = "train"
     log.info(f"{describe(loaded)}\ncache {cache_dir}")
 
     # Bad options fail before any work.
-    plan = plan_compute(config.device, config.precision, config.runtime, config.batch_size,
-                        config.num_workers)
-    job = EmbeddingRun(cache_dir, extraction, loaded, transform, features_dir, plan,
-                       newer_than=started if config.overwrite else None, run_started=started,
-                       progress=config.progress and rank == 0)  # one progress bar under torchrun
+    plan = plan_compute(
+        config.device, config.precision, config.runtime, config.batch_size, config.num_workers
+    )
+    job = EmbeddingRun(
+        cache_dir,
+        extraction,
+        loaded,
+        transform,
+        features_dir,
+        plan,
+        newer_than=started if config.overwrite else None,
+        run_started=started,
+        progress=config.progress and rank == 0,
+    )  # one progress bar under torchrun
     listings = []
     for slide in slides:
         try:
-            listings.append(list_slide_tiles(slide, extraction.max_tiles, extraction.seed, config.wsi,
-                                             plan_cache=features_dir / PLAN_CACHE_FOLDER))
-        except PipelineError as error:  # e.g. an unreadable whole-slide file: this slide fails, the run goes on
+            listings.append(
+                list_slide_tiles(
+                    slide,
+                    extraction.max_tiles,
+                    extraction.seed,
+                    config.wsi,
+                    plan_cache=features_dir / PLAN_CACHE_FOLDER,
+                )
+            )
+        except (
+            PipelineError
+        ) as error:  # e.g. an unreadable whole-slide file: this slide fails, the run goes on
             # recorded in the pass, under the slide's lock and by one rank only, like any slide without tiles
             listings.append(SlideTiles(slide, (), 0, (), "", reason=str(error)))
     listings = [listings[i] for i in shard_order(len(listings), rank, world)]
@@ -192,23 +222,40 @@ def embed_cohort(config: EmbedConfig, data_dir: str | Path, split: str = "train"
     return _report(job, listings, slides, rows, cache_dir, extraction, loaded)
 
 
-def _extraction_config(config: EmbedConfig, loaded: LoadedBackbone,
-                       slides: list[SlideSource]) -> tuple[ExtractionConfig, TileTransform]:
+def _extraction_config(
+    config: EmbedConfig, loaded: LoadedBackbone, slides: list[SlideSource]
+) -> tuple[ExtractionConfig, TileTransform]:
     """The cache configuration of ``config`` with these weights, and the tile transform."""
     spec = loaded.spec
     transform = TileTransform(spec.input_size, spec.mean, spec.std)
     extraction = ExtractionConfig(
-        backbone=spec.name, weights=loaded.weights, weights_digest=loaded.weights_digest,
-        transform=transform.describe(), input_size=spec.input_size, max_tiles=max(0, int(config.max_tiles)),
-        seed=int(config.seed), feature_dim=spec.feature_dim, subset_rule=SUBSET_RULE,
-        wsi_tiling=(json.dumps((config.wsi or WsiConfig()).as_dict(), sort_keys=True)
-                    if any(slide.kind == "wsi" for slide in slides) else ""),
+        backbone=spec.name,
+        weights=loaded.weights,
+        weights_digest=loaded.weights_digest,
+        transform=transform.describe(),
+        input_size=spec.input_size,
+        max_tiles=max(0, int(config.max_tiles)),
+        seed=int(config.seed),
+        feature_dim=spec.feature_dim,
+        subset_rule=SUBSET_RULE,
+        wsi_tiling=(
+            json.dumps((config.wsi or WsiConfig()).as_dict(), sort_keys=True)
+            if any(slide.kind == "wsi" for slide in slides)
+            else ""
+        ),
     )
     return extraction, transform
 
 
-def _report(job: EmbeddingRun, listings: list[SlideTiles], slides: list[SlideSource], rows: list[ManifestRow],
-            cache_dir: Path, config: ExtractionConfig, loaded: LoadedBackbone) -> EmbedReport:
+def _report(
+    job: EmbeddingRun,
+    listings: list[SlideTiles],
+    slides: list[SlideSource],
+    rows: list[ManifestRow],
+    cache_dir: Path,
+    config: ExtractionConfig,
+    loaded: LoadedBackbone,
+) -> EmbedReport:
     by_id = {row.slide_id: row for row in rows}
     failed, skipped = [], []
     for slide in slides:
@@ -225,25 +272,40 @@ def _report(job: EmbeddingRun, listings: list[SlideTiles], slides: list[SlideSou
             skipped.append(SkippedTile(slide.slide_id, tile["name"], tile["reason"]))
     counts = {kind: sum(v == kind for v in job.outcome.values()) for kind in Outcome}
     return EmbedReport(
-        cache_dir=cache_dir, config=config, cache_key=config.cache_key,
+        cache_dir=cache_dir,
+        config=config,
+        cache_key=config.cache_key,
         slides=[by_id[s.slide_id] for s in slides if s.slide_id in by_id],
-        n_embedded=counts[Outcome.EMBEDDED], n_reused=counts[Outcome.REUSED],
+        n_embedded=counts[Outcome.EMBEDDED],
+        n_reused=counts[Outcome.REUSED],
         n_by_others=counts[Outcome.BY_OTHER],
-        failed=failed, skipped_tiles=skipped, n_ignored_files=sum(len(l.ignored) for l in listings),
-        n_tiles_embedded=job.n_tiles, embed_seconds=job.seconds, plan=job.plan if job.runner else None,
-        runtime=job.runner.name if job.runner else "", random_weights=loaded.is_random,
+        failed=failed,
+        skipped_tiles=skipped,
+        n_ignored_files=sum(len(listing.ignored) for listing in listings),
+        n_tiles_embedded=job.n_tiles,
+        embed_seconds=job.seconds,
+        plan=job.plan if job.runner else None,
+        runtime=job.runner.name if job.runner else "",
+        random_weights=loaded.is_random,
     )
 
 
 # --------------------------------------------------------------------------------------- the CLI
 
+
 def format_summary(report: EmbedReport, max_names: int = 20) -> str:
     """The end-of-run summary: slides embedded / reused / failed, skipped tiles by name, cache folder."""
     lines = []
-    speed = (f" ({report.n_tiles_embedded} tiles, {report.tiles_per_second:.1f} tiles/s, {report.runtime})"
-             if report.n_embedded else "")
-    lines.append(f"slides: {report.n_embedded} embedded{speed}, {report.n_reused} reused, "
-                 f"{len(report.failed)} failed" + (f", {report.n_by_others} by other processes" if report.n_by_others else ""))
+    speed = (
+        f" ({report.n_tiles_embedded} tiles, {report.tiles_per_second:.1f} tiles/s, {report.runtime})"
+        if report.n_embedded
+        else ""
+    )
+    lines.append(
+        f"slides: {report.n_embedded} embedded{speed}, {report.n_reused} reused, "
+        f"{len(report.failed)} failed"
+        + (f", {report.n_by_others} by other processes" if report.n_by_others else "")
+    )
     if report.failed:
         lines.append("failed slides (no bag):")
         lines += [f"  {slide_id}: {reason}" for slide_id, reason in report.failed[:max_names]]
@@ -253,7 +315,9 @@ def format_summary(report: EmbedReport, max_names: int = 20) -> str:
         lines.append(f"skipped {len(report.skipped_tiles)} unreadable tiles:")
         lines += [f"  {t.slide_id}/{t.name}: {t.reason}" for t in report.skipped_tiles[:max_names]]
         if len(report.skipped_tiles) > max_names:
-            lines.append(f"  ... and {len(report.skipped_tiles) - max_names} more (bag attribute skipped_tiles)")
+            lines.append(
+                f"  ... and {len(report.skipped_tiles) - max_names} more (bag attribute skipped_tiles)"
+            )
     if report.n_ignored_files:
         lines.append(f"ignored {report.n_ignored_files} non-image files in the slide folders")
     if report.random_weights:
@@ -261,7 +325,9 @@ def format_summary(report: EmbedReport, max_names: int = 20) -> str:
     rank, world = rank_and_world()
     if world > 1:
         lines = [f"[rank {rank}/{world}] {line}" for line in lines]
-    lines.append(f"cache: {report.cache_dir}  (key {report.cache_key[:16]}..., {len(report.slides)} slides of this split)")
+    lines.append(
+        f"cache: {report.cache_dir}  (key {report.cache_key[:16]}..., {len(report.slides)} slides of this split)"
+    )
     return "\n".join(lines)
 
 
@@ -270,31 +336,69 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m feature_extraction.embed",
         description="Embed every tile with a ResNet backbone into one HDF5 bag per slide (a reusable feature cache).",
     )
-    parser.add_argument("--data_dir", type=Path, default=None, help="cohort folder (default: <project root>/<split>)")
-    parser.add_argument("--split", choices=SPLITS, default="train", help="class-folder layout to read (default: train)")
-    parser.add_argument("--max_tiles", type=int, default=100,
-                        help="tiles per slide, a seeded random subset when there are more; 0 or less: all (default: 100)")
-    parser.add_argument("--num_workers", type=int, default=4,
-                        help="tile-decoding worker processes (default: 4; on a CPU at most ceil(threads / 8) "
-                             "are started: 1 for up to 8 threads, 2 for 9 to 16, ...; threads: OMP_NUM_THREADS "
-                             "when set, else the usable cores, all of which the backbone uses)")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="tiles per forward pass (default: 256 on a GPU, 16 with ONNX Runtime, 8 eager on a CPU)")
+    parser.add_argument(
+        "--data_dir", type=Path, default=None, help="cohort folder (default: <project root>/<split>)"
+    )
+    parser.add_argument(
+        "--split", choices=SPLITS, default="train", help="class-folder layout to read (default: train)"
+    )
+    parser.add_argument(
+        "--max_tiles",
+        type=int,
+        default=100,
+        help="tiles per slide, a seeded random subset when there are more; 0 or less: all (default: 100)",
+    )
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=4,
+        help="tile-decoding worker processes (default: 4; on a CPU at most ceil(threads / 8) "
+        "are started: 1 for up to 8 threads, 2 for 9 to 16, ...; threads: OMP_NUM_THREADS "
+        "when set, else the usable cores, all of which the backbone uses)",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="tiles per forward pass (default: 256 on a GPU, 16 with ONNX Runtime, 8 eager on a CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the max_tiles subset (default: 0)")
-    parser.add_argument("--backbone", choices=sorted(BACKBONES), default=DEFAULT_BACKBONE,
-                        help=f"feature extractor (default: {DEFAULT_BACKBONE}, CLAM's ResNet-50 to layer3, 1024-d)")
-    parser.add_argument("--weights", default="imagenet",
-                        help="imagenet (torchvision's, from the torch hub cache), random (testing only), "
-                             "or the path of a state-dict file (default: imagenet)")
-    parser.add_argument("--features_dir", type=Path, default=None, help="cache root (default: <project root>/features)")
+    parser.add_argument(
+        "--backbone",
+        choices=sorted(BACKBONES),
+        default=DEFAULT_BACKBONE,
+        help=f"feature extractor (default: {DEFAULT_BACKBONE}, CLAM's ResNet-50 to layer3, 1024-d)",
+    )
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (torchvision's, from the torch hub cache), random (testing only), "
+        "or the path of a state-dict file (default: imagenet)",
+    )
+    parser.add_argument(
+        "--features_dir", type=Path, default=None, help="cache root (default: <project root>/features)"
+    )
     parser.add_argument("--device", default="auto", help=f"{'|'.join(DEVICES)}|cuda:N (default: auto)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto: fp16 autocast on a GPU, fp32 on a CPU (default: auto)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
-                        help="auto: ONNX Runtime on a CPU when installed, else PyTorch (default: auto)")
-    parser.add_argument("--overwrite", action="store_true", help="re-embed this cohort's slides even if their bags are current")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress bar or log lines, only warnings and the summary")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: fp16 autocast on a GPU, fp32 on a CPU (default: auto)",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="auto: ONNX Runtime on a CPU when installed, else PyTorch (default: auto)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="re-embed this cohort's slides even if their bags are current",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar or log lines, only warnings and the summary"
+    )
     add_wsi_arguments(parser)
     return parser
 
@@ -304,9 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_cli_logging(quiet=args.quiet or rank_and_world()[0] != 0)  # one rank's log lines under torchrun
     config = EmbedConfig(
-        backbone=args.backbone, weights=args.weights, max_tiles=args.max_tiles, seed=args.seed,
-        wsi=wsi_config_from_args(args), batch_size=args.batch_size, num_workers=args.num_workers,
-        device=args.device, precision=args.precision, runtime=args.runtime, overwrite=args.overwrite,
+        backbone=args.backbone,
+        weights=args.weights,
+        max_tiles=args.max_tiles,
+        seed=args.seed,
+        wsi=wsi_config_from_args(args),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        precision=args.precision,
+        runtime=args.runtime,
+        overwrite=args.overwrite,
         progress=not args.quiet,
     )
     data_dir = args.data_dir if args.data_dir is not None else default_data_dir(args.split)

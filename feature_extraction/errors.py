@@ -81,8 +81,11 @@ def cli_main(main):
         except OSError as error:
             if error.errno not in WRITE_ERRNOS or not error.filename:
                 raise
-            failure = write_failure(error.filename, error, "Files written before it are intact; run the command "
-                                                           "again once that is fixed.")
+            failure = write_failure(
+                error.filename,
+                error,
+                "Files written before it are intact; run the command again once that is fixed.",
+            )
             print(f"error: {failure}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as error:

@@ -155,11 +155,20 @@ def build_example_cohort(
     label has ``min(4, patients_per_label // 2)`` (at least 1) ``_cnn`` slides, half of them
     (at least 1) from patients who also have a plain folder."""
     config = preset_config(
-        difficulty, seed=seed, n_train_patients=n_train_patients, n_test_patients=n_test_patients,
-        tiles_per_slide=tiles_per_slide, tile_size=tile_size, cnn_slides_per_class=cnn_slides_per_class,
-        shared_cnn_patients=shared_cnn_patients, signal_fraction=signal_fraction,
-        signal_strength=signal_strength, label_noise=label_noise, label_noise_splits=label_noise_splits,
-        image_format=image_format)
+        difficulty,
+        seed=seed,
+        n_train_patients=n_train_patients,
+        n_test_patients=n_test_patients,
+        tiles_per_slide=tiles_per_slide,
+        tile_size=tile_size,
+        cnn_slides_per_class=cnn_slides_per_class,
+        shared_cnn_patients=shared_cnn_patients,
+        signal_fraction=signal_fraction,
+        signal_strength=signal_strength,
+        label_noise=label_noise,
+        label_noise_splits=label_noise_splits,
+        image_format=image_format,
+    )
     root = Path(root)
     _clear_split_dirs(root, splits, force)
     sources = load_texture_sources(config.tile_size, seed=config.seed)
@@ -175,8 +184,17 @@ def build_example_cohort(
         flipped[split] = tuple(sorted({plan.patient_id for plan in plans if plan.flipped}))
         split_dirs[split] = root / split
         gt_files.append(root / split / GROUND_TRUTH_NAME)
-    return CohortSummary(root, split_dirs, n_slides, n_tiles, n_signal,
-                         tuple(source.name for source in sources), tuple(gt_files), flipped, config)
+    return CohortSummary(
+        root,
+        split_dirs,
+        n_slides,
+        n_tiles,
+        n_signal,
+        tuple(source.name for source in sources),
+        tuple(gt_files),
+        flipped,
+        config,
+    )
 
 
 def _clear_split_dirs(root: Path, splits: tuple[str, ...], force: bool) -> None:
@@ -190,12 +208,19 @@ def _clear_split_dirs(root: Path, splits: tuple[str, ...], force: bool) -> None:
             if not force:
                 raise PipelineError(
                     f"{split_dir} is not empty. The example cohort will not overwrite it: "
-                    "pass --force to replace its class folders, or choose another --out.")
+                    "pass --force to replace its class folders, or choose another --out."
+                )
             _remove_previous_cohort(split_dir, split)
 
 
-def _write_split(split_dir: Path, split: str, plans: list[SlidePlan], config: CohortConfig,
-                 sources: list[TextureSource], style: SignalStyle) -> list[dict]:
+def _write_split(
+    split_dir: Path,
+    split: str,
+    plans: list[SlidePlan],
+    config: CohortConfig,
+    sources: list[TextureSource],
+    style: SignalStyle,
+) -> list[dict]:
     """Write the slides of one split and its ground truth; the slides' records."""
     split_dir.mkdir(parents=True, exist_ok=True)
     slides = [_write_slide(split_dir, plan, config, sources, style) for plan in plans]
@@ -217,8 +242,12 @@ def _write_split(split_dir: Path, split: str, plans: list[SlidePlan], config: Co
 def _difficulty_record(config: CohortConfig, split: str, plans: list[SlidePlan]) -> dict:
     """The ground truth's account of how hard the split was made, and which labels are wrong."""
     preset = DIFFICULTIES[config.difficulty]
-    settings = {"signal_fraction": tuple(config.signal_fraction), "signal_strength": config.signal_strength,
-                "label_noise": config.label_noise, "tiles_per_slide": config.tiles_per_slide}
+    settings = {
+        "signal_fraction": tuple(config.signal_fraction),
+        "signal_strength": config.signal_strength,
+        "label_noise": config.label_noise,
+        "tiles_per_slide": config.tiles_per_slide,
+    }
     low, high = witness_tile_range(config)
     patients = {plan.patient_id for plan in plans}
     flipped = sorted({plan.patient_id for plan in plans if plan.flipped})
@@ -232,7 +261,7 @@ def _difficulty_record(config: CohortConfig, split: str, plans: list[SlidePlan])
         "label_noise_splits": list(config.label_noise_splits),
         "label_noise_applied": split in config.label_noise_splits and config.label_noise > 0,
         "label_noise_note": "noise is applied to the training split only unless asked for the test "
-                            "split too: a test split with wrong labels makes the test metric meaningless",
+        "split too: a test split with wrong labels makes the test metric meaningless",
         "n_patients": len(patients),
         "n_flipped_patients": len(flipped),
         "flipped_patients": flipped,
@@ -248,8 +277,9 @@ def load_ground_truth(split_dir: str | Path) -> dict[str, dict]:
     Raises PipelineError when the file is missing (the folder is not an example cohort)."""
     path = Path(split_dir) / GROUND_TRUTH_NAME
     if not path.is_file():
-        raise PipelineError(f"{path} not found: {split_dir} was not written by "
-                            "`python -m feature_extraction.example_cohort`")
+        raise PipelineError(
+            f"{path} not found: {split_dir} was not written by `python -m feature_extraction.example_cohort`"
+        )
     data = json.loads(path.read_text(encoding="utf-8"))
     return {slide["slide_id"]: slide for slide in data["slides"]}
 
@@ -258,8 +288,7 @@ def split_dir_is_empty(split_dir: Path) -> bool:
     """True when ``split_dir`` is missing or holds only hidden files and README placeholders."""
     if not split_dir.exists():
         return True
-    return all(entry.name.startswith(".") or entry.name in PLACEHOLDER_NAMES
-               for entry in split_dir.iterdir())
+    return all(entry.name.startswith(".") or entry.name in PLACEHOLDER_NAMES for entry in split_dir.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +319,9 @@ def _tissue_grid(rng: np.random.Generator, n_tiles: int) -> list[tuple[int, int]
     return sorted(cells)
 
 
-def _signal_cells(rng: np.random.Generator, cells: list[tuple[int, int]], n_signal: int) -> set[tuple[int, int]]:
+def _signal_cells(
+    rng: np.random.Generator, cells: list[tuple[int, int]], n_signal: int
+) -> set[tuple[int, int]]:
     """The ``n_signal`` cells nearest a random cell: one contiguous focus, as a tumour region."""
     seed_cell = cells[int(rng.integers(len(cells)))]
     distance = [(abs(r - seed_cell[0]) + abs(c - seed_cell[1]), rng.random(), (r, c)) for r, c in cells]
@@ -302,8 +333,13 @@ def _n_signal_tiles(rng: np.random.Generator, config: CohortConfig) -> int:
     return int(rng.integers(low, high + 1))
 
 
-def _write_slide(split_dir: Path, plan: SlidePlan, config: CohortConfig,
-                 sources: list[TextureSource], style: SignalStyle | None = None) -> dict:
+def _write_slide(
+    split_dir: Path,
+    plan: SlidePlan,
+    config: CohortConfig,
+    sources: list[TextureSource],
+    style: SignalStyle | None = None,
+) -> dict:
     style = SIGNAL if style is None else style
     rng = _slide_rng(config, plan)
     cells = _tissue_grid(rng, config.tiles_per_slide)
@@ -328,10 +364,17 @@ def _write_slide(split_dir: Path, plan: SlidePlan, config: CohortConfig,
         (folder / name).write_bytes(_encode(rgb, config.image_format))
         tiles.append(name)
     return {
-        "slide_id": plan.slide_id, "patient_id": plan.patient_id, "class_folder": plan.recorded_folder,
-        "label": plan.label, "n_tiles": len(tiles), "tiles": tiles, "signal_tiles": signal_tiles,
+        "slide_id": plan.slide_id,
+        "patient_id": plan.patient_id,
+        "class_folder": plan.recorded_folder,
+        "label": plan.label,
+        "n_tiles": len(tiles),
+        "tiles": tiles,
+        "signal_tiles": signal_tiles,
         "signal_fraction": round(len(signal_tiles) / len(tiles), 4),
-        "true_label": plan.label, "recorded_label": plan.recorded_label, "label_flipped": plan.flipped,
+        "true_label": plan.label,
+        "recorded_label": plan.recorded_label,
+        "label_flipped": plan.flipped,
     }
 
 
@@ -371,9 +414,11 @@ def _presets_help() -> str:
     lines = []
     for name, preset in DIFFICULTIES.items():
         low, high = (f"{100 * value:g}" for value in preset.signal_fraction)
-        lines.append(f"{name}: {low if low == high else f'{low}-{high}'}%% witness tiles, signal strength "
-                     f"{preset.signal_strength:g}, label noise {preset.label_noise:g}, "
-                     f"{preset.tiles_per_slide} tiles per slide")
+        lines.append(
+            f"{name}: {low if low == high else f'{low}-{high}'}%% witness tiles, signal strength "
+            f"{preset.signal_strength:g}, label noise {preset.label_noise:g}, "
+            f"{preset.tiles_per_slide} tiles per slide"
+        )
     return "; ".join(lines)
 
 
@@ -381,39 +426,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m feature_extraction.example_cohort",
         description="Write a small synthetic EGFR cohort of H&E tiles in the spec's layout "
-                    "(OUT/train, OUT/test) with a planted signal in a minority of the tiles of "
-                    "positive slides (the witness tiles), and its ground truth in "
-                    "OUT/<split>/example_cohort.json. --difficulty makes the signal rarer and "
-                    "subtler and the training labels noisy; the options after it override one knob each.")
-    parser.add_argument("--out", type=Path, default=project_root(),
-                        help="cohort root; writes OUT/train and OUT/test (default: the project root, "
-                             "i.e. the default data folders train/ and test/)")
+        "(OUT/train, OUT/test) with a planted signal in a minority of the tiles of "
+        "positive slides (the witness tiles), and its ground truth in "
+        "OUT/<split>/example_cohort.json. --difficulty makes the signal rarer and "
+        "subtler and the training labels noisy; the options after it override one knob each.",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=project_root(),
+        help="cohort root; writes OUT/train and OUT/test (default: the project root, "
+        "i.e. the default data folders train/ and test/)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train_patients", type=int, default=36, help="patients in the train split (default 36: 40 slides)")
-    parser.add_argument("--test_patients", type=int, default=20, help="patients in the test split (default 20)")
-    parser.add_argument("--difficulty", choices=tuple(DIFFICULTIES), default="easy",
-                        help=f"preset of the four settings below (default easy). {_presets_help()}")
-    parser.add_argument("--tiles_per_slide", type=int, default=None,
-                        help="tiles per slide (default: the preset's). A positive slide always has at least "
-                             "one witness tile, so a witness fraction under one tile gives one tile")
-    parser.add_argument("--witness_fraction", type=_witness_fraction, default=None, metavar="LOW[,HIGH]",
-                        help="fraction of a positive slide's tiles that carry the signal, one value or a "
-                             "range, each in (0, 0.25] (default: the preset's)")
-    parser.add_argument("--signal_strength", type=float, default=None,
-                        help="how far the planted nuclei differ from ordinary ones in size, crowding and "
-                             "darkness, in (0, 1]: 1 is the easy preset's signal (default: the preset's)")
-    parser.add_argument("--label_noise", type=float, default=None,
-                        help="fraction of each label's patients, in [0, 0.5), written under the other "
-                             "label (all of a patient's slides together; the signal follows the true "
-                             "label); training split only unless --noisy_test_labels (default: the preset's)")
-    parser.add_argument("--noisy_test_labels", action="store_true",
-                        help="apply --label_noise to the test split too (its metrics then measure "
-                             "agreement with wrong labels)")
+    parser.add_argument(
+        "--train_patients", type=int, default=36, help="patients in the train split (default 36: 40 slides)"
+    )
+    parser.add_argument(
+        "--test_patients", type=int, default=20, help="patients in the test split (default 20)"
+    )
+    parser.add_argument(
+        "--difficulty",
+        choices=tuple(DIFFICULTIES),
+        default="easy",
+        help=f"preset of the four settings below (default easy). {_presets_help()}",
+    )
+    parser.add_argument(
+        "--tiles_per_slide",
+        type=int,
+        default=None,
+        help="tiles per slide (default: the preset's). A positive slide always has at least "
+        "one witness tile, so a witness fraction under one tile gives one tile",
+    )
+    parser.add_argument(
+        "--witness_fraction",
+        type=_witness_fraction,
+        default=None,
+        metavar="LOW[,HIGH]",
+        help="fraction of a positive slide's tiles that carry the signal, one value or a "
+        "range, each in (0, 0.25] (default: the preset's)",
+    )
+    parser.add_argument(
+        "--signal_strength",
+        type=float,
+        default=None,
+        help="how far the planted nuclei differ from ordinary ones in size, crowding and "
+        "darkness, in (0, 1]: 1 is the easy preset's signal (default: the preset's)",
+    )
+    parser.add_argument(
+        "--label_noise",
+        type=float,
+        default=None,
+        help="fraction of each label's patients, in [0, 0.5), written under the other "
+        "label (all of a patient's slides together; the signal follows the true "
+        "label); training split only unless --noisy_test_labels (default: the preset's)",
+    )
+    parser.add_argument(
+        "--noisy_test_labels",
+        action="store_true",
+        help="apply --label_noise to the test split too (its metrics then measure "
+        "agreement with wrong labels)",
+    )
     parser.add_argument("--tile_size", type=int, default=256, help="tile side in pixels")
     parser.add_argument("--format", choices=("png", "jpg"), default="png", help="tile image format")
     parser.add_argument("--split", choices=("train", "test", "both"), default="both")
-    parser.add_argument("--force", action="store_true",
-                        help="replace the class folders of a split folder that is not empty")
+    parser.add_argument(
+        "--force", action="store_true", help="replace the class folders of a split folder that is not empty"
+    )
     return parser
 
 
@@ -422,30 +501,50 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     splits = ("train", "test") if args.split == "both" else (args.split,)
     summary = build_example_cohort(
-        args.out, seed=args.seed, n_train_patients=args.train_patients, n_test_patients=args.test_patients,
-        difficulty=args.difficulty, tiles_per_slide=args.tiles_per_slide, signal_fraction=args.witness_fraction,
-        signal_strength=args.signal_strength, label_noise=args.label_noise,
+        args.out,
+        seed=args.seed,
+        n_train_patients=args.train_patients,
+        n_test_patients=args.test_patients,
+        difficulty=args.difficulty,
+        tiles_per_slide=args.tiles_per_slide,
+        signal_fraction=args.witness_fraction,
+        signal_strength=args.signal_strength,
+        label_noise=args.label_noise,
         label_noise_splits=("train", "test") if args.noisy_test_labels else ("train",),
-        tile_size=args.tile_size, image_format=args.format, splits=splits, force=args.force)
-    print(f"example cohort: {summary.n_slides} slides, {summary.n_tiles} tiles "
-          f"({summary.n_signal_tiles} carry the planted signal), texture from "
-          f"{', '.join(summary.texture_sources)}")
+        tile_size=args.tile_size,
+        image_format=args.format,
+        splits=splits,
+        force=args.force,
+    )
+    print(
+        f"example cohort: {summary.n_slides} slides, {summary.n_tiles} tiles "
+        f"({summary.n_signal_tiles} carry the planted signal), texture from "
+        f"{', '.join(summary.texture_sources)}"
+    )
     config = summary.config
-    if args.difficulty != "easy" or any(value is not None for value in (
-            args.tiles_per_slide, args.witness_fraction, args.signal_strength, args.label_noise)):
+    if args.difficulty != "easy" or any(
+        value is not None
+        for value in (args.tiles_per_slide, args.witness_fraction, args.signal_strength, args.label_noise)
+    ):
         low, high = config.signal_fraction
-        print(f"  difficulty {config.difficulty}: witness fraction {low:g}-{high:g}, signal strength "
-              f"{config.signal_strength:g}, label noise {config.label_noise:g}, "
-              f"{config.tiles_per_slide} tiles per slide")
+        print(
+            f"  difficulty {config.difficulty}: witness fraction {low:g}-{high:g}, signal strength "
+            f"{config.signal_strength:g}, label noise {config.label_noise:g}, "
+            f"{config.tiles_per_slide} tiles per slide"
+        )
     if config.signal_fraction[0] * config.tiles_per_slide < 1:
-        print(f"note: a witness fraction of {config.signal_fraction[0]:g} is under one of "
-              f"{config.tiles_per_slide} tiles: such positive slides get one witness tile "
-              f"({1 / config.tiles_per_slide:.1%}); pass a larger --tiles_per_slide for the fraction asked",
-              file=sys.stderr)
+        print(
+            f"note: a witness fraction of {config.signal_fraction[0]:g} is under one of "
+            f"{config.tiles_per_slide} tiles: such positive slides get one witness tile "
+            f"({1 / config.tiles_per_slide:.1%}); pass a larger --tiles_per_slide for the fraction asked",
+            file=sys.stderr,
+        )
     for split, patients in summary.flipped_patients.items():
         if patients:
-            print(f"  label noise: {len(patients)} {split} patients written under the wrong label "
-                  f"({', '.join(patients)})")
+            print(
+                f"  label noise: {len(patients)} {split} patients written under the wrong label "
+                f"({', '.join(patients)})"
+            )
     for split, path in summary.split_dirs.items():
         print(f"  {split}: {path}  (ground truth: {path / GROUND_TRUTH_NAME})")
     return 0

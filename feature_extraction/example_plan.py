@@ -63,20 +63,25 @@ class CohortConfig:
         if self.difficulty not in DIFFICULTIES:
             raise PipelineError(f"difficulty {self.difficulty!r}: use one of {', '.join(DIFFICULTIES)}")
         if self.tiles_per_slide < 4:
-            raise PipelineError("tiles_per_slide must be at least 4: a positive slide needs one "
-                                "signal tile and at most a quarter of its tiles may carry it")
+            raise PipelineError(
+                "tiles_per_slide must be at least 4: a positive slide needs one "
+                "signal tile and at most a quarter of its tiles may carry it"
+            )
         if not 0 < self.signal_fraction[0] <= self.signal_fraction[1] <= 0.25:
             raise PipelineError(
                 f"signal_fraction (witness fraction) {tuple(self.signal_fraction)} must satisfy "
-                "0 < low <= high <= 0.25: the witness tiles are a minority, at most a quarter, of a slide's tiles")
+                "0 < low <= high <= 0.25: the witness tiles are a minority, at most a quarter, of a slide's tiles"
+            )
         if not 0 < self.signal_strength <= 1:
             raise PipelineError(
                 f"signal_strength {self.signal_strength} must be in (0, 1]: 1 is the full-strength "
-                "planted signal of the easy preset, smaller values make it subtler")
+                "planted signal of the easy preset, smaller values make it subtler"
+            )
         if not 0 <= self.label_noise < 0.5:
             raise PipelineError(
                 f"label_noise {self.label_noise} must be in [0, 0.5): it is the fraction of patients "
-                "recorded under the wrong label, and at 0.5 or more the labels say nothing")
+                "recorded under the wrong label, and at 0.5 or more the labels say nothing"
+            )
         unknown = set(self.label_noise_splits) - set(SPLIT_FOLDERS)
         if unknown:
             raise PipelineError(f"label_noise_splits {sorted(unknown)}: use train and/or test")
@@ -87,11 +92,14 @@ class CohortConfig:
         if self.n_test_patients < 2:
             raise PipelineError("n_test_patients must be at least 2 (one per label)")
         plain = self.n_train_patients // 2 - (self.cnn_slides_per_class - self.shared_cnn_patients)
-        if not 1 <= self.shared_cnn_patients <= self.cnn_slides_per_class or plain < max(1, self.shared_cnn_patients):
+        if not 1 <= self.shared_cnn_patients <= self.cnn_slides_per_class or plain < max(
+            1, self.shared_cnn_patients
+        ):
             raise PipelineError(
                 f"n_train_patients={self.n_train_patients} is too few for cnn_slides_per_class="
                 f"{self.cnn_slides_per_class} with shared_cnn_patients={self.shared_cnn_patients}: "
-                "each label needs at least as many plain patients as shared _cnn patients")
+                "each label needs at least as many plain patients as shared _cnn patients"
+            )
 
 
 @dataclass(frozen=True)
@@ -112,8 +120,11 @@ class SlidePlan:
         if not self.flipped:
             return self.class_folder
         cnn = self.class_folder.endswith("_cnn")
-        return next(folder for folder, (label, _) in SPLIT_FOLDERS[self.split].items()
-                    if label != self.label and folder.endswith("_cnn") == cnn)
+        return next(
+            folder
+            for folder, (label, _) in SPLIT_FOLDERS[self.split].items()
+            if label != self.label and folder.endswith("_cnn") == cnn
+        )
 
     @property
     def slide_id(self) -> str:
@@ -153,14 +164,20 @@ def preset_config(
     if shared_cnn_patients is None:
         shared_cnn_patients = max(1, cnn_slides_per_class // 2)
     config = CohortConfig(
-        seed=seed, n_train_patients=n_train_patients, n_test_patients=n_test_patients,
-        cnn_slides_per_class=cnn_slides_per_class, shared_cnn_patients=shared_cnn_patients,
+        seed=seed,
+        n_train_patients=n_train_patients,
+        n_test_patients=n_test_patients,
+        cnn_slides_per_class=cnn_slides_per_class,
+        shared_cnn_patients=shared_cnn_patients,
         tiles_per_slide=preset.tiles_per_slide if tiles_per_slide is None else tiles_per_slide,
-        tile_size=tile_size, signal_fraction=tuple(signal_fraction), image_format=image_format,
+        tile_size=tile_size,
+        signal_fraction=tuple(signal_fraction),
+        image_format=image_format,
         difficulty=difficulty,
         signal_strength=preset.signal_strength if signal_strength is None else signal_strength,
         label_noise=preset.label_noise if label_noise is None else label_noise,
-        label_noise_splits=tuple(label_noise_splits))
+        label_noise_splits=tuple(label_noise_splits),
+    )
     config.validate()
     return config
 
@@ -204,12 +221,15 @@ def _true_plans(config: CohortConfig, split: str) -> list[SlidePlan]:
         return plans
     n_pos = (config.n_train_patients + 1) // 2
     number = 0
-    for label_name, n_patients in (("EGFR_positive", n_pos), ("EGFR_negative", config.n_train_patients - n_pos)):
+    for label_name, n_patients in (
+        ("EGFR_positive", n_pos),
+        ("EGFR_negative", config.n_train_patients - n_pos),
+    ):
         label = SPLIT_FOLDERS["train"][label_name][0]
         cnn_only = config.cnn_slides_per_class - config.shared_cnn_patients
         names = [f"P{number + i + 1:04d}" for i in range(n_patients)]
         number += n_patients
-        plain, extra = names[: n_patients - cnn_only], names[n_patients - cnn_only:]
+        plain, extra = names[: n_patients - cnn_only], names[n_patients - cnn_only :]
         plans += [SlidePlan("train", label_name, name, label) for name in plain]
         # Spread the shared patients over the plain list so they are not all the first ones.
         shared = plain[:: max(1, len(plain) // config.shared_cnn_patients)][: config.shared_cnn_patients]

@@ -83,7 +83,9 @@ def _real_he_images() -> list[tuple[str, np.ndarray]]:
     return images
 
 
-def _tissue_corners(image: np.ndarray, tile_size: int, min_tissue: float = 0.6, stride: int = 8) -> np.ndarray:
+def _tissue_corners(
+    image: np.ndarray, tile_size: int, min_tissue: float = 0.6, stride: int = 8
+) -> np.ndarray:
     """Top-left corners (on a ``stride`` lattice) of windows whose tissue fraction >= ``min_tissue``."""
     height, width = image.shape[:2]
     if height < tile_size or width < tile_size:
@@ -94,8 +96,12 @@ def _tissue_corners(image: np.ndarray, tile_size: int, min_tissue: float = 0.6, 
     rows = np.arange(0, height - tile_size + 1, stride)
     cols = np.arange(0, width - tile_size + 1, stride)
     r, c = np.meshgrid(rows, cols, indexing="ij")
-    window = (integral[r + tile_size, c + tile_size] - integral[r, c + tile_size]
-              - integral[r + tile_size, c] + integral[r, c]) / tile_size**2
+    window = (
+        integral[r + tile_size, c + tile_size]
+        - integral[r, c + tile_size]
+        - integral[r + tile_size, c]
+        + integral[r, c]
+    ) / tile_size**2
     keep = window >= min_tissue
     return np.stack([r[keep], c[keep]], axis=1)
 
@@ -121,8 +127,14 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma) -> np
     return (noise - noise.mean()) / (noise.std() + 1e-6)
 
 
-def _ellipse_mask(shape: tuple[int, int], centers: np.ndarray, radii: np.ndarray, angles: np.ndarray,
-                  edge: float = 1.2, wobble: np.ndarray | None = None) -> np.ndarray:
+def _ellipse_mask(
+    shape: tuple[int, int],
+    centers: np.ndarray,
+    radii: np.ndarray,
+    angles: np.ndarray,
+    edge: float = 1.2,
+    wobble: np.ndarray | None = None,
+) -> np.ndarray:
     """Union of filled ellipses with anti-aliased edges; ``radii`` is K x 2 (a, b) in pixels.
 
     ``wobble`` (K x 4: amplitudes and phases of the 2nd and 3rd angular harmonics) bends each
@@ -141,8 +153,11 @@ def _ellipse_mask(shape: tuple[int, int], centers: np.ndarray, radii: np.ndarray
         radius = np.sqrt(u * u + v * v)
         if wobble is not None:
             theta = np.arctan2(v, u)
-            radius = radius / (1 + wobble[k, 0] * np.cos(2 * theta + wobble[k, 1])
-                               + wobble[k, 2] * np.cos(3 * theta + wobble[k, 3]))
+            radius = radius / (
+                1
+                + wobble[k, 0] * np.cos(2 * theta + wobble[k, 1])
+                + wobble[k, 2] * np.cos(3 * theta + wobble[k, 3])
+            )
         distance = (1 - radius) * min(a, b)  # ~pixels inside the boundary
         mask[y0:y1, x0:x1] = np.maximum(mask[y0:y1, x0:x1], np.clip(distance / edge + 0.5, 0, 1))
     return mask
@@ -157,7 +172,9 @@ def procedural_he(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     tissue = np.clip((_smooth_noise(rng, shape, 30) + 0.9) * 3, 0, 1)  # ~20% white gaps
     n_nuclei = int(height * width / 700)
     centers = rng.uniform([0, 0], [height, width], size=(n_nuclei, 2))
-    radii = rng.uniform(3, 7, size=(n_nuclei, 1)) * np.column_stack([np.ones(n_nuclei), rng.uniform(0.5, 1, n_nuclei)])
+    radii = rng.uniform(3, 7, size=(n_nuclei, 1)) * np.column_stack(
+        [np.ones(n_nuclei), rng.uniform(0.5, 1, n_nuclei)]
+    )
     nuclei = _ellipse_mask(shape, centers, radii, rng.uniform(0, np.pi, n_nuclei)) * tissue
     haematoxylin = 0.18 + nuclei * (1.0 + 0.2 * _smooth_noise(rng, shape, 1.0))
     hed = np.stack([haematoxylin * tissue, np.clip(eosin, 0.05, None) * tissue, 0.3 * tissue], axis=-1)
@@ -170,7 +187,7 @@ def procedural_he(rng: np.random.Generator, height: int, width: int) -> np.ndarr
 
 def crop_tile(rng: np.random.Generator, source: TextureSource, tile_size: int) -> np.ndarray:
     row, col = source.corners[int(rng.integers(len(source.corners)))]
-    tile = source.image[row: row + tile_size, col: col + tile_size]
+    tile = source.image[row : row + tile_size, col : col + tile_size]
     tile = np.rot90(tile, k=int(rng.integers(4)))
     if rng.random() < 0.5:
         tile = tile[:, ::-1]
@@ -195,9 +212,15 @@ class SignalStyle:
 SIGNAL = SignalStyle()
 # The nuclei of ordinary tissue in the source images (sparse, 4-7 pixels, haematoxylin about
 # 1.0-1.5): what the focus tends to as the signal strength falls to zero.
-ORDINARY_NUCLEI = SignalStyle(nucleus_radius=(4.5, 7.0), spacing=2.2, nucleus_hed=(1.2, 0.35, 0.6),
-                              cytoplasm_haematoxylin=0.0, cytoplasm_eosin=0.0, chromatin_contrast=0.12,
-                              rim_darkening=0.1)
+ORDINARY_NUCLEI = SignalStyle(
+    nucleus_radius=(4.5, 7.0),
+    spacing=2.2,
+    nucleus_hed=(1.2, 0.35, 0.6),
+    cytoplasm_haematoxylin=0.0,
+    cytoplasm_eosin=0.0,
+    chromatin_contrast=0.12,
+    rim_darkening=0.1,
+)
 
 
 def signal_style(strength: float) -> SignalStyle:
@@ -214,8 +237,15 @@ def signal_style(strength: float) -> SignalStyle:
             return tuple(towards_ordinary(f, o) for f, o in zip(full, ordinary))
         return towards_ordinary(full, ordinary)
 
-    names = ("nucleus_radius", "spacing", "nucleus_hed", "cytoplasm_haematoxylin", "cytoplasm_eosin",
-             "chromatin_contrast", "rim_darkening")
+    names = (
+        "nucleus_radius",
+        "spacing",
+        "nucleus_hed",
+        "cytoplasm_haematoxylin",
+        "cytoplasm_eosin",
+        "chromatin_contrast",
+        "rim_darkening",
+    )
     return replace(SIGNAL, **{name: each(name) for name in names})
 
 
@@ -243,15 +273,23 @@ def plant_signal(rng: np.random.Generator, hed: np.ndarray, style: SignalStyle =
             centers, radii = np.vstack([centers, center]), np.append(radii, a)
     n = len(centers)
     radii_ab = np.column_stack([radii, radii * rng.uniform(0.65, 1.0, n)])
-    wobble = np.column_stack([rng.uniform(0, 0.12, n), rng.uniform(0, 2 * np.pi, n),
-                              rng.uniform(0, 0.08, n), rng.uniform(0, 2 * np.pi, n)])
+    wobble = np.column_stack(
+        [
+            rng.uniform(0, 0.12, n),
+            rng.uniform(0, 2 * np.pi, n),
+            rng.uniform(0, 0.08, n),
+            rng.uniform(0, 2 * np.pi, n),
+        ]
+    )
     angles = rng.uniform(0, np.pi, n)
     nuclei = _ellipse_mask(shape, centers, radii_ab, angles, edge=1.2 * scale, wobble=wobble)
     # A darker rim (thick nuclear membrane): the mask of slightly shrunken nuclei, subtracted.
     inner = _ellipse_mask(shape, centers, radii_ab * 0.8, angles, edge=1.2 * scale, wobble=wobble)
     rim = np.clip(nuclei - inner, 0, 1)
     # Coarse, clumped chromatin; each tile's nuclei a little darker or lighter than the next.
-    chromatin = 1 + style.chromatin_contrast * _smooth_noise(rng, shape, 1.3 * scale) + style.rim_darkening * rim
+    chromatin = (
+        1 + style.chromatin_contrast * _smooth_noise(rng, shape, 1.3 * scale) + style.rim_darkening * rim
+    )
     nucleus_hed = np.array(style.nucleus_hed, dtype=np.float32) * chromatin[..., None] * rng.uniform(0.9, 1.1)
     opacity = 0.93 * nuclei[..., None]  # a little of the tissue below shows through
     out = hed * (1 - opacity) + nucleus_hed * opacity

@@ -16,12 +16,12 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -122,11 +122,26 @@ class EmbeddingRun:
     ``run(listings)`` embeds every listed slide whose bag is not current (``newer_than``: a bag
     written before that time is not current, for --overwrite); ``close()`` always follows."""
 
-    def __init__(self, cache_dir: Path, config: ExtractionConfig, backbone: LoadedBackbone,
-                 transform: TileTransform, features_dir: Path, plan: ComputePlan, *, newer_than: float | None,
-                 run_started: float, progress: bool) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        config: ExtractionConfig,
+        backbone: LoadedBackbone,
+        transform: TileTransform,
+        features_dir: Path,
+        plan: ComputePlan,
+        *,
+        newer_than: float | None,
+        run_started: float,
+        progress: bool,
+    ) -> None:
         self.cache_dir, self.config, self.backbone, self.transform = cache_dir, config, backbone, transform
-        self.features_dir, self.plan, self.newer_than, self.run_started = features_dir, plan, newer_than, run_started
+        self.features_dir, self.plan, self.newer_than, self.run_started = (
+            features_dir,
+            plan,
+            newer_than,
+            run_started,
+        )
         self.progress = progress
         self.cache_key = config.cache_key
         self.locks = SlideLocks(cache_dir)
@@ -148,15 +163,17 @@ class EmbeddingRun:
                 self.outcome[listing.slide.slide_id] = Outcome.REUSED
         idle_passes = 0
         while True:
-            open_slides = [l for l in listings if l.slide.slide_id not in self.outcome]
+            open_slides = [listing for listing in listings if listing.slide.slide_id not in self.outcome]
             for listing in open_slides:  # finished by another process since we last looked?
                 state = self._status(listing)
                 if state:
-                    self.outcome[listing.slide.slide_id] = Outcome.BY_OTHER if state == STATUS_OK else Outcome.FAILED
-            open_slides = [l for l in open_slides if l.slide.slide_id not in self.outcome]
+                    self.outcome[listing.slide.slide_id] = (
+                        Outcome.BY_OTHER if state == STATUS_OK else Outcome.FAILED
+                    )
+            open_slides = [listing for listing in open_slides if listing.slide.slide_id not in self.outcome]
             if not open_slides:
                 return
-            if all(self.locks.held_by_other(l.slide.slide_id) for l in open_slides):
+            if all(self.locks.held_by_other(listing.slide.slide_id) for listing in open_slides):
                 time.sleep(WAIT_POLL_SECONDS)  # the rest is in other processes' hands
                 continue
             if self._embed_pass(open_slides) == 0:
@@ -164,7 +181,8 @@ class EmbeddingRun:
                 if idle_passes > 30:
                     raise PipelineError(
                         f"could not lock {len(open_slides)} slides in {self.cache_dir / LOCK_DIR} "
-                        f"(e.g. {open_slides[0].slide.slide_id}); delete stale .lock files if no other run is active")
+                        f"(e.g. {open_slides[0].slide.slide_id}); delete stale .lock files if no other run is active"
+                    )
                 time.sleep(WAIT_POLL_SECONDS)
             else:
                 idle_passes = 0
@@ -172,8 +190,14 @@ class EmbeddingRun:
     def _status(self, listing: SlideTiles) -> str | None:
         """STATUS_OK if the slide's bag is current, STATUS_FAILED if its failure was recorded during
         this run (by any process), else None (``cache.slide_status``)."""
-        return slide_status(self.cache_dir, listing.slide.slide_id, self.cache_key, listing.tiles_digest,
-                            newer_than=self.newer_than, failed_since=self.run_started)
+        return slide_status(
+            self.cache_dir,
+            listing.slide.slide_id,
+            self.cache_key,
+            listing.tiles_digest,
+            newer_than=self.newer_than,
+            failed_since=self.run_started,
+        )
 
     def _embed_pass(self, listings: list[SlideTiles]) -> int:
         """Embed the slides we can lock; return how many we locked."""
@@ -184,12 +208,20 @@ class EmbeddingRun:
         buffers: dict[int, _SlideBuffer] = {}
         locked = [0]
         self.n_written, self.n_pass_slides = 0, len(listings)
-        total = sum(len(l.tiles) for l in listings)
-        self.bar = tqdm(total=total, unit="tile", desc="embedding", disable=not self.progress, dynamic_ncols=True,
-                        file=sys.stderr)
+        total = sum(len(listing.tiles) for listing in listings)
+        self.bar = tqdm(
+            total=total,
+            unit="tile",
+            desc="embedding",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         loader = DataLoader(
-            TileDataset(self.transform), batch_sampler=self._batches(listings, buffers, locked),
-            num_workers=plan.num_workers, collate_fn=_Collate(self.transform.input_size),
+            TileDataset(self.transform),
+            batch_sampler=self._batches(listings, buffers, locked),
+            num_workers=plan.num_workers,
+            collate_fn=_Collate(self.transform.input_size),
             pin_memory=plan.device.startswith("cuda"),
         )
         threads = torch.get_num_threads()
@@ -221,8 +253,9 @@ class EmbeddingRun:
                 self._drop(buffer)
         return locked[0]
 
-    def _batches(self, listings: list[SlideTiles], buffers: dict[int, _SlideBuffer],
-                 locked: list[int]) -> Iterator[list[tuple[int, int, TileRef]]]:
+    def _batches(
+        self, listings: list[SlideTiles], buffers: dict[int, _SlideBuffer], locked: list[int]
+    ) -> Iterator[list[tuple[int, int, TileRef]]]:
         """Lazily lock slides and cut their tiles into batches that span slide boundaries.
 
         Runs in the main process as the DataLoader asks for work, so a slide is locked just
@@ -241,8 +274,12 @@ class EmbeddingRun:
             remove_stale_temporaries(self.cache_dir, slide_id)
             if not listing.tiles:
                 # A whole slide without tissue or resolution, or unreadable, says why (wsi.py).
-                self.record_failure(listing, listing.reason or f"no image tiles in {listing.slide.path}"
-                                     + (f" ({len(listing.ignored)} non-image files ignored)" if listing.ignored else ""))
+                self.record_failure(
+                    listing,
+                    listing.reason
+                    or f"no image tiles in {listing.slide.path}"
+                    + (f" ({len(listing.ignored)} non-image files ignored)" if listing.ignored else ""),
+                )
                 self.locks.release(slide_id)
                 continue
             buffers[position] = self._new_buffer(listing)
@@ -261,8 +298,15 @@ class EmbeddingRun:
         spill = self.cache_dir / f".{listing.slide.slide_id}.spill.{os.getpid()}.tmp"
         return _SlideBuffer(listing, np.lib.format.open_memmap(spill, "w+", np.float32, shape), spill)
 
-    def _gather(self, positions: list[int], rows: list[int], errors: list[str], valid: list[int],
-                result, buffers: dict[int, _SlideBuffer]) -> None:
+    def _gather(
+        self,
+        positions: list[int],
+        rows: list[int],
+        errors: list[str],
+        valid: list[int],
+        result,
+        buffers: dict[int, _SlideBuffer],
+    ) -> None:
         features = result() if result is not None else None
         valid_index = {i: j for j, i in enumerate(valid)}
         touched = []
@@ -297,20 +341,32 @@ class EmbeddingRun:
         slide = listing.slide
         try:
             ok_rows = [row for row in range(len(listing.tiles)) if row not in buffer.errors]
-            skipped = [{"name": listing.tiles[row].name, "reason": reason} for row, reason in sorted(buffer.errors.items())]
+            skipped = [
+                {"name": listing.tiles[row].name, "reason": reason}
+                for row, reason in sorted(buffer.errors.items())
+            ]
             if not ok_rows:
                 example = f" (e.g. {skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""
-                self.record_failure(listing, f"none of the {len(listing.tiles)} tiles could be read{example}", skipped)
+                self.record_failure(
+                    listing, f"none of the {len(listing.tiles)} tiles could be read{example}", skipped
+                )
                 return Outcome.FAILED
             features = compact_rows(buffer.features, ok_rows)
             tiles = [listing.tiles[row] for row in ok_rows]
             path = bag_path(self.cache_dir, slide.slide_id)
             try:
-                write_bag(path, features, np.array([[t.x, t.y] for t in tiles], np.int64).reshape(-1, 2),
-                          [t.name for t in tiles], self._bag_attrs(listing, skipped))
+                write_bag(
+                    path,
+                    features,
+                    np.array([[t.x, t.y] for t in tiles], np.int64).reshape(-1, 2),
+                    [t.name for t in tiles],
+                    self._bag_attrs(listing, skipped),
+                )
             except OSError as error:
-                raise PipelineError(f"cannot write bag {path} ({os_error_text(error)}); check free space and "
-                                    "permissions, then rerun to resume") from error
+                raise PipelineError(
+                    f"cannot write bag {path} ({os_error_text(error)}); check free space and "
+                    "permissions, then rerun to resume"
+                ) from error
             clear_failure(self.cache_dir, slide.slide_id)
             return Outcome.EMBEDDED
         finally:
@@ -325,30 +381,57 @@ class EmbeddingRun:
     def _bag_attrs(self, listing: SlideTiles, skipped: list[dict[str, str]]) -> BagAttrs:
         slide, config, plan = listing.slide, self.config, self.plan
         return BagAttrs(
-            slide_id=slide.slide_id, patient_id=slide.patient_id, class_folder=slide.class_folder,
-            label=int(slide.label), split=slide.split, source=str(slide.path),
-            cache_key=self.cache_key, backbone=config.backbone, weights=config.weights,
-            weights_digest=config.weights_digest, weights_random=self.backbone.is_random,
-            weights_source=self.backbone.weights_source, transform=config.transform,
-            tile_size=config.input_size, max_tiles=config.max_tiles, seed=config.seed,
-            subset_rule=config.subset_rule, tiles_digest=listing.tiles_digest,
-            n_available=listing.n_available, n_selected=len(listing.tiles), n_skipped=len(skipped),
-            skipped_tiles=tuple(skipped), n_ignored_files=len(listing.ignored),
-            package_version=__version__, runtime=self.runner.name if self.runner else "",
-            precision=plan.precision, device=plan.device,
+            slide_id=slide.slide_id,
+            patient_id=slide.patient_id,
+            class_folder=slide.class_folder,
+            label=int(slide.label),
+            split=slide.split,
+            source=str(slide.path),
+            cache_key=self.cache_key,
+            backbone=config.backbone,
+            weights=config.weights,
+            weights_digest=config.weights_digest,
+            weights_random=self.backbone.is_random,
+            weights_source=self.backbone.weights_source,
+            transform=config.transform,
+            tile_size=config.input_size,
+            max_tiles=config.max_tiles,
+            seed=config.seed,
+            subset_rule=config.subset_rule,
+            tiles_digest=listing.tiles_digest,
+            n_available=listing.n_available,
+            n_selected=len(listing.tiles),
+            n_skipped=len(skipped),
+            skipped_tiles=tuple(skipped),
+            n_ignored_files=len(listing.ignored),
+            package_version=__version__,
+            runtime=self.runner.name if self.runner else "",
+            precision=plan.precision,
+            device=plan.device,
             embedded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             extra=dict(listing.attrs),  # the slide reader's own (e.g. a whole slide's resolution)
         )
 
     def record_failure(self, listing: SlideTiles, reason: str, skipped: list[dict[str, str]] = ()) -> None:
         slide = listing.slide
-        write_failure(self.cache_dir, {
-            "slide_id": slide.slide_id, "patient_id": slide.patient_id, "class_folder": slide.class_folder,
-            "label": int(slide.label), "split": slide.split, "source": str(slide.path),
-            "cache_key": self.cache_key, "tiles_digest": listing.tiles_digest, "reason": reason,
-            "n_available": listing.n_available, "n_skipped": len(skipped), "skipped_tiles": list(skipped),
-            "written_at": time.time(),
-        })
+        write_failure(
+            self.cache_dir,
+            {
+                "slide_id": slide.slide_id,
+                "patient_id": slide.patient_id,
+                "class_folder": slide.class_folder,
+                "label": int(slide.label),
+                "split": slide.split,
+                "source": str(slide.path),
+                "cache_key": self.cache_key,
+                "tiles_digest": listing.tiles_digest,
+                "reason": reason,
+                "n_available": listing.n_available,
+                "n_skipped": len(skipped),
+                "skipped_tiles": list(skipped),
+                "written_at": time.time(),
+            },
+        )
         self.outcome[slide.slide_id] = Outcome.FAILED
 
     def close(self) -> None:
@@ -358,15 +441,14 @@ class EmbeddingRun:
         self.locks.release_all()
 
 
-
 def compact_rows(features: np.ndarray, rows: list[int]) -> np.ndarray:
     """``features[rows]`` without a second slide-sized array: rows move up in place, in chunks."""
     if len(rows) == len(features):
         return features
     index = np.asarray(rows)
     for start in range(0, len(index), 4096):  # index[i] >= i: a chunk never overwrites rows still to move
-        chunk = index[start:start + 4096]
-        features[start:start + len(chunk)] = features[chunk]
+        chunk = index[start : start + 4096]
+        features[start : start + len(chunk)] = features[chunk]
     return features[: len(index)]
 
 
@@ -375,5 +457,3 @@ def shard_order(n: int, rank: int, world: int) -> list[int]:
     rank that finishes early takes over work the others would reach last."""
     own = [i for i in range(n) if i % world == rank]
     return own + [i for i in reversed(range(n)) if i % world != rank]
-
-

@@ -146,7 +146,11 @@ def _slides_in_class_folder(class_dir: Path, folder: str, label: int, split: str
                 continue
             slides.extend(_slides_in_patient_folder(entry, folder, label, split))
         elif is_whole_slide_file(entry):
-            slides.append(SlideSource(slide_id_for(folder, entry.stem), entry.stem, folder, label, split, entry, kind="wsi"))
+            slides.append(
+                SlideSource(
+                    slide_id_for(folder, entry.stem), entry.stem, folder, label, split, entry, kind="wsi"
+                )
+            )
         elif entry.is_file():
             loose_tiles.append(entry.name)
     if loose_tiles and not slides:
@@ -184,8 +188,13 @@ def _slide_tile_folders(patient_dir: Path, slide_files: list[Path]) -> list[Path
     if not slide_dirs:
         return []
     taken = set(slide_dirs) | set(slide_files)
-    beside = sorted(e.name for e in patient_dir.iterdir() if not e.name.startswith(".") and e not in taken
-                    and (e.is_dir() and not is_mirax_companion(e) or is_tile_image(e.name)))
+    beside = sorted(
+        e.name
+        for e in patient_dir.iterdir()
+        if not e.name.startswith(".")
+        and e not in taken
+        and (e.is_dir() and not is_mirax_companion(e) or is_tile_image(e.name))
+    )
     if beside:
         raise PipelineError(
             f"{patient_dir} holds the tiles of {len(slide_dirs)} slides in sub-folders named after their "
@@ -209,7 +218,12 @@ def _warn_loose_images(class_dir: Path, names: list[str]) -> None:
     log.warning(
         "%s holds %d loose image file%s beside its patient folders (e.g. %r); they belong to no patient "
         "and are NOT embedded. Move them into the folder of the patient they were cut from: %s/<patient>/<tiles>",
-        class_dir, len(names), "" if len(names) == 1 else "s", names[0], class_dir)
+        class_dir,
+        len(names),
+        "" if len(names) == 1 else "s",
+        names[0],
+        class_dir,
+    )
 
 
 def _check_patient_labels(slides: list[SlideSource], data_dir: Path) -> None:
@@ -236,8 +250,13 @@ def _check_unique_slide_ids(slides: list[SlideSource]) -> None:
             )
 
 
-def list_slide_tiles(slide: SlideSource, max_tiles: int = 100, seed: int = 0, wsi: WsiConfig | None = None,
-                     plan_cache: Path | None = None) -> SlideTiles:
+def list_slide_tiles(
+    slide: SlideSource,
+    max_tiles: int = 100,
+    seed: int = 0,
+    wsi: WsiConfig | None = None,
+    plan_cache: Path | None = None,
+) -> SlideTiles:
     """The tiles of ``slide`` to embed; the one place that dispatches on ``slide.kind``.
 
     ``max_tiles <= 0`` keeps every tile. ``wsi`` (default settings when None) says how

@@ -48,8 +48,10 @@ class SlideLocks:
                     return False
                 continue
             except OSError as error:  # a read-only or full file system, a folder without write permission
-                raise PipelineError(f"cannot write to the feature cache {self.directory.parent} ({error}); "
-                                    "pass a writable --features_dir") from error
+                raise PipelineError(
+                    f"cannot write to the feature cache {self.directory.parent} ({error}); "
+                    "pass a writable --features_dir"
+                ) from error
             with os.fdopen(fd, "w") as handle:
                 handle.write(f"{self.host} {os.getpid()} {time.time():.3f}\n")
             with self._mutex:

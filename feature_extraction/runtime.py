@@ -36,7 +36,9 @@ from feature_extraction.errors import PipelineError
 RUNTIMES = ("auto", "onnxruntime", "torch")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-CPU_CORES_PER_DECODE_WORKER = 8  # on a CPU decoding costs 2-10% of the backbone's time (docs/embedding.md, "Threads")
+CPU_CORES_PER_DECODE_WORKER = (
+    8  # on a CPU decoding costs 2-10% of the backbone's time (docs/embedding.md, "Threads")
+)
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_OPSET = 18
 EXPORT_TOLERANCE = 1e-4  # relative to the largest feature: float32 rounding, not a different model
@@ -73,8 +75,10 @@ class ComputePlan:
 
     def describe(self) -> str:
         threads = f", {_count(self.compute_threads, 'compute thread')}" if self.device == "cpu" else ""
-        return (f"{self.device}, {self.precision}, batch {self.batch_size}, "
-                f"{_count(self.num_workers, 'decode worker')}{threads}")
+        return (
+            f"{self.device}, {self.precision}, batch {self.batch_size}, "
+            f"{_count(self.num_workers, 'decode worker')}{threads}"
+        )
 
 
 def _count(n: int, noun: str) -> str:
@@ -127,20 +131,28 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise PipelineError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise PipelineError(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU. "
-                                "Use --device auto or cpu.")
+            raise PipelineError(
+                f"device {device!r} asked for, but this PyTorch sees no CUDA GPU. Use --device auto or cpu."
+            )
         index = local_rank % torch.cuda.device_count() if resolved.index is None else resolved.index
         if index >= torch.cuda.device_count():
-            raise PipelineError(f"device {device!r} asked for, but PyTorch sees {torch.cuda.device_count()} "
-                                "CUDA GPUs (cuda:0 is the first).")
+            raise PipelineError(
+                f"device {device!r} asked for, but PyTorch sees {torch.cuda.device_count()} "
+                "CUDA GPUs (cuda:0 is the first)."
+            )
         return torch.device("cuda", index)
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise PipelineError(f"device {device!r} asked for, but MPS is not available here. Use --device cpu.")
     return resolved
 
 
-def plan_compute(device: str = "auto", precision: str = "auto", runtime: str = "auto",
-                 batch_size: int | None = None, num_workers: int = 4) -> ComputePlan:
+def plan_compute(
+    device: str = "auto",
+    precision: str = "auto",
+    runtime: str = "auto",
+    batch_size: int | None = None,
+    num_workers: int = 4,
+) -> ComputePlan:
     """Choose device, precision, runtime, batch size, decode workers and compute threads.
 
     On a CPU the backbone and the decode workers share the cores. Decoding costs 2-10% of
@@ -158,16 +170,19 @@ def plan_compute(device: str = "auto", precision: str = "auto", runtime: str = "
     if precision == "auto":
         precision = "fp32" if on_cpu else "fp16"
     if on_cpu and precision == "fp16":
-        raise PipelineError("--precision fp16 needs a GPU; on a CPU use fp32 (bf16 runs, slowly, only on "
-                            "processors with native bf16)")
+        raise PipelineError(
+            "--precision fp16 needs a GPU; on a CPU use fp32 (bf16 runs, slowly, only on "
+            "processors with native bf16)"
+        )
     if runtime == "onnxruntime":
         if not on_cpu:
             raise PipelineError("--runtime onnxruntime runs on the CPU here; use --runtime torch on a GPU")
         if precision != "fp32":
             raise PipelineError("--runtime onnxruntime runs fp32 only; use --precision fp32")
         if not onnxruntime_available():
-            raise PipelineError("--runtime onnxruntime needs onnxruntime, onnx and onnxscript: "
-                                "pip install 'clam-egfr[cpu]'")
+            raise PipelineError(
+                "--runtime onnxruntime needs onnxruntime, onnx and onnxscript: pip install 'clam-egfr[cpu]'"
+            )
     if runtime == "auto":
         runtime = "onnxruntime" if on_cpu and precision == "fp32" and onnxruntime_available() else "torch"
     if on_cpu:
@@ -184,6 +199,7 @@ def plan_compute(device: str = "auto", precision: str = "auto", runtime: str = "
 
 
 # -------------------------------------------------------------------------------------- runners
+
 
 class TorchRunner:
     """Eager PyTorch, channels_last; autocast and asynchronous copies on an accelerator."""
@@ -245,7 +261,9 @@ class OnnxRunner:
         # workers (or another process) need, and on a shared machine that costs far more than the
         # microseconds of wake-up per operator (ResNet operators take milliseconds each).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        self.session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(
+            str(model_path), options, providers=["CPUExecutionProvider"]
+        )
         self.input_name = self.session.get_inputs()[0].name
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
 
@@ -272,15 +290,21 @@ def build_runner(backbone: LoadedBackbone, plan: ComputePlan, features_dir: Path
             path = export_onnx(backbone, features_dir)
             return OnnxRunner(path, plan.compute_threads)
         except Exception as error:  # any exporter/runtime failure: PyTorch computes the same features
-            log.warning(f"ONNX Runtime unavailable for {backbone.spec.name} ({type(error).__name__}: "
-                        f"{str(error)[:300]}); running eager PyTorch instead (same features, about half "
-                        "the speed)")
+            log.warning(
+                f"ONNX Runtime unavailable for {backbone.spec.name} ({type(error).__name__}: "
+                f"{str(error)[:300]}); running eager PyTorch instead (same features, about half "
+                "the speed)"
+            )
     return TorchRunner(backbone, plan)
 
 
 def onnx_path(backbone: LoadedBackbone, features_dir: Path) -> Path:
     spec = backbone.spec
-    return Path(features_dir) / ".onnx" / f"{spec.name}-{backbone.weights_digest[:16]}-{spec.input_size}px-nhwc-uint8.onnx"
+    return (
+        Path(features_dir)
+        / ".onnx"
+        / f"{spec.name}-{backbone.weights_digest[:16]}-{spec.input_size}px-nhwc-uint8.onnx"
+    )
 
 
 def export_onnx(backbone: LoadedBackbone, features_dir: Path) -> Path:
@@ -295,20 +319,33 @@ def export_onnx(backbone: LoadedBackbone, features_dir: Path) -> Path:
     spec = backbone.spec
     model = NormalizedBackbone(backbone.module, spec.mean, spec.std).eval()
     generator = torch.Generator().manual_seed(0)
-    example = torch.randint(0, 256, (2, spec.input_size, spec.input_size, 3), dtype=torch.uint8, generator=generator)
+    example = torch.randint(
+        0, 256, (2, spec.input_size, spec.input_size, 3), dtype=torch.uint8, generator=generator
+    )
     with atomic_output(path) as tmp, warnings.catch_warnings(), open(os.devnull, "w") as devnull:
         warnings.simplefilter("ignore")
         with contextlib.redirect_stdout(devnull):  # the exporter narrates its steps
             try:  # torch.export-based exporter (the default since torch 2.9; needs onnxscript)
                 torch.onnx.export(
-                    model, (example,), str(tmp), input_names=["tiles"], output_names=["features"],
-                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=ONNX_OPSET,
-                    dynamo=True, external_data=False,
+                    model,
+                    (example,),
+                    str(tmp),
+                    input_names=["tiles"],
+                    output_names=["features"],
+                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                    opset_version=ONNX_OPSET,
+                    dynamo=True,
+                    external_data=False,
                 )
             except Exception:  # older torch, or a model torch.export cannot trace: the TorchScript exporter
                 torch.onnx.export(
-                    model, (example,), str(tmp), input_names=["tiles"], output_names=["features"],
-                    dynamic_axes={"tiles": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
+                    model,
+                    (example,),
+                    str(tmp),
+                    input_names=["tiles"],
+                    output_names=["features"],
+                    dynamic_axes={"tiles": {0: "batch"}, "features": {0: "batch"}},
+                    opset_version=17,
                     dynamo=False,
                 )
         _check_export(Path(tmp), model, example)
@@ -326,5 +363,7 @@ def _check_export(path: Path, model: nn.Module, example: torch.Tensor) -> None:
         expected = model(example[:1]).numpy()
     error = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-12))
     if got.shape != expected.shape or not error <= EXPORT_TOLERANCE:
-        raise RuntimeError(f"ONNX export differs from PyTorch (relative error {error:.2e}, shapes "
-                           f"{got.shape} vs {expected.shape})")
+        raise RuntimeError(
+            f"ONNX export differs from PyTorch (relative error {error:.2e}, shapes "
+            f"{got.shape} vs {expected.shape})"
+        )

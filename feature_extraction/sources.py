@@ -26,9 +26,10 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -108,7 +109,7 @@ def select_subset(names: list[str], slide_id: str, max_tiles: int, seed: int) ->
     """Indices (ascending) of the ``max_tiles`` tiles kept; all of them when ``max_tiles <= 0``."""
     if max_tiles <= 0 or len(names) <= max_tiles:
         return list(range(len(names)))
-    prefix = f"{seed}\x00{slide_id}\x00".encode("utf-8")
+    prefix = f"{seed}\x00{slide_id}\x00".encode()
     ranks = [hashlib.sha256(prefix + name.encode("utf-8")).digest() for name in names]
     kept = sorted(range(len(names)), key=lambda i: (ranks[i], names[i]))[:max_tiles]
     return sorted(kept)
@@ -208,7 +209,9 @@ def decode_rgb(path: str | Path) -> Image.Image:
             with Image.open(path) as image:
                 width, height = image.size
                 if width * height > MAX_TILE_PIXELS:
-                    raise TileError(f"{width}x{height} pixels is larger than the {MAX_TILE_PIXELS} pixel limit")
+                    raise TileError(
+                        f"{width}x{height} pixels is larger than the {MAX_TILE_PIXELS} pixel limit"
+                    )
                 image.load()
                 return to_rgb(image)
     except TileError:
@@ -232,7 +235,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "F":
         values = np.asarray(image, dtype=np.float32)
         scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1.0  # a float image is usually 0..1
-        return Image.fromarray(np.clip(np.nan_to_num(values) * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.clip(np.nan_to_num(values) * scale, 0, 255).astype(np.uint8), "L").convert(
+            "RGB"
+        )
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -252,7 +257,11 @@ def _tifffile_rgb(path: Path) -> Image.Image | None:
         return None
     if array.ndim == 2:
         array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4) or array.shape[0] * array.shape[1] > MAX_TILE_PIXELS:
+    if (
+        array.ndim != 3
+        or array.shape[-1] not in (1, 2, 3, 4)
+        or array.shape[0] * array.shape[1] > MAX_TILE_PIXELS
+    ):
         return None
     if array.dtype == np.uint16:
         array = np.rint(array / 257.0)

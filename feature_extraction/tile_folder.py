@@ -33,7 +33,7 @@ def list_folder_tiles(slide: SlideSource, max_tiles: int = 100, seed: int = 0) -
     names, stats, ignored = _list_folder(slide.path)
     digest = hashlib.sha256()
     for name, (size, mtime_ns) in zip(names, stats):
-        digest.update(f"{name}\t{size}\t{mtime_ns}\n".encode("utf-8"))
+        digest.update(f"{name}\t{size}\t{mtime_ns}\n".encode())
     chosen = select_subset(names, slide.slide_id, max_tiles, seed)
     tiles = []
     for index in chosen:

@@ -26,10 +26,11 @@ import argparse
 import logging
 import shutil
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -91,8 +92,11 @@ def tile_slide(
     tiles_dir = slide_tiles_dir(out_dir, slide)
     prefix = f"{slide.path.stem}_x"
     staging = Path(out_dir) / slide.class_folder / f".{slide.patient_id}.{slide.path.stem}.partial"
-    existing = sorted(p for p in tiles_dir.iterdir() if p.name.startswith(prefix) and p.suffix == ".png") \
-        if tiles_dir.is_dir() else []
+    existing = (
+        sorted(p for p in tiles_dir.iterdir() if p.name.startswith(prefix) and p.suffix == ".png")
+        if tiles_dir.is_dir()
+        else []
+    )
     if existing and not overwrite and not staging.exists():
         return TiledSlide(slide.slide_id, slide.path, tiles_dir, "existing", len(existing), len(existing))
     listed = list_wsi_tiles(slide, max_tiles=max_tiles, seed=seed, config=config)
@@ -113,12 +117,25 @@ def tile_slide(
 
     # OpenSlide reads and PNG encoding release the GIL, so threads share the slide handle.
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        written = list(tqdm(pool.map(write, listed.tiles), total=len(listed.tiles), desc=slide.slide_id,
-                            unit="tile", leave=False, disable=None))
+        written = list(
+            tqdm(
+                pool.map(write, listed.tiles),
+                total=len(listed.tiles),
+                desc=slide.slide_id,
+                unit="tile",
+                leave=False,
+                disable=None,
+            )
+        )
     if not any(written):
         shutil.rmtree(staging)
-        return TiledSlide(slide.slide_id, slide.path, tiles_dir, "skipped",
-                          message=f"slide {slide.path}: none of its {len(written)} tiles could be read; skipped.")
+        return TiledSlide(
+            slide.slide_id,
+            slide.path,
+            tiles_dir,
+            "skipped",
+            message=f"slide {slide.path}: none of its {len(written)} tiles could be read; skipped.",
+        )
     tiles_dir.mkdir(parents=True, exist_ok=True)
     for old in existing:  # --overwrite: tiles of an earlier run with other settings go
         old.unlink()
@@ -128,24 +145,47 @@ def tile_slide(
     if overview and listed.plan is not None:
         plot_plan(listed.plan, Path(out_dir) / "overviews" / f"{slide.slide_id}.png")
     message = "" if all(written) else f"{written.count(False)} tiles could not be read and were left out"
-    return TiledSlide(slide.slide_id, slide.path, tiles_dir, "tiled", sum(written), listed.n_available,
-                      message, listed.attrs)
+    return TiledSlide(
+        slide.slide_id,
+        slide.path,
+        tiles_dir,
+        "tiled",
+        sum(written),
+        listed.n_available,
+        message,
+        listed.attrs,
+    )
 
 
-def slides_from_files(paths: Sequence[str | Path], class_folder: str, split: str = "train") -> list[SlideSource]:
+def slides_from_files(
+    paths: Sequence[str | Path], class_folder: str, split: str = "train"
+) -> list[SlideSource]:
     """SlideSources for loose slide files: patient = file stem, label from ``class_folder``."""
     labels = {folder: label for folders in SPLIT_FOLDERS.values() for folder, (label, _) in folders.items()}
     if class_folder not in labels:
-        raise PipelineError(f"--class_folder {class_folder!r} is not a class folder of the spec; "
-                            f"use one of {', '.join(labels)}")
+        raise PipelineError(
+            f"--class_folder {class_folder!r} is not a class folder of the spec; "
+            f"use one of {', '.join(labels)}"
+        )
     slides = []
     for path in map(Path, paths):
         if not path.is_file():
             raise PipelineError(f"slide file {path} does not exist.")
         if not is_whole_slide_file(path):
-            raise PipelineError(f"{path} is not a whole-slide image (.svs, .ndpi, .mrxs, pyramidal .tif, ...).")
-        slides.append(SlideSource(slide_id_for(class_folder, path.stem), path.stem, class_folder,
-                                  labels[class_folder], split, path, kind="wsi"))
+            raise PipelineError(
+                f"{path} is not a whole-slide image (.svs, .ndpi, .mrxs, pyramidal .tif, ...)."
+            )
+        slides.append(
+            SlideSource(
+                slide_id_for(class_folder, path.stem),
+                path.stem,
+                class_folder,
+                labels[class_folder],
+                split,
+                path,
+                kind="wsi",
+            )
+        )
     return slides
 
 
@@ -169,16 +209,27 @@ def tile_slides(
         if result.status == "skipped":
             log.warning("skipped %s: %s", slide.slide_id, result.message)
         results.append(result)
-    atomic_write_json(Path(out_dir) / MANIFEST, {
-        "config": config.as_dict(),
-        "max_tiles": max_tiles,
-        "seed": seed,
-        "slides": [
-            {"slide_id": r.slide_id, "path": str(r.path), "out_dir": str(r.out_dir), "status": r.status,
-             "n_tiles": r.n_tiles, "n_available": r.n_available, "message": r.message, "attrs": r.attrs}
-            for r in results
-        ],
-    })
+    atomic_write_json(
+        Path(out_dir) / MANIFEST,
+        {
+            "config": config.as_dict(),
+            "max_tiles": max_tiles,
+            "seed": seed,
+            "slides": [
+                {
+                    "slide_id": r.slide_id,
+                    "path": str(r.path),
+                    "out_dir": str(r.out_dir),
+                    "status": r.status,
+                    "n_tiles": r.n_tiles,
+                    "n_available": r.n_available,
+                    "message": r.message,
+                    "attrs": r.attrs,
+                }
+                for r in results
+            ],
+        },
+    )
     return results
 
 
@@ -186,26 +237,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m feature_extraction.tile_slides",
         description="Cut whole-slide images into tile folders <out_dir>/<class_folder>/<patient>/"
-                    "<slide>_x{X}_y{Y}.png (level-0 coordinates), keeping tiles with enough tissue. "
-                    "A patient with several slides gets one sub-folder per slide, named after its "
-                    "slide file (<patient>/<slide file>/), which embed reads as separate slides.",
+        "<slide>_x{X}_y{Y}.png (level-0 coordinates), keeping tiles with enough tissue. "
+        "A patient with several slides gets one sub-folder per slide, named after its "
+        "slide file (<patient>/<slide file>/), which embed reads as separate slides.",
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data_dir", type=Path, default=None,
-                        help="cohort in the spec's layout whose whole-slide images are tiled "
-                             "(default: <project root>/<split>)")
-    source.add_argument("--slides", type=Path, nargs="+", default=None,
-                        help="slide files to tile instead of a cohort (needs --class_folder)")
-    parser.add_argument("--class_folder", default=None, help="class folder the --slides belong to, e.g. EGFR_positive")
+    source.add_argument(
+        "--data_dir",
+        type=Path,
+        default=None,
+        help="cohort in the spec's layout whose whole-slide images are tiled "
+        "(default: <project root>/<split>)",
+    )
+    source.add_argument(
+        "--slides",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="slide files to tile instead of a cohort (needs --class_folder)",
+    )
+    parser.add_argument(
+        "--class_folder", default=None, help="class folder the --slides belong to, e.g. EGFR_positive"
+    )
     parser.add_argument("--split", choices=SPLITS, default="train")
     parser.add_argument("--out_dir", type=Path, required=True, help="where the tile cohort is written")
-    parser.add_argument("--max_tiles", type=int, default=0,
-                        help="tiles per slide, the same seeded subset embed uses; 0 = all (default)")
+    parser.add_argument(
+        "--max_tiles",
+        type=int,
+        default=0,
+        help="tiles per slide, the same seeded subset embed uses; 0 = all (default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_workers", type=int, default=2, help="threads reading and writing tiles")
     parser.add_argument("--overwrite", action="store_true", help="re-tile slides whose tiles exist")
-    parser.add_argument("--overview", action="store_true",
-                        help="also save thumbnail + tissue mask + tile grid pictures in <out_dir>/overviews/")
+    parser.add_argument(
+        "--overview",
+        action="store_true",
+        help="also save thumbnail + tissue mask + tile grid pictures in <out_dir>/overviews/",
+    )
     add_wsi_arguments(parser)
     return parser
 
@@ -221,16 +290,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         data_dir = args.data_dir or default_data_dir(args.split)
         if args.out_dir.resolve() == data_dir.resolve():
-            raise PipelineError("--out_dir must differ from --data_dir: tiles would be mixed with the slides.")
+            raise PipelineError(
+                "--out_dir must differ from --data_dir: tiles would be mixed with the slides."
+            )
         slides = discover_slides(data_dir, args.split)
         if not any(s.kind == "wsi" for s in slides):
-            raise PipelineError(f"no whole-slide images (.svs, .ndpi, .mrxs, pyramidal .tif, ...) found in the "
-                                f"class folders of {data_dir}.")
-    results = tile_slides(slides, args.out_dir, config, args.max_tiles, args.seed, args.overwrite,
-                          args.overview, args.num_workers)
+            raise PipelineError(
+                f"no whole-slide images (.svs, .ndpi, .mrxs, pyramidal .tif, ...) found in the "
+                f"class folders of {data_dir}."
+            )
+    results = tile_slides(
+        slides,
+        args.out_dir,
+        config,
+        args.max_tiles,
+        args.seed,
+        args.overwrite,
+        args.overview,
+        args.num_workers,
+    )
     counts = {status: sum(r.status == status for r in results) for status in ("tiled", "existing", "skipped")}
-    print(f"{counts['tiled']} slides tiled ({sum(r.n_tiles for r in results if r.status == 'tiled')} tiles), "
-          f"{counts['existing']} already tiled, {counts['skipped']} skipped; written to {args.out_dir}")
+    print(
+        f"{counts['tiled']} slides tiled ({sum(r.n_tiles for r in results if r.status == 'tiled')} tiles), "
+        f"{counts['existing']} already tiled, {counts['skipped']} skipped; written to {args.out_dir}"
+    )
     for result in results:
         if result.status == "skipped":
             print(f"  skipped {result.slide_id}: {result.message}")

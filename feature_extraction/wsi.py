@@ -24,9 +24,10 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -84,7 +85,7 @@ class WsiConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "WsiConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> WsiConfig:
         """The inverse of ``as_dict`` (e.g. the tiling a feature cache records); unknown keys are ignored."""
         known = {f.name for f in fields(cls)}
         kept = {k: v for k, v in values.items() if k in known}
@@ -149,10 +150,15 @@ def open_slide(path: str | Path):
     try:
         return openslide.OpenSlide(str(path))
     except (openslide.OpenSlideError, OSError, ValueError) as error:
-        kind = "is not a format OpenSlide reads" if isinstance(
-            error, openslide.OpenSlideUnsupportedFormatError) else f"cannot be read ({error})"
-        raise SlideSkipped(f"slide {path} {kind}; skipped. Check the file is complete and a "
-                           "supported scanner format (.svs, .ndpi, .mrxs, pyramidal .tif, ...).") from error
+        kind = (
+            "is not a format OpenSlide reads"
+            if isinstance(error, openslide.OpenSlideUnsupportedFormatError)
+            else f"cannot be read ({error})"
+        )
+        raise SlideSkipped(
+            f"slide {path} {kind}; skipped. Check the file is complete and a "
+            "supported scanner format (.svs, .ndpi, .mrxs, pyramidal .tif, ...)."
+        ) from error
 
 
 _HANDLES: OrderedDict[str, Any] = OrderedDict()
@@ -215,7 +221,9 @@ def read_tile(region: WsiTileRef) -> Image.Image:
         raw = slide.read_region((region.x, region.y), region.level, (region.read_size, region.read_size))
     except (SlideSkipped, import_openslide().OpenSlideError) as error:
         _forget_slide(str(region.path))  # an OpenSlide handle stays unusable after an error
-        raise TileError(f"region at ({region.x}, {region.y}) of {region.path} cannot be read: {error}") from error
+        raise TileError(
+            f"region at ({region.x}, {region.y}) of {region.path} cannot be read: {error}"
+        ) from error
     tile = _flatten(raw, _background(slide))
     if region.read_size != region.tile_size:
         tile = tile.resize((region.tile_size, region.tile_size), Image.BILINEAR)
@@ -229,8 +237,15 @@ def wsi_tile_image(slide_path: str | Path, attrs: dict[str, Any], x: int, y: int
     ``level_downsample``). Raises TileError when the slide or region cannot be read."""
     level = int(attrs["patch_level"])
     read_size = max(1, round(float(attrs["patch_size_level0"]) / float(attrs["level_downsample"])))
-    tile = WsiTileRef(tile_name(int(x), int(y)), int(x), int(y), Path(slide_path), level, read_size,
-                      int(attrs["patch_size"]))
+    tile = WsiTileRef(
+        tile_name(int(x), int(y)),
+        int(x),
+        int(y),
+        Path(slide_path),
+        level,
+        read_size,
+        int(attrs["patch_size"]),
+    )
     return tile.load()
 
 
@@ -260,11 +275,18 @@ def slide_resolution(slide, path: str | Path, fallback_mpp: float | None) -> tup
     except ValueError:
         power = math.nan
     if power > 0:
-        log.warning("slide %s records no microns per pixel; assuming %.3g um/px from its %gx objective. "
-                    "Pass --wsi_mpp to set it.", path, MPP_AT_1X / power, power)
+        log.warning(
+            "slide %s records no microns per pixel; assuming %.3g um/px from its %gx objective. "
+            "Pass --wsi_mpp to set it.",
+            path,
+            MPP_AT_1X / power,
+            power,
+        )
         return MPP_AT_1X / power, "objective power"
-    raise SlideSkipped(f"slide {path} records no resolution (microns per pixel or objective power); skipped. "
-                       "Pass --wsi_mpp <um per level-0 pixel> to tile it at a known scale.")
+    raise SlideSkipped(
+        f"slide {path} records no resolution (microns per pixel or objective power); skipped. "
+        "Pass --wsi_mpp <um per level-0 pixel> to tile it at a known scale."
+    )
 
 
 def best_level(downsamples: tuple[float, ...], wanted: float) -> int:
@@ -323,18 +345,38 @@ def wsi_thumbnail(path: str | Path, max_size: int = 1024) -> tuple[Image.Image, 
 def add_wsi_arguments(parser: argparse.ArgumentParser) -> None:
     """The whole-slide options shared by `embed` and `tile_slides`."""
     group = parser.add_argument_group("whole-slide images (.svs, .ndpi, .mrxs, pyramidal .tif)")
-    group.add_argument("--wsi_tile_size", type=int, default=WsiConfig.tile_size,
-                       help="tile side in pixels at the tile resolution (default: %(default)s)")
+    group.add_argument(
+        "--wsi_tile_size",
+        type=int,
+        default=WsiConfig.tile_size,
+        help="tile side in pixels at the tile resolution (default: %(default)s)",
+    )
     scale = group.add_mutually_exclusive_group()
-    scale.add_argument("--wsi_magnification", type=float, default=None,
-                       help="tile magnification, converted as 10 / magnification um/px (default: 20)")
-    scale.add_argument("--wsi_tile_mpp", type=float, default=None,
-                       help=f"tile resolution in um/px (default: {WsiConfig.tile_mpp})")
-    group.add_argument("--wsi_min_tissue", type=float, default=WsiConfig.min_tissue,
-                       help="minimum tissue fraction of a kept tile, 0..1 (default: %(default)s)")
-    group.add_argument("--wsi_mpp", type=float, default=None,
-                       help="um per level-0 pixel for slides that record none (else such slides are "
-                            "scaled by their objective power, or skipped)")
+    scale.add_argument(
+        "--wsi_magnification",
+        type=float,
+        default=None,
+        help="tile magnification, converted as 10 / magnification um/px (default: 20)",
+    )
+    scale.add_argument(
+        "--wsi_tile_mpp",
+        type=float,
+        default=None,
+        help=f"tile resolution in um/px (default: {WsiConfig.tile_mpp})",
+    )
+    group.add_argument(
+        "--wsi_min_tissue",
+        type=float,
+        default=WsiConfig.min_tissue,
+        help="minimum tissue fraction of a kept tile, 0..1 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--wsi_mpp",
+        type=float,
+        default=None,
+        help="um per level-0 pixel for slides that record none (else such slides are "
+        "scaled by their objective power, or skipped)",
+    )
 
 
 def wsi_config_from_args(args: argparse.Namespace) -> WsiConfig:
@@ -344,5 +386,9 @@ def wsi_config_from_args(args: argparse.Namespace) -> WsiConfig:
         tile_mpp = MPP_AT_1X / args.wsi_magnification
     else:
         tile_mpp = args.wsi_tile_mpp if args.wsi_tile_mpp is not None else WsiConfig.tile_mpp
-    return WsiConfig(tile_size=args.wsi_tile_size, tile_mpp=tile_mpp,
-                     min_tissue=args.wsi_min_tissue, slide_mpp=args.wsi_mpp)
+    return WsiConfig(
+        tile_size=args.wsi_tile_size,
+        tile_mpp=tile_mpp,
+        min_tissue=args.wsi_min_tissue,
+        slide_mpp=args.wsi_mpp,
+    )

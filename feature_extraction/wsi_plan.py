@@ -75,7 +75,9 @@ class SlidePlan:
     level0_magnification: float
     dimensions: tuple[int, int]  # level-0 (width, height)
     config: WsiConfig
-    mask: np.ndarray | None = field(repr=False)  # (h, w) bool tissue mask on the thumbnail; None from the plan cache
+    mask: np.ndarray | None = field(
+        repr=False
+    )  # (h, w) bool tissue mask on the thumbnail; None from the plan cache
     mask_scale: float = 0.0  # mask px per level-0 px
     saturation_threshold: int = 0
 
@@ -164,7 +166,7 @@ def _cell_fractions(mask: np.ndarray, scale: float, xs: np.ndarray, ys: np.ndarr
     x1 = np.clip(np.ceil((xs + side) * scale).astype(int), x0 + 1, w)
     y0 = np.clip(np.floor(ys * scale).astype(int), 0, h - 1)
     y1 = np.clip(np.ceil((ys + side) * scale).astype(int), y0 + 1, h)
-    total = (integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0])
+    total = integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0]
     area = np.outer(y1 - y0, x1 - x0)
     return total / area
 
@@ -192,8 +194,12 @@ def plan_slide(path: str | Path, config: WsiConfig = WsiConfig()) -> SlidePlan:
         size_level0 = max(1, round(config.tile_size * downsample))
         read_size = max(1, round(size_level0 / downsamples[level]))
         if wanted < 1 / (1 + LEVEL_TOLERANCE):
-            log.warning("slide %s is scanned at %.3g um/px, coarser than the %.3g um/px asked: tiles are upsampled.",
-                        path, level0_mpp, config.tile_mpp)
+            log.warning(
+                "slide %s is scanned at %.3g um/px, coarser than the %.3g um/px asked: tiles are upsampled.",
+                path,
+                level0_mpp,
+                config.tile_mpp,
+            )
 
         # Tissue mask on a thumbnail of about mask_mpp um/px (never more than MAX_THUMBNAIL_SIDE).
         mask_scale = min(level0_mpp / config.mask_mpp, MAX_THUMBNAIL_SIDE / max(width0, height0), 1.0)
@@ -201,15 +207,18 @@ def plan_slide(path: str | Path, config: WsiConfig = WsiConfig()) -> SlidePlan:
         try:
             thumbnail = read_downsampled(slide, size)
         except import_openslide().OpenSlideError as error:
-            raise SlideSkipped(f"slide {path} cannot be decoded ({error}); skipped. The file is damaged.") from error
+            raise SlideSkipped(
+                f"slide {path} cannot be decoded ({error}); skipped. The file is damaged."
+            ) from error
         mask_scale = size[0] / width0
         mask, threshold = tissue_mask(thumbnail, config, pixel_um=level0_mpp / mask_scale)
 
         xs = np.arange(0, width0 - size_level0 + 1, size_level0, dtype=np.int64)
         ys = np.arange(0, height0 - size_level0 + 1, size_level0, dtype=np.int64)
         if len(xs) == 0 or len(ys) == 0:
-            raise SlideSkipped(f"slide {path} ({width0} x {height0} px) is smaller than one "
-                               f"{size_level0} px tile; skipped.")
+            raise SlideSkipped(
+                f"slide {path} ({width0} x {height0} px) is smaller than one {size_level0} px tile; skipped."
+            )
         fractions = _cell_fractions(mask, mask_scale, xs, ys, size_level0)
         # A cell with zero tissue is never kept, even with --wsi_min_tissue 0.
         keep = (fractions >= config.min_tissue) & (fractions > 0)
@@ -219,7 +228,9 @@ def plan_slide(path: str | Path, config: WsiConfig = WsiConfig()) -> SlidePlan:
             raise SlideSkipped(f"slide {path}: {found} found (saturation threshold {threshold}); skipped.")
         objective = slide.properties.get("openslide.objective-power")
         try:
-            level0_magnification = float(objective) if objective and mpp_source == "slide" else MPP_AT_1X / level0_mpp
+            level0_magnification = (
+                float(objective) if objective and mpp_source == "slide" else MPP_AT_1X / level0_mpp
+            )
         except ValueError:
             level0_magnification = MPP_AT_1X / level0_mpp
         return SlidePlan(
@@ -259,15 +270,21 @@ def plot_plan(plan: SlidePlan, out_path: str | Path, max_size: int = 1024) -> Pa
     side = plan.size_level0 * scale
     fig, axes = plt.subplots(1, 3, figsize=(12, 12 * thumbnail.height / thumbnail.width / 3 + 0.8))
     axes[0].imshow(thumbnail)
-    axes[0].set_title(f"{plan.path.name}\n{plan.dimensions[0]} x {plan.dimensions[1]} px at {plan.level0_mpp:.3g} um/px")
+    axes[0].set_title(
+        f"{plan.path.name}\n{plan.dimensions[0]} x {plan.dimensions[1]} px at {plan.level0_mpp:.3g} um/px"
+    )
     axes[1].imshow(plan.mask, cmap="gray", interpolation="nearest")
-    axes[1].set_title(f"tissue mask ({plan.mask.shape[1]} x {plan.mask.shape[0]} px)\n"
-                      f"saturation > {plan.saturation_threshold}")
+    axes[1].set_title(
+        f"tissue mask ({plan.mask.shape[1]} x {plan.mask.shape[0]} px)\n"
+        f"saturation > {plan.saturation_threshold}"
+    )
     axes[2].imshow(thumbnail)
     boxes = [Rectangle((x * scale, y * scale), side, side) for x, y in plan.coords]
     axes[2].add_collection(PatchCollection(boxes, facecolor="none", edgecolor="lime", linewidth=0.8))
-    axes[2].set_title(f"{len(plan.coords)} tiles, {plan.tile_size} px at {plan.mpp:.3g} um/px\n"
-                      f"(>= {plan.config.min_tissue:.0%} tissue)")
+    axes[2].set_title(
+        f"{len(plan.coords)} tiles, {plan.tile_size} px at {plan.mpp:.3g} um/px\n"
+        f"(>= {plan.config.min_tissue:.0%} tissue)"
+    )
     for axis in axes:
         axis.set_axis_off()
     fig.tight_layout()
@@ -291,8 +308,13 @@ class WsiSlideTiles(SlideTiles):
 
 def _plan_key(path: Path, stat: os.stat_result, config: WsiConfig) -> dict[str, Any]:
     """What a cached plan must match: the slide file as it is now and every tiling setting."""
-    return {"format": PLAN_FORMAT, "slide": str(path.resolve()), "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns, "config": config.as_dict()}
+    return {
+        "format": PLAN_FORMAT,
+        "slide": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "config": config.as_dict(),
+    }
 
 
 def _plan_cache_file(cache_dir: Path, key: dict[str, Any]) -> Path:
@@ -302,17 +324,21 @@ def _plan_cache_file(cache_dir: Path, key: dict[str, Any]) -> Path:
 
 # The plain-valued fields of a SlidePlan, stored as they are; arrays and the rest are handled by name.
 _PLAN_ARRAYS = {"coords": (np.int64, (-1, 2)), "tissue_fraction": (np.float32, (-1,))}
-_PLAN_VALUES = tuple(f.name for f in fields(SlidePlan)
-                     if f.name not in (*_PLAN_ARRAYS, "path", "config", "mask", "dimensions"))
+_PLAN_VALUES = tuple(
+    f.name for f in fields(SlidePlan) if f.name not in (*_PLAN_ARRAYS, "path", "config", "mask", "dimensions")
+)
 
 
 def _plan_to_json(plan: SlidePlan, key: dict[str, Any]) -> str:
-    return json.dumps({
-        **key,
-        **{name: getattr(plan, name).tolist() for name in _PLAN_ARRAYS},
-        **{name: getattr(plan, name) for name in _PLAN_VALUES},
-        "dimensions": list(plan.dimensions),
-    }, separators=(",", ":"))
+    return json.dumps(
+        {
+            **key,
+            **{name: getattr(plan, name).tolist() for name in _PLAN_ARRAYS},
+            **{name: getattr(plan, name) for name in _PLAN_VALUES},
+            "dimensions": list(plan.dimensions),
+        },
+        separators=(",", ":"),
+    )
 
 
 def _plan_from_json(text: str, path: Path, key: dict[str, Any], config: WsiConfig) -> SlidePlan | None:
@@ -321,12 +347,20 @@ def _plan_from_json(text: str, path: Path, key: dict[str, Any], config: WsiConfi
         data = json.loads(text)
         if any(data.get(name) != value for name, value in key.items()):
             return None
-        arrays = {name: np.asarray(data[name], dtype=dtype).reshape(shape)
-                  for name, (dtype, shape) in _PLAN_ARRAYS.items()}
+        arrays = {
+            name: np.asarray(data[name], dtype=dtype).reshape(shape)
+            for name, (dtype, shape) in _PLAN_ARRAYS.items()
+        }
         if len(arrays["coords"]) != len(arrays["tissue_fraction"]):
             return None
-        return SlidePlan(path=path, config=config, mask=None, dimensions=tuple(data["dimensions"][:2]),
-                         **arrays, **{name: data[name] for name in _PLAN_VALUES})
+        return SlidePlan(
+            path=path,
+            config=config,
+            mask=None,
+            dimensions=tuple(data["dimensions"][:2]),
+            **arrays,
+            **{name: data[name] for name in _PLAN_VALUES},
+        )
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
 
@@ -334,8 +368,9 @@ def _plan_from_json(text: str, path: Path, key: dict[str, Any], config: WsiConfi
 _SWEPT: set[str] = set()
 
 
-def cached_plan(path: str | Path, config: WsiConfig, cache_dir: str | Path | None,
-                stat: os.stat_result | None = None) -> SlidePlan:
+def cached_plan(
+    path: str | Path, config: WsiConfig, cache_dir: str | Path | None, stat: os.stat_result | None = None
+) -> SlidePlan:
     """``plan_slide(path, config)``, read from ``cache_dir`` when a plan of this slide file (path,
     size, modification time) and tiling is there, else computed and stored there atomically.
 
@@ -365,13 +400,22 @@ def cached_plan(path: str | Path, config: WsiConfig, cache_dir: str | Path | Non
                 remove_stale_temps(cache_dir)
         atomic_write_text(file, _plan_to_json(plan, key))
     except OSError as error:
-        log.warning("cannot cache the tile plan of %s in %s (%s); it is planned again on the next run.",
-                    path, cache_dir, error)
+        log.warning(
+            "cannot cache the tile plan of %s in %s (%s); it is planned again on the next run.",
+            path,
+            cache_dir,
+            error,
+        )
     return plan
 
 
-def list_wsi_tiles(slide: SlideSource, max_tiles: int = 100, seed: int = 0,
-                   config: WsiConfig = WsiConfig(), plan_cache: str | Path | None = None) -> WsiSlideTiles:
+def list_wsi_tiles(
+    slide: SlideSource,
+    max_tiles: int = 100,
+    seed: int = 0,
+    config: WsiConfig = WsiConfig(),
+    plan_cache: str | Path | None = None,
+) -> WsiSlideTiles:
     """The tiles of a whole-slide ``slide`` to embed, with the same seeded ``max_tiles`` subset
     as tile folders (sources.select_subset over the ``x{X}_y{Y}`` names).
 
@@ -382,7 +426,7 @@ def list_wsi_tiles(slide: SlideSource, max_tiles: int = 100, seed: int = 0,
     PipelineError is raised only when OpenSlide is not installed. ``plan_cache``: a folder of
     cached plans (see cached_plan; embed uses ``<features_dir>/wsi_plans``), None to always plan."""
     stat = slide.path.stat()
-    digest = hashlib.sha256(f"{slide.path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode("utf-8"))
+    digest = hashlib.sha256(f"{slide.path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     digest.update(json.dumps(config.as_dict(), sort_keys=True).encode("utf-8"))
     try:
         plan = cached_plan(slide.path, config, plan_cache, stat)

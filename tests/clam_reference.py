@@ -36,7 +36,9 @@ class AttnNetGated(nn.Module):  # CLAM's Attn_Net_Gated
 class AttnNet(nn.Module):  # CLAM's Attn_Net (gate=False)
     def __init__(self, L: int, D: int, dropout: bool, n_classes: int) -> None:
         super().__init__()
-        layers = [nn.Linear(L, D), nn.Tanh()] + ([nn.Dropout(0.25)] if dropout else []) + [nn.Linear(D, n_classes)]
+        layers = (
+            [nn.Linear(L, D), nn.Tanh()] + ([nn.Dropout(0.25)] if dropout else []) + [nn.Linear(D, n_classes)]
+        )
         self.module = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -54,9 +56,17 @@ class InstanceLoss(nn.Module):
 class ReferenceCLAM(nn.Module):
     """CLAM_SB (``multi_branch=False``) or CLAM_MB with CLAM's module names and forward pass."""
 
-    def __init__(self, embed_dim: int = 32, size: str = "small", n_classes: int = 2, multi_branch: bool = False,
-                 dropout: bool = True, old_layout: bool = False, gate: bool = True,
-                 with_loss_buffers: bool = False) -> None:
+    def __init__(
+        self,
+        embed_dim: int = 32,
+        size: str = "small",
+        n_classes: int = 2,
+        multi_branch: bool = False,
+        dropout: bool = True,
+        old_layout: bool = False,
+        gate: bool = True,
+        with_loss_buffers: bool = False,
+    ) -> None:
         super().__init__()
         L, D = {"small": (512, 256), "big": (512, 384)}[size]
         fc: list[nn.Module] = [nn.Linear(embed_dim, L), nn.ReLU()]

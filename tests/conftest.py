@@ -19,5 +19,11 @@ def tiny_cohort(tmp_path_factory):
     Returns the ``CohortSummary``; ``summary.split_dirs["train"]`` is a ``--data_dir``."""
     from feature_extraction.example_cohort import build_example_cohort
 
-    return build_example_cohort(tmp_path_factory.mktemp("tiny_cohort"), seed=0, n_train_patients=4,
-                                n_test_patients=2, tiles_per_slide=4, tile_size=64)
+    return build_example_cohort(
+        tmp_path_factory.mktemp("tiny_cohort"),
+        seed=0,
+        n_train_patients=4,
+        n_test_patients=2,
+        tiles_per_slide=4,
+        tile_size=64,
+    )

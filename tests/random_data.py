@@ -65,8 +65,9 @@ def cohort_slides(
 ) -> list[RandomSlide]:
     """Half the patients positive; with ``with_cnn`` every other patient also has a ``_cnn`` slide."""
     rng = np.random.default_rng(seed)
-    folders = {label: [f for f, (lab, required) in SPLIT_FOLDERS[split].items() if lab == label]
-               for label in (0, 1)}
+    folders = {
+        label: [f for f, (lab, required) in SPLIT_FOLDERS[split].items() if lab == label] for label in (0, 1)
+    }
     slides = []
     for p in range(n_patients):
         label = p % 2
@@ -78,27 +79,49 @@ def cohort_slides(
     return slides
 
 
-def random_cache_config(feature_dim: int = 32, cache_key: str = DEFAULT_CACHE_NAME, **config) -> ExtractionConfig:
+def random_cache_config(
+    feature_dim: int = 32, cache_key: str = DEFAULT_CACHE_NAME, **config
+) -> ExtractionConfig:
     """The real configuration of a random cache. ``cache_key`` names the cache: the weights digest is
     the sha256 of that name, so two names give two real cache keys; ``config`` overrides fields
     of DEFAULT_CACHE_CONFIG (e.g. ``max_tiles=50``)."""
     digest = hashlib.sha256(cache_key.encode("utf-8")).hexdigest()
-    return ExtractionConfig(**{**DEFAULT_CACHE_CONFIG, **config, "weights_digest": digest, "feature_dim": feature_dim})
+    return ExtractionConfig(
+        **{**DEFAULT_CACHE_CONFIG, **config, "weights_digest": digest, "feature_dim": feature_dim}
+    )
 
 
 def random_bag_attrs(slide: RandomSlide, config: ExtractionConfig | None) -> BagAttrs:
     """The attributes stage 1 would write for ``slide`` in the cache of ``config`` (None: a bag of no cache)."""
     return BagAttrs(
-        slide_id=slide.slide_id, patient_id=slide.patient_id, class_folder=slide.class_folder, label=slide.label,
-        split=slide.split, source=f"{slide.split}/{slide.class_folder}/{slide.patient_id}",
-        cache_key=config.cache_key if config else "", backbone=config.backbone if config else "",
-        weights=config.weights if config else "", weights_digest=config.weights_digest if config else "",
-        weights_random=False, weights_source="tests/random_data.py", transform=config.transform if config else "",
-        tile_size=config.input_size if config else 0, max_tiles=config.max_tiles if config else 0,
-        seed=config.seed if config else 0, subset_rule=config.subset_rule if config else "",
-        tiles_digest="", n_available=slide.n_instances,  # made of no tiles: never stale against a folder
-        n_selected=slide.n_instances, n_skipped=0, skipped_tiles=(), n_ignored_files=0, package_version="test",
-        runtime="random", precision="fp32", device="cpu", embedded_at="2026-01-01T00:00:00+00:00",
+        slide_id=slide.slide_id,
+        patient_id=slide.patient_id,
+        class_folder=slide.class_folder,
+        label=slide.label,
+        split=slide.split,
+        source=f"{slide.split}/{slide.class_folder}/{slide.patient_id}",
+        cache_key=config.cache_key if config else "",
+        backbone=config.backbone if config else "",
+        weights=config.weights if config else "",
+        weights_digest=config.weights_digest if config else "",
+        weights_random=False,
+        weights_source="tests/random_data.py",
+        transform=config.transform if config else "",
+        tile_size=config.input_size if config else 0,
+        max_tiles=config.max_tiles if config else 0,
+        seed=config.seed if config else 0,
+        subset_rule=config.subset_rule if config else "",
+        tiles_digest="",
+        n_available=slide.n_instances,  # made of no tiles: never stale against a folder
+        n_selected=slide.n_instances,
+        n_skipped=0,
+        skipped_tiles=(),
+        n_ignored_files=0,
+        package_version="test",
+        runtime="random",
+        precision="fp32",
+        device="cpu",
+        embedded_at="2026-01-01T00:00:00+00:00",
     )
 
 
@@ -167,7 +190,11 @@ def write_cohort_folders(data_dir: Path, slides: list[RandomSlide]) -> Path:
 
 
 def write_random_bag_folder(
-    bags_dir: Path, slides: list[RandomSlide], feature_dim: int = 32, features_name: str = "features", seed: int = 0
+    bags_dir: Path,
+    slides: list[RandomSlide],
+    feature_dim: int = 32,
+    features_name: str = "features",
+    seed: int = 0,
 ) -> Path:
     """A plain folder of bags (no cache.json) and a labels CSV ``labels.csv`` next to it."""
     rng = np.random.default_rng(seed)
@@ -229,5 +256,6 @@ def assert_same_bags(left: Path, right: Path, exact: bool = False) -> None:
         else:
             np.testing.assert_allclose(a[slide_id].features, b[slide_id].features, rtol=1e-4, atol=1e-5)
         volatile = {"embedded_at"}
-        assert {k: v for k, v in a[slide_id].attrs.items() if k not in volatile} == \
-               {k: v for k, v in b[slide_id].attrs.items() if k not in volatile}
+        assert {k: v for k, v in a[slide_id].attrs.items() if k not in volatile} == {
+            k: v for k, v in b[slide_id].attrs.items() if k not in volatile
+        }

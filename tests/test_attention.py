@@ -13,31 +13,47 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clam.heatmaps import (
+    SlideAttention,
+    explain_slide,
+    heatmap_layout,
+    plot_heatmap,
+    plot_topk,
+    slide_attention,
+    write_attention_csv,
+    write_index,
+)
+from clam.tile_images import read_tile_image
 from feature_extraction.bags import COORD_SENTINEL, FORMAT_VERSION, BagAttrs
 from feature_extraction.example_cohort import load_ground_truth
 from feature_extraction.layout import discover_slides
 from feature_extraction.tile_folder import parse_coords
-
-from clam.heatmaps import (SlideAttention, explain_slide, heatmap_layout, plot_heatmap, plot_topk, slide_attention,
-                           write_attention_csv, write_index)
-from clam.tile_images import read_tile_image
 
 NAMES = ("EGFR_negative", "EGFR_positive")
 
 
 def bag_attrs(**values) -> BagAttrs:
     """A stage-1 bag's attributes with ``values`` set (names not in BagAttrs land in ``extra``)."""
-    required = {"format_version": FORMAT_VERSION, "feature_dim": 8, "n_instances": 1, "slide_id": "S1",
-                "label": 1, "cache_key": "k"}
+    required = {
+        "format_version": FORMAT_VERSION,
+        "feature_dim": 8,
+        "n_instances": 1,
+        "slide_id": "S1",
+        "label": 1,
+        "cache_key": "k",
+    }
     return BagAttrs.from_attrs({**required, **values}, "S1.h5")
 
 
-def make_slide(tile_names, coords, attrs=None, probs=(0.3, 0.7), branches: int = 1, seed: int = 0) -> SlideAttention:
+def make_slide(
+    tile_names, coords, attrs=None, probs=(0.3, 0.7), branches: int = 1, seed: int = 0
+) -> SlideAttention:
     rng = np.random.default_rng(seed)
     raw = rng.normal(size=(branches, len(tile_names)))
     attention = np.exp(raw) / np.exp(raw).sum(axis=1, keepdims=True)
-    return slide_attention("S1", "P1", 1, np.array(probs), attention, raw, tile_names, np.array(coords), NAMES,
-                           attrs)
+    return slide_attention(
+        "S1", "P1", 1, np.array(probs), attention, raw, tile_names, np.array(coords), NAMES, attrs
+    )
 
 
 def is_png(path: Path) -> bool:
@@ -63,7 +79,9 @@ def test_clam_mb_shows_the_predicted_class_branch_and_sb_its_only_one():
     assert mb.branch == 0 and mb.n_branches == 2 and np.allclose(mb.attention, attention[0])
     mb = slide_attention("S", "P", 0, np.array([0.1, 0.9]), attention, raw, names, np.array(coords), NAMES)
     assert mb.branch == 1 and np.allclose(mb.attention_raw, raw[1]) and mb.order[0] == 0
-    sb = slide_attention("S", "P", 0, np.array([0.1, 0.9]), attention[:1], raw[:1], names, np.array(coords), NAMES)
+    sb = slide_attention(
+        "S", "P", 0, np.array([0.1, 0.9]), attention[:1], raw[:1], names, np.array(coords), NAMES
+    )
     assert sb.branch == 0 and sb.n_branches == 1 and sb.order[0] == 4
 
 
@@ -100,7 +118,6 @@ def test_tile_images_are_found_in_the_cohort_layout(positive_slide, tmp_path):
     assert read_tile_image(tmp_path, attrs, "bad.png", (0, 0)) is None
 
 
-
 def _write_tiles(folder: Path, colour: tuple[int, int, int], n: int = 2) -> list[str]:
     folder.mkdir(parents=True)
     names = [f"x{64 * i}_y0.png" for i in range(n)]
@@ -115,14 +132,20 @@ def test_tile_images_of_a_patient_with_several_slides_are_found_before_and_after
     the data folder has moved, under --data_dir in the slide's own sub-folder, not its sibling's."""
     data = tmp_path / "data"
     colours = {"A.svs": (200, 30, 30), "B.svs": (30, 30, 200)}
-    tiles = {name: _write_tiles(data / "EGFR_positive" / "P012" / name, colour) for name, colour in colours.items()}
+    tiles = {
+        name: _write_tiles(data / "EGFR_positive" / "P012" / name, colour) for name, colour in colours.items()
+    }
     _write_tiles(data / "EGFR_negative" / "P001", (0, 0, 0))
     slides = {s.slide_id: s for s in discover_slides(data, "train")}
     assert {"EGFR_positive__P012__A", "EGFR_positive__P012__B"} <= set(slides)
 
     def attrs_of(slide):  # as the extractor records them
-        return bag_attrs(slide_id=slide.slide_id, patient_id=slide.patient_id, class_folder=slide.class_folder,
-                         source=str(slide.path))
+        return bag_attrs(
+            slide_id=slide.slide_id,
+            patient_id=slide.patient_id,
+            class_folder=slide.class_folder,
+            source=str(slide.path),
+        )
 
     moved = tmp_path / "moved"
     for stem, name in (("A", "A.svs"), ("B", "B.svs")):
@@ -133,7 +156,9 @@ def test_tile_images_of_a_patient_with_several_slides_are_found_before_and_after
     recorded = {stem: attrs_of(slides[f"EGFR_positive__P012__{stem}"]) for stem in "AB"}
     shutil.move(data, moved)
     for stem, name in (("A", "A.svs"), ("B", "B.svs")):
-        assert read_tile_image(None, recorded[stem], tiles[name][0], (0, 0)) is None  # the recorded source is gone
+        assert (
+            read_tile_image(None, recorded[stem], tiles[name][0], (0, 0)) is None
+        )  # the recorded source is gone
         image = read_tile_image(moved, recorded[stem], tiles[name][0], (0, 0))
         assert image is not None and image.getpixel((5, 5)) == colours[name]
     # A patient folder that is itself the slide is still found under --data_dir after the move.
@@ -186,11 +211,15 @@ def test_heatmap_places_tiles_with_coordinates_and_counts_the_others(positive_sl
     for i in range(1, len(names)):
         left, top = layout.cell(slide.coords[i])
         cell = layout.scores[top : top + layout.side, left : left + layout.side]
-        assert cell.shape == (layout.side, layout.side) and np.all(cell == percentile[i])  # the tile's own colour
+        assert cell.shape == (layout.side, layout.side) and np.all(
+            cell == percentile[i]
+        )  # the tile's own colour
         tissue = np.asarray(layout.tissue)[top + layout.side // 2, left + layout.side // 2]
         assert tissue.tolist() != [255, 255, 255]  # its image is pasted under it
         covered[top : top + layout.side, left : left + layout.side] = True
-    assert np.isnan(layout.scores[~covered]).all()  # nothing drawn where no tile lies (and not the tile without xy)
+    assert np.isnan(
+        layout.scores[~covered]
+    ).all()  # nothing drawn where no tile lies (and not the tile without xy)
     assert plot_heatmap(tmp_path / "map.png", slide, split_dir) is None
     assert is_png(tmp_path / "map.png")
 
@@ -228,7 +257,8 @@ def test_a_large_slide_is_scaled_to_fit_and_tiles_keep_their_relative_places():
         # The square's far edge may lie under the next tile (the side is rounded up): its inside is the tile's.
         assert np.all(layout.scores[top : top + layout.side - 1, left : left + layout.side - 1] == rank)
     assert heatmap_layout(make_slide(["a.png"], [[COORD_SENTINEL, COORD_SENTINEL]]), None) == (
-        "tile names carry no coordinates, so the slide cannot be reassembled")
+        "tile names carry no coordinates, so the slide cannot be reassembled"
+    )
 
 
 @pytest.mark.parametrize("n_tiles", [1, 2, 5])

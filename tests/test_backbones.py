@@ -64,7 +64,9 @@ def test_full_resnet50_weights_fit_the_truncated_backbone_with_the_same_digest(t
     torch.save(trunc.module.state_dict(), tmp_path / "trunc.pth")
     again = load_backbone("resnet50_trunc", tmp_path / "trunc.pth")
     assert trunc.weights_digest == again.weights_digest  # only the weights used are digested
-    assert torch.equal(trunc.module.state_dict()["layer3.5.conv3.weight"], full.state_dict()["layer3.5.conv3.weight"])
+    assert torch.equal(
+        trunc.module.state_dict()["layer3.5.conv3.weight"], full.state_dict()["layer3.5.conv3.weight"]
+    )
 
 
 def test_weights_that_do_not_fit_are_refused_clearly(tmp_path):

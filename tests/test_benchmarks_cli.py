@@ -36,8 +36,13 @@ def fake_embed(bench, monkeypatch, tmp_path: Path) -> list[str]:
         return [tile] * n_tiles
 
     spec = SimpleNamespace(feature_dim=1024, input_size=224)
-    plan = SimpleNamespace(device="cpu", batch_size=16, num_workers=1, compute_threads=2,
-                           describe=lambda: "cpu, fp32, batch 16, 1 decode worker, 2 compute threads")
+    plan = SimpleNamespace(
+        device="cpu",
+        batch_size=16,
+        num_workers=1,
+        compute_threads=2,
+        describe=lambda: "cpu, fp32, batch 16, 1 decode worker, 2 compute threads",
+    )
     report = SimpleNamespace(tiles_per_second=56.5, runtime="onnxruntime", plan=plan)
     monkeypatch.setattr(bench, "build_cohort", build_cohort)
     monkeypatch.setattr(bench, "load_backbone", lambda *a, **k: SimpleNamespace(spec=spec))
@@ -53,9 +58,15 @@ def fake_embed(bench, monkeypatch, tmp_path: Path) -> list[str]:
 
 def fake_train(bench, monkeypatch, tmp_path: Path) -> list[str]:
     def run_child(kind, cache_dir, workdir, epochs, device, batch_size=1):
-        return {"epoch_seconds": [1.0] * epochs, "val_auc": 1.0, "loader": "in memory, 0 workers",
-                "threads": torch.get_num_threads(), "wall_seconds": 1.0, "peak_rss_mib": 800.0,
-                "baseline_rss_mib": 500.0}
+        return {
+            "epoch_seconds": [1.0] * epochs,
+            "val_auc": 1.0,
+            "loader": "in memory, 0 workers",
+            "threads": torch.get_num_threads(),
+            "wall_seconds": 1.0,
+            "peak_rss_mib": 800.0,
+            "baseline_rss_mib": 500.0,
+        }
 
     monkeypatch.setattr(bench, "make_cache", lambda features_dir, *a, **k: features_dir)
     monkeypatch.setattr(bench, "run_child", run_child)
@@ -67,6 +78,7 @@ def fake_train(bench, monkeypatch, tmp_path: Path) -> list[str]:
 
 def fake_learning(bench, monkeypatch, tmp_path: Path) -> list[str]:
     monkeypatch.setattr(bench, "pick_weights", lambda backbone: ("random", "a test"))
+
     def prepare(workdir, *args, **kwargs):
         workdir.mkdir(parents=True, exist_ok=True)
         return {"cache_dir": workdir, "truth": {}}

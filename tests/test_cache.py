@@ -13,9 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from random_data import RandomSlide, random_bag_attrs
 
-from feature_extraction import bags, cache, locks as locks_module
-from feature_extraction.bags import BagAttrs, bag_path, read_attrs, read_bag, read_bag_attrs, validate_bag, write_bag
+from feature_extraction import bags, cache
+from feature_extraction import locks as locks_module
+from feature_extraction.bags import (
+    BagAttrs,
+    bag_path,
+    read_attrs,
+    read_bag,
+    read_bag_attrs,
+    validate_bag,
+    write_bag,
+)
 from feature_extraction.cache import (
     ExtractionConfig,
     SlideLocks,
@@ -32,30 +42,55 @@ from feature_extraction.cache import (
 )
 from feature_extraction.errors import BagError, PipelineError
 from feature_extraction.sources import SlideSource
-from random_data import RandomSlide, random_bag_attrs
 
 CONFIG = ExtractionConfig(
-    backbone="resnet50_trunc", weights="imagenet", weights_digest="ab" * 32, transform="resize(224)",
-    input_size=224, max_tiles=100, seed=0, feature_dim=1024, subset_rule="sha256-rank",
+    backbone="resnet50_trunc",
+    weights="imagenet",
+    weights_digest="ab" * 32,
+    transform="resize(224)",
+    input_size=224,
+    max_tiles=100,
+    seed=0,
+    feature_dim=1024,
+    subset_rule="sha256-rank",
 )
 
 
 def test_the_key_covers_everything_that_changes_a_feature_and_the_name_is_readable():
-    changes = dict(backbone="resnet50", weights_digest="cd" * 32, transform="other", input_size=256,
-                   max_tiles=50, seed=1, feature_dim=2048, subset_rule="numpy")
+    changes = dict(
+        backbone="resnet50",
+        weights_digest="cd" * 32,
+        transform="other",
+        input_size=256,
+        max_tiles=50,
+        seed=1,
+        feature_dim=2048,
+        subset_rule="numpy",
+    )
     for name, value in changes.items():
         assert dataclasses.replace(CONFIG, **{name: value}).cache_key != CONFIG.cache_key, name
     # The label is for people: the same weights from the hub or a file give the same features.
     assert dataclasses.replace(CONFIG, weights="file-resnet50").cache_key == CONFIG.cache_key
     assert CONFIG.folder_name == f"resnet50_trunc-imagenet-224px-max100-seed0-{CONFIG.cache_key[:8]}"
-    assert dataclasses.replace(CONFIG, max_tiles=0).folder_name.startswith("resnet50_trunc-imagenet-224px-maxall-seed0-")
+    assert dataclasses.replace(CONFIG, max_tiles=0).folder_name.startswith(
+        "resnet50_trunc-imagenet-224px-maxall-seed0-"
+    )
 
 
 def test_open_cache_writes_cache_json_and_refuses_a_folder_of_another_key(tmp_path):
     cache_dir = open_cache(tmp_path, CONFIG)
     assert cache_dir == tmp_path / CONFIG.folder_name
     found = read_cache_config(cache_dir)
-    for key in ("cache_key", "backbone", "weights", "weights_digest", "feature_dim", "max_tiles", "seed", "transform"):
+    for key in (
+        "cache_key",
+        "backbone",
+        "weights",
+        "weights_digest",
+        "feature_dim",
+        "max_tiles",
+        "seed",
+        "transform",
+    ):
         assert key in found
     assert found["cache_key"] == CONFIG.cache_key
     assert open_cache(tmp_path, CONFIG) == cache_dir  # reopening is fine
@@ -71,11 +106,20 @@ def _bag(cache_dir, slide_id, split="train", n=3, key=CONFIG.cache_key, digest="
     class_folder, _, patient_id = slide_id.partition("__")
     attrs = dataclasses.replace(
         random_bag_attrs(RandomSlide(slide_id, patient_id, class_folder, 1, split, n), CONFIG),
-        cache_key=key, tiles_digest=digest, n_available=n + 1, n_skipped=1, source=f"/data/{slide_id}",
-        skipped_tiles=({"name": "t9", "reason": "truncated"},))
-    write_bag(bag_path(cache_dir, slide_id), np.ones((n, 4), np.float32), np.zeros((n, 2)), [f"t{i}" for i in range(n)],
-              attrs)
-
+        cache_key=key,
+        tiles_digest=digest,
+        n_available=n + 1,
+        n_skipped=1,
+        source=f"/data/{slide_id}",
+        skipped_tiles=({"name": "t9", "reason": "truncated"},),
+    )
+    write_bag(
+        bag_path(cache_dir, slide_id),
+        np.ones((n, 4), np.float32),
+        np.zeros((n, 2)),
+        [f"t{i}" for i in range(n)],
+        attrs,
+    )
 
 
 def _cache_of(features_dir: Path, n_available: dict[str, int], **config) -> Path:
@@ -88,9 +132,16 @@ def _cache_of(features_dir: Path, n_available: dict[str, int], **config) -> Path
         class_folder, _, patient_id = slide_id.partition("__")
         attrs = dataclasses.replace(
             random_bag_attrs(RandomSlide(slide_id, patient_id, class_folder, 1, "train", n), extraction),
-            n_available=found, n_selected=n)
-        write_bag(bag_path(cache_dir, slide_id), np.ones((n, 4), np.float32), np.zeros((n, 2)),
-                  [f"t{i}" for i in range(n)], attrs)
+            n_available=found,
+            n_selected=n,
+        )
+        write_bag(
+            bag_path(cache_dir, slide_id),
+            np.ones((n, 4), np.float32),
+            np.zeros((n, 2)),
+            [f"t{i}" for i in range(n)],
+            attrs,
+        )
     write_manifest(cache_dir, collect_manifest(cache_dir))
     return cache_dir
 
@@ -100,11 +151,15 @@ def test_a_cache_of_another_seed_serves_only_slides_it_holds_whole(tmp_path):
     tiles: a cache of another seed serves only when every slide needed has all its tiles in its bag."""
     features = tmp_path / "features"
     tiles = {"EGFR_positive__P1": 150, "EGFR_negative__P2": 40}  # P1 has more tiles than --max_tiles
-    slides = {s: SlideSource(s, s.partition("__")[2], s.partition("__")[0], 1, "train", tmp_path / s) for s in tiles}
+    slides = {
+        s: SlideSource(s, s.partition("__")[2], s.partition("__")[0], 1, "train", tmp_path / s) for s in tiles
+    }
     big, small = slides["EGFR_positive__P1"], slides["EGFR_negative__P2"]
     seed0 = _cache_of(features, tiles)  # max100-seed0
-    find = lambda max_tiles, seed, wanted: find_cache(features, "resnet50_trunc", "imagenet",  # noqa: E731
-                                                      max_tiles, seed, wanted)
+
+    def find(max_tiles, seed, wanted):
+        return find_cache(features, "resnet50_trunc", "imagenet", max_tiles, seed, wanted)
+
     assert find(100, 0, [big, small]) == seed0  # its own configuration
     assert find(50, 0, [big, small]) == seed0  # the same seed, more tiles: the nested subset is cut to 50
     assert find(100, 1, [big, small]) is None  # seed 0's 100 of P1's 150 tiles are not seed 1's: embed anew
@@ -125,8 +180,18 @@ def test_manifest_is_derived_from_bags_and_failure_records(tmp_path):
     _bag(cache_dir, "C-S-EGFR_negative__T1", split="test", n=2)
     _bag(cache_dir, "EGFR_negative__P2", key="another")
     bag_path(cache_dir, "EGFR_negative__P3").write_bytes(b"half a file")
-    write_failure(cache_dir, dict(slide_id="EGFR_negative__P4", patient_id="P4", class_folder="EGFR_negative",
-                                  label=0, split="train", reason="no image tiles", tiles_digest="d4"))
+    write_failure(
+        cache_dir,
+        dict(
+            slide_id="EGFR_negative__P4",
+            patient_id="P4",
+            class_folder="EGFR_negative",
+            label=0,
+            split="train",
+            reason="no image tiles",
+            tiles_digest="d4",
+        ),
+    )
     write_failure(cache_dir, dict(slide_id="EGFR_positive__P1", reason="an old failure, since fixed"))
 
     rows = {row.slide_id: row for row in collect_manifest(cache_dir)}
@@ -135,8 +200,12 @@ def test_manifest_is_derived_from_bags_and_failure_records(tmp_path):
     assert rows["C-S-EGFR_negative__T1"].split == "test"
     assert rows["EGFR_negative__P2"].status == "invalid" and "cache key" in rows["EGFR_negative__P2"].error
     assert rows["EGFR_negative__P3"].status == "invalid" and rows["EGFR_negative__P3"].patient_id == "P3"
-    assert rows["EGFR_negative__P4"].status == "failed" and rows["EGFR_negative__P4"].error == "no image tiles"
-    assert [r.split for r in collect_manifest(cache_dir)] == ["", "test"] + ["train"] * 3  # unreadable: split unknown
+    assert (
+        rows["EGFR_negative__P4"].status == "failed" and rows["EGFR_negative__P4"].error == "no image tiles"
+    )
+    assert [r.split for r in collect_manifest(cache_dir)] == ["", "test"] + [
+        "train"
+    ] * 3  # unreadable: split unknown
 
     write_manifest(cache_dir, list(rows.values()))
     again = {row.slide_id: row for row in read_manifest(cache_dir)}
@@ -157,7 +226,10 @@ def test_current_bag_needs_the_same_key_and_tiles(tmp_path):
     assert current_bag(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "changed") is None
     assert current_bag(cache_dir, "EGFR_positive__P1", "other key", "d1") is None
     assert current_bag(cache_dir, "EGFR_positive__P9", CONFIG.cache_key, "d1") is None
-    assert current_bag(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "d1", newer_than=time.time() + 60) is None
+    assert (
+        current_bag(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "d1", newer_than=time.time() + 60)
+        is None
+    )
     bag_path(cache_dir, "EGFR_positive__P2").write_bytes(b"half a file")
     assert current_bag(cache_dir, "EGFR_positive__P2", CONFIG.cache_key, "d1") is None
 
@@ -166,8 +238,13 @@ def test_slide_status_is_ok_for_a_current_bag_and_failed_only_for_a_failure_of_t
     cache_dir = open_cache(tmp_path, CONFIG)
     _bag(cache_dir, "EGFR_positive__P1", digest="d1")
     assert slide_status(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "d1") == cache.STATUS_OK
-    record = dict(slide_id="EGFR_negative__P2", cache_key=CONFIG.cache_key, tiles_digest="d2", reason="no tiles",
-                  written_at=time.time())
+    record = dict(
+        slide_id="EGFR_negative__P2",
+        cache_key=CONFIG.cache_key,
+        tiles_digest="d2",
+        reason="no tiles",
+        written_at=time.time(),
+    )
     write_failure(cache_dir, record)
     status = lambda **kw: slide_status(cache_dir, "EGFR_negative__P2", CONFIG.cache_key, "d2", **kw)  # noqa: E731
     assert status(failed_since=time.time() - 10) == cache.STATUS_FAILED
@@ -181,7 +258,9 @@ def test_bag_attributes_have_one_typed_definition_that_writes_reads_and_validate
     _bag(cache_dir, "EGFR_positive__P1")
     path = bag_path(cache_dir, "EGFR_positive__P1")
     typed = read_bag_attrs(path)
-    assert isinstance(typed, BagAttrs) and typed.label == 1 and typed.n_instances == 3 and typed.feature_dim == 4
+    assert (
+        isinstance(typed, BagAttrs) and typed.label == 1 and typed.n_instances == 3 and typed.feature_dim == 4
+    )
     assert typed.format_version == bags.FORMAT_VERSION == 1
     assert typed.skipped_tiles == ({"name": "t9", "reason": "truncated"},)
     stored = read_attrs(path)  # the keys and values on disk are those of BagAttrs.to_attrs
@@ -195,7 +274,9 @@ def test_bag_attributes_have_one_typed_definition_that_writes_reads_and_validate
     assert again.n_instances == 2  # always that of the file
 
     write_bag(path, np.ones((2, 4), np.float32), np.zeros((2, 2)), ["a", "b"], {"slide_id": "x", "label": 1})
-    with pytest.raises(BagError, match=r"EGFR_positive__P1\.h5.*lacks the attributes \['cache_key'\].*re-embed"):
+    with pytest.raises(
+        BagError, match=r"EGFR_positive__P1\.h5.*lacks the attributes \['cache_key'\].*re-embed"
+    ):
         read_bag_attrs(path)
     write_bag(path, np.ones((2, 4), np.float32), np.zeros((2, 2)), ["a", "b"], {**stored, "label": "one"})
     with pytest.raises(BagError, match="attribute label='one' is not a int"):
@@ -259,7 +340,9 @@ def test_sweep_removes_what_a_killed_run_left_and_spares_live_work(tmp_path):
     (cache_dir / f".S1.spill.{dead.pid}.tmp").write_bytes(b"rows")
     (cache_dir / ".locks" / "S2.lock").write_text("another-node 777 0\n")  # alive elsewhere
     (cache_dir / ".S2.h5.777.tmp").write_bytes(b"being written")
-    (cache_dir / ".locks" / "manifest.csv.lock").write_text("another-node 778 0\n")  # being replaced elsewhere
+    (cache_dir / ".locks" / "manifest.csv.lock").write_text(
+        "another-node 778 0\n"
+    )  # being replaced elsewhere
     (cache_dir / ".manifest.csv.778.tmp").write_text("new")
     (cache_dir / ".failed" / f".S1.json.{dead.pid}.tmp").write_text("{")  # a failure record, killed mid-write
     (cache_dir / ".failed" / ".S2.json.777.tmp").write_text("{")  # being written under a live lock
@@ -270,7 +353,13 @@ def test_sweep_removes_what_a_killed_run_left_and_spares_live_work(tmp_path):
 
     sweep_leftovers(cache_dir, locks)
     left = sorted(p.name for p in cache_dir.rglob("*") if p.is_file() and p.name != "cache.json")
-    assert left == [".S2.h5.777.tmp", ".S2.json.777.tmp", ".manifest.csv.778.tmp", "S2.lock", "manifest.csv.lock"]
+    assert left == [
+        ".S2.h5.777.tmp",
+        ".S2.json.777.tmp",
+        ".manifest.csv.778.tmp",
+        "S2.lock",
+        "manifest.csv.lock",
+    ]
 
 
 def test_the_manifest_is_replaced_under_a_lock_and_a_killed_writers_temp_file_is_swept(tmp_path, monkeypatch):
@@ -278,7 +367,9 @@ def test_the_manifest_is_replaced_under_a_lock_and_a_killed_writers_temp_file_is
     locks = SlideLocks(cache_dir)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (cache_dir / ".locks" / "manifest.csv.lock").write_text(f"{locks.host} {dead.pid} 0\n")  # killed mid-write
+    (cache_dir / ".locks" / "manifest.csv.lock").write_text(
+        f"{locks.host} {dead.pid} 0\n"
+    )  # killed mid-write
     (cache_dir / f".manifest.csv.{dead.pid}.tmp").write_text("slide_id,half a row")
     sweep_leftovers(cache_dir, locks)
     assert not list(cache_dir.glob(".manifest.csv.*")) and not list((cache_dir / ".locks").iterdir())

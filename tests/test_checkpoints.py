@@ -8,8 +8,6 @@ from datetime import datetime
 import pytest
 import torch
 
-from feature_extraction.errors import PipelineError
-
 from clam.checkpoints import (
     CHECKPOINT_KEYS,
     EXTRA_KEYS,
@@ -24,6 +22,7 @@ from clam.checkpoints import (
 from clam.model import build_model
 from clam.run_files import make_run_dir
 from clam.train import load_checkpoint  # the import the specification shows
+from feature_extraction.errors import PipelineError
 
 
 def saved_checkpoint(path, model_type="clam_sb", in_dim=8):
@@ -34,11 +33,17 @@ def saved_checkpoint(path, model_type="clam_sb", in_dim=8):
     output = model(torch.randn(1, 6, in_dim), None, torch.tensor([1]))
     (output.logits.sum() + output.instance_loss).backward()
     optimizer.step()
-    save_checkpoint(path, {
-        "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-        "epoch": 3, "loss": 0.25, "args": {"learning_rate": 1e-3, "data_dir": str(path.parent)},
-        "model_config": model.config.to_dict(),
-    })
+    save_checkpoint(
+        path,
+        {
+            "model_state_dict": model.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "epoch": 3,
+            "loss": 0.25,
+            "args": {"learning_rate": 1e-3, "data_dir": str(path.parent)},
+            "model_config": model.config.to_dict(),
+        },
+    )
     return model, optimizer
 
 
@@ -63,15 +68,18 @@ def test_load_checkpoint_restores_model_and_optimizer(tmp_path, device):
     assert (epoch, loss) == (3, 0.25)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
-    assert loaded_optimizer.state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])
+    assert loaded_optimizer.state_dict()["state"][0]["exp_avg"].equal(
+        optimizer.state_dict()["state"][0]["exp_avg"]
+    )
     assert next(loaded.parameters()).device.type == "cpu"
 
 
 def test_load_checkpoint_without_optimizer(tmp_path):
     path = tmp_path / "best_model.pt"
     saved_checkpoint(path)
-    model, optimizer, epoch, loss = load_checkpoint(checkpoint_path=path, model=build_model("clam_sb", in_dim=8),
-                                                    optimizer=None, device="cpu")
+    model, optimizer, epoch, loss = load_checkpoint(
+        checkpoint_path=path, model=build_model("clam_sb", in_dim=8), optimizer=None, device="cpu"
+    )
     assert optimizer is None and epoch == 3 and loss == 0.25
 
 
@@ -97,7 +105,9 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
 def test_a_checkpoint_of_another_model_is_explained(tmp_path):
     path = tmp_path / "mb.pt"
     saved_checkpoint(path, model_type="clam_mb", in_dim=16)
-    with pytest.raises(PipelineError, match="does not fit this model: it was saved from model_type=clam_mb.*in_dim=16"):
+    with pytest.raises(
+        PipelineError, match="does not fit this model: it was saved from model_type=clam_mb.*in_dim=16"
+    ):
         load_checkpoint(checkpoint_path=path, model=build_model("clam_sb", in_dim=8), device="cpu")
 
 
@@ -144,10 +154,18 @@ def built_checkpoint(epoch: int = 2) -> dict:
     model = build_model("clam_sb", in_dim=8)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     history = [{"epoch": e, "val_loss": 1.0 / e} for e in range(1, epoch + 1)]
-    return build_checkpoint(model, optimizer, SavedProgress(epoch, 0.5, 1, 0.4, epoch - 1, history),
-                            args={"inst_loss": "ce"}, model_config=model.config.to_dict(), cache={},
-                            class_names=["EGFR_negative", "EGFR_positive"], versions={"clam": "0"}, baseline={},
-                            feature_norm={"method": "none"})
+    return build_checkpoint(
+        model,
+        optimizer,
+        SavedProgress(epoch, 0.5, 1, 0.4, epoch - 1, history),
+        args={"inst_loss": "ce"},
+        model_config=model.config.to_dict(),
+        cache={},
+        class_names=["EGFR_negative", "EGFR_positive"],
+        versions={"clam": "0"},
+        baseline={},
+        feature_norm={"method": "none"},
+    )
 
 
 def test_the_checkpoint_holds_exactly_the_documented_keys_and_reads_back(tmp_path):
@@ -155,14 +173,21 @@ def test_the_checkpoint_holds_exactly_the_documented_keys_and_reads_back(tmp_pat
 
     checkpoint = built_checkpoint()
     assert tuple(checkpoint) == CHECKPOINT_KEYS + EXTRA_KEYS
-    assert checkpoint["format_version"] == FORMAT_VERSION and checkpoint["metrics"] == checkpoint["history"][-1]
+    assert (
+        checkpoint["format_version"] == FORMAT_VERSION and checkpoint["metrics"] == checkpoint["history"][-1]
+    )
     doc = " ".join(clam.checkpoints.__doc__.split())
     documented = [key for key in CHECKPOINT_KEYS + EXTRA_KEYS if f"``{key}``" in doc]
     assert documented == list(CHECKPOINT_KEYS + EXTRA_KEYS) and "``best``" not in doc
     save_checkpoint(tmp_path / "c.pt", checkpoint)
     progress = saved_progress(read_checkpoint(tmp_path / "c.pt"))
-    assert (progress.epoch, progress.loss, progress.best_epoch, progress.best_loss, progress.epochs_since_best) == (
-        2, 0.5, 1, 0.4, 1)
+    assert (
+        progress.epoch,
+        progress.loss,
+        progress.best_epoch,
+        progress.best_loss,
+        progress.epochs_since_best,
+    ) == (2, 0.5, 1, 0.4, 1)
     assert progress.history == checkpoint["history"]
 
 
@@ -197,9 +222,21 @@ CLAM_LAYOUTS = {
     "sb_big_without_dropout": (dict(size="big", dropout=False), None, "clam_sb", "big", 2),
     "mb_three_classes": (dict(n_classes=3, multi_branch=True), None, "clam_mb", "small", 3),
     "old_sb_without_dropout": (dict(dropout=False, old_layout=True), None, "clam_sb", "small", 2),
-    "old_mb_big_with_dropout": (dict(size="big", multi_branch=True, old_layout=True), None, "clam_mb", "big", 2),
+    "old_mb_big_with_dropout": (
+        dict(size="big", multi_branch=True, old_layout=True),
+        None,
+        "clam_mb",
+        "big",
+        2,
+    ),
     "data_parallel_model": (dict(with_loss_buffers=True), "model", "clam_sb", "small", 2),
-    "data_parallel_attention_net": (dict(old_layout=True, dropout=False), "attention_net", "clam_sb", "small", 2),
+    "data_parallel_attention_net": (
+        dict(old_layout=True, dropout=False),
+        "attention_net",
+        "clam_sb",
+        "small",
+        2,
+    ),
 }
 
 
@@ -218,8 +255,12 @@ def test_clam_state_dicts_load_and_predict_as_clam(tmp_path, layout):
 
     rebuilt, checkpoint = model_from_checkpoint(path, "cpu")  # settings from the tensor shapes
     config = rebuilt.config
-    assert (config.model_type, config.model_size, config.in_dim, config.n_classes) == (model_type, model_size, 24,
-                                                                                       n_classes)
+    assert (config.model_type, config.model_size, config.in_dim, config.n_classes) == (
+        model_type,
+        model_size,
+        24,
+        n_classes,
+    )
     assert getattr(config, "feature_norm", "none") == "none"  # CLAM feeds raw features
     assert checkpoint["checkpoint_format"] == "clam_state_dict" and "epoch" not in checkpoint
     torch.testing.assert_close(rebuilt(features).probs[0], expected, rtol=1e-5, atol=1e-6)
@@ -228,8 +269,9 @@ def test_clam_state_dicts_load_and_predict_as_clam(tmp_path, layout):
     model = build_model(model_type, in_dim=24, n_classes=n_classes, model_size=model_size, dropout=0.5)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     before = optimizer.state_dict()
-    loaded, loaded_optimizer, epoch, loss = load_checkpoint(checkpoint_path=path, model=model, optimizer=optimizer,
-                                                            device="cpu")
+    loaded, loaded_optimizer, epoch, loss = load_checkpoint(
+        checkpoint_path=path, model=model, optimizer=optimizer, device="cpu"
+    )
     assert loaded is model and loaded_optimizer is optimizer and optimizer.state_dict() == before
     assert epoch == 0 and math.isnan(loss)
     torch.testing.assert_close(loaded.eval()(features).probs[0], expected, rtol=1e-5, atol=1e-6)
@@ -240,8 +282,12 @@ def test_a_clam_state_dict_that_does_not_fit_the_model_is_explained(tmp_path):
 
     _, state_dict = clam_state_dict(embed_dim=24, multi_branch=True)
     torch.save(state_dict, tmp_path / "s_0_checkpoint.pt")
-    with pytest.raises(PipelineError, match="does not fit this model: it was saved from model_type=clam_mb.*in_dim=24"):
-        load_checkpoint(checkpoint_path=tmp_path / "s_0_checkpoint.pt", model=build_model("clam_sb", in_dim=24))
+    with pytest.raises(
+        PipelineError, match="does not fit this model: it was saved from model_type=clam_mb.*in_dim=24"
+    ):
+        load_checkpoint(
+            checkpoint_path=tmp_path / "s_0_checkpoint.pt", model=build_model("clam_sb", in_dim=24)
+        )
 
 
 def test_clam_without_gated_attention_and_other_models_are_refused(tmp_path):
@@ -251,7 +297,9 @@ def test_clam_without_gated_attention_and_other_models_are_refused(tmp_path):
     torch.save(ungated, tmp_path / "ungated.pt")
     with pytest.raises(PipelineError, match="without gated attention"):
         model_from_checkpoint(tmp_path / "ungated.pt")
-    torch.save({"fc.0.weight": torch.zeros(4, 8), "classifier.weight": torch.zeros(2, 4)}, tmp_path / "mil.pt")
+    torch.save(
+        {"fc.0.weight": torch.zeros(4, 8), "classifier.weight": torch.zeros(2, 4)}, tmp_path / "mil.pt"
+    )
     with pytest.raises(PipelineError, match="not a CLAM_SB/CLAM_MB state dict.*fc.0.weight"):
         model_from_checkpoint(tmp_path / "mil.pt")
     _, state_dict = clam_state_dict(embed_dim=24)

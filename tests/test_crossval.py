@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from feature_extraction.errors import PipelineError
+from random_data import cohort_slides, write_random_cache
 
 from clam.crossval import cross_validate, evaluate_folds
 from clam.data import BagRecord
@@ -18,12 +17,14 @@ from clam.folds import fold_splits, make_folds, read_folds, write_folds
 from clam.metrics import auc_with_ci, epoch_metrics
 from clam.run_files import SPLITS_FILE
 from clam.train import TrainConfig, main
-from random_data import cohort_slides, write_random_cache
+from feature_extraction.errors import PipelineError
 
 
 def records(n_patients: int, seed: int = 0) -> list[BagRecord]:
-    return [BagRecord(s.slide_id, s.patient_id, s.label, Path(f"{s.slide_id}.h5"), s.class_folder)
-            for s in cohort_slides(n_patients, seed=seed)]
+    return [
+        BagRecord(s.slide_id, s.patient_id, s.label, Path(f"{s.slide_id}.h5"), s.class_folder)
+        for s in cohort_slides(n_patients, seed=seed)
+    ]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -38,8 +39,18 @@ def cache(tmp_path_factory) -> Path:
 
 
 def quick(tmp_path: Path, cache: Path, **overrides) -> TrainConfig:
-    return TrainConfig(**{"features_dir": str(cache), "num_epochs": 2, "num_workers": 0, "weights": "random",
-                          "output_dir": str(tmp_path / "runs"), "progress": False, "folds": 3, **overrides})
+    return TrainConfig(
+        **{
+            "features_dir": str(cache),
+            "num_epochs": 2,
+            "num_workers": 0,
+            "weights": "random",
+            "output_dir": str(tmp_path / "runs"),
+            "progress": False,
+            "folds": 3,
+            **overrides,
+        }
+    )
 
 
 # ---------------------------------------------------------------- folds
@@ -64,7 +75,7 @@ def test_every_fold_has_three_patient_disjoint_parts():
     splits = fold_splits(recs, folds, 0.25, seed=2)
     for k, split in splits.items():
         parts = [{r.patient_id for r in part} for _, part in split.parts()]
-        assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1:])  # disjoint by patient
+        assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1 :])  # disjoint by patient
         assert sum(len(p) for _, p in split.parts()) == len(recs)  # every slide, once
         assert {r.patient_id for r in split.test} == {p for p, f in folds.items() if f == k}
         assert {r.label for r in split.val} == {0, 1}  # stratified: each class validates
@@ -112,20 +123,30 @@ def test_cross_validation_run_summary_and_evaluation(tmp_path, cache):
     for k in (1, 2, 3):
         fold = parent / f"fold_{k}"
         assert {"config.json", "best_model.pt", "checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt"} <= {
-            p.name for p in fold.iterdir()}
+            p.name for p in fold.iterdir()
+        }
         parts = read_csv(fold / "split.csv")
         test = {r["slide_id"] for r in parts if r["set"] == "test"}
         assert test == {r["slide_id"] for r in read_csv(parent / SPLITS_FILE) if r["fold"] == str(k)}
         assert {r["slide_id"]: r[f"fold_{k}"] for r in read_csv(parent / SPLITS_FILE)} == {
-            r["slide_id"]: r["set"] for r in parts}
-        patients = {name: {r["patient_id"] for r in parts if r["set"] == name} for name in ("train", "val", "test")}
-        assert patients["val"] and not (patients["val"] & patients["test"]) and not (patients["train"] & patients["val"])
+            r["slide_id"]: r["set"] for r in parts
+        }
+        patients = {
+            name: {r["patient_id"] for r in parts if r["set"] == name} for name in ("train", "val", "test")
+        }
+        assert (
+            patients["val"]
+            and not (patients["val"] & patients["test"])
+            and not (patients["train"] & patients["val"])
+        )
 
     saved = read_csv(parent / SPLITS_FILE)
     by_patient: dict[str, set[str]] = {}
     for row in saved:
         by_patient.setdefault(row["patient_id"], set()).add(row["fold"])
-    assert len(saved) == len({r["slide_id"] for r in saved}) == len(cohort_slides(12, seed=3))  # each bag once
+    assert (
+        len(saved) == len({r["slide_id"] for r in saved}) == len(cohort_slides(12, seed=3))
+    )  # each bag once
     assert all(len(f) == 1 for f in by_patient.values())  # a patient's plain and _cnn bags in one fold
     assert any(r["slide_id"].startswith("EGFR_positive_cnn") for r in saved)
 
@@ -136,7 +157,10 @@ def test_cross_validation_run_summary_and_evaluation(tmp_path, cache):
     for row in summary["folds"]:  # per-fold numbers equal those recomputed from the fold's test predictions
         mine = [s for s in slides if int(s["fold"]) == row["fold"]]
         assert {s["slide_id"] for s in mine} == {
-            r["slide_id"] for r in read_csv(parent / f"fold_{row['fold']}" / "split.csv") if r["set"] == "test"}
+            r["slide_id"]
+            for r in read_csv(parent / f"fold_{row['fold']}" / "split.csv")
+            if r["set"] == "test"
+        }
         y = [int(s["label"]) for s in mine]
         probs = np.array([[float(s["prob_EGFR_negative"]), float(s["prob_EGFR_positive"])] for s in mine])
         again = epoch_metrics(y, probs, 2)
@@ -152,25 +176,41 @@ def test_cross_validation_run_summary_and_evaluation(tmp_path, cache):
     pooled = auc_with_ci(y, probs, 2, 50, 0)
     assert summary["pooled_oof"]["auc"]["auc"] == pytest.approx(pooled.auc, abs=1e-5)
     assert summary["pooled_oof"]["auc"]["ci_low"] is not None
-    base = np.array([[float(p["baseline_prob_EGFR_negative"]), float(p["baseline_prob_EGFR_positive"])]
-                     for p in patients])
-    assert summary["pooled_oof"]["baseline_auc"]["auc"] == pytest.approx(auc_with_ci(y, base, 2, 0, 0).auc, abs=1e-5)
+    base = np.array(
+        [[float(p["baseline_prob_EGFR_negative"]), float(p["baseline_prob_EGFR_positive"])] for p in patients]
+    )
+    assert summary["pooled_oof"]["baseline_auc"]["auc"] == pytest.approx(
+        auc_with_ci(y, base, 2, 0, 0).auc, abs=1e-5
+    )
     table = read_csv(parent / "summary.csv")
     assert [r["fold"] for r in table] == ["1", "2", "3", "mean", "std"]
 
     # reuse of the splits file: identical folds in a new run
-    again = cross_validate(quick(tmp_path, cache, folds=0, splits=str(parent / SPLITS_FILE), num_epochs=1),
-                           n_bootstrap=0)
+    again = cross_validate(
+        quick(tmp_path, cache, folds=0, splits=str(parent / SPLITS_FILE), num_epochs=1), n_bootstrap=0
+    )
     assert again != parent
     assert read_csv(again / SPLITS_FILE) == read_csv(parent / SPLITS_FILE)
 
     # evaluation of every fold's model and the ensemble
     labels_csv = tmp_path / "labels.csv"
-    labels_csv.write_text("slide_id,label,patient_id\n" + "".join(
-        f"{s['slide_id']},{s['label']},{s['patient_id']}\n" for s in slides))
-    result = evaluate_folds(EvaluateConfig(checkpoint=parent, labels_csv=labels_csv, features_dir=cache,
-                                           output_dir=tmp_path / "eval", device="cpu", num_workers=0,
-                                           n_bootstrap=20, attention="none", progress=False))
+    labels_csv.write_text(
+        "slide_id,label,patient_id\n"
+        + "".join(f"{s['slide_id']},{s['label']},{s['patient_id']}\n" for s in slides)
+    )
+    result = evaluate_folds(
+        EvaluateConfig(
+            checkpoint=parent,
+            labels_csv=labels_csv,
+            features_dir=cache,
+            output_dir=tmp_path / "eval",
+            device="cpu",
+            num_workers=0,
+            n_bootstrap=20,
+            attention="none",
+            progress=False,
+        )
+    )
     assert set(result.metrics["folds"]) == {"fold_1", "fold_2", "fold_3"}
     assert all((tmp_path / "eval" / f"fold_{k}" / "metrics.json").is_file() for k in (1, 2, 3))
     ensemble = read_csv(tmp_path / "eval" / "predictions.csv")
@@ -193,28 +233,72 @@ def test_single_class_fold_is_reported_not_crashed(tmp_path, cache):
             label = int(patient[1:]) % 2
             fold = 2 if label == 0 and int(patient[1:]) < 6 else 1
             writer.writerow([row["slide_id"], patient, label, fold])
-    assert main(["--features_dir", str(cache), "--splits", str(splits), "--num_epochs", "1", "--num_workers", "0",
-                 "--weights", "random", "--output_dir", str(tmp_path / "runs"), "--no_progress"]) == 0
+    assert (
+        main(
+            [
+                "--features_dir",
+                str(cache),
+                "--splits",
+                str(splits),
+                "--num_epochs",
+                "1",
+                "--num_workers",
+                "0",
+                "--weights",
+                "random",
+                "--output_dir",
+                str(tmp_path / "runs"),
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     parent = next((tmp_path / "runs").iterdir())
     summary = json.loads((parent / "summary.json").read_text())
     fold2 = summary["folds"][1]
     assert fold2["test_auc"] is None and "undefined" in fold2["note"]
-    assert summary["mean"]["test_auc"] == summary["folds"][0]["test_auc"] and summary["std"]["test_auc"] is None
+    assert (
+        summary["mean"]["test_auc"] == summary["folds"][0]["test_auc"] and summary["std"]["test_auc"] is None
+    )
     # a two-part file: validation parts drawn from the other folds' patients, and recorded
     saved = read_csv(parent / SPLITS_FILE)
     assert {r["fold_2"] for r in saved if r["fold"] == "1"} == {"train", "val"}
 
     # one fold resumes as a normal run, in its own folder and on its own split
-    assert main(["--resume", str(parent / "fold_2" / "checkpoint_epoch_1.pt"), "--num_epochs", "2",
-                 "--no_progress"]) == 0
+    assert (
+        main(
+            [
+                "--resume",
+                str(parent / "fold_2" / "checkpoint_epoch_1.pt"),
+                "--num_epochs",
+                "2",
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((parent / "fold_2" / "config.json").read_text())["epoch"] == 2
     test = {r["patient_id"] for r in read_csv(parent / "fold_2" / "split.csv") if r["set"] == "test"}
     assert test == {"P000", "P002", "P004"}
 
 
 def test_cli_refuses_too_many_folds(tmp_path, cache):
-    assert main(["--features_dir", str(cache), "--folds", "7", "--weights", "random",
-                 "--output_dir", str(tmp_path / "runs"), "--no_progress"]) != 0
+    assert (
+        main(
+            [
+                "--features_dir",
+                str(cache),
+                "--folds",
+                "7",
+                "--weights",
+                "random",
+                "--output_dir",
+                str(tmp_path / "runs"),
+                "--no_progress",
+            ]
+        )
+        != 0
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -223,20 +307,22 @@ def test_held_out_folds_remove_the_selection_bias_of_validating_on_the_test_pati
     epoch on the patients it is scored on (the old scheme) reports a pooled AUC well above what the
     models really do on unseen patients; the three-part folds report the held-out one."""
     import torch
+    from random_data import transform_cache
 
     from clam.checkpoints import model_from_checkpoint
     from clam.inference import aggregate_patients
     from feature_extraction.bags import read_bag
-    from random_data import transform_cache
 
     slides = cohort_slides(24, seed=4, instances=(6, 12))
     signal = write_random_cache(tmp_path / "signal", slides, feature_dim=8)
     rng = np.random.default_rng(1)
-    noise = transform_cache(signal, tmp_path / "noise" / signal.name,
-                            lambda f, _: rng.normal(size=f.shape).astype(np.float32))
-    parent = cross_validate(quick(tmp_path, noise, folds=8, num_epochs=15, val_fraction=0.25, seed=1,
-                                  learning_rate=1e-3),
-                            n_bootstrap=0)
+    noise = transform_cache(
+        signal, tmp_path / "noise" / signal.name, lambda f, _: rng.normal(size=f.shape).astype(np.float32)
+    )
+    parent = cross_validate(
+        quick(tmp_path, noise, folds=8, num_epochs=15, val_fraction=0.25, seed=1, learning_rate=1e-3),
+        n_bootstrap=0,
+    )
     summary = json.loads((parent / "summary.json").read_text())
     held_out = summary["pooled_oof"]["auc"]["auc"]
 
@@ -254,12 +340,24 @@ def test_held_out_folds_remove_the_selection_bias_of_validating_on_the_test_pati
             loss = float(torch.nn.functional.nll_loss(probs.log(), labels))
             if best is None or loss < best[0]:
                 best = (loss, probs)
-        old += [{"slide_id": r["slide_id"], "patient_id": r["patient_id"], "label": r["label"],
-                 "prob_EGFR_negative": float(p[0]), "prob_EGFR_positive": float(p[1])}
-                for r, p in zip(test, best[1])]
+        old += [
+            {
+                "slide_id": r["slide_id"],
+                "patient_id": r["patient_id"],
+                "label": r["label"],
+                "prob_EGFR_negative": float(p[0]),
+                "prob_EGFR_positive": float(p[1]),
+            }
+            for r, p in zip(test, best[1])
+        ]
     patients = aggregate_patients(old, ["EGFR_negative", "EGFR_positive"])
-    optimistic = auc_with_ci([p["label"] for p in patients],
-                             np.array([[p["prob_EGFR_negative"], p["prob_EGFR_positive"]] for p in patients]), 2, 0, 0).auc
+    optimistic = auc_with_ci(
+        [p["label"] for p in patients],
+        np.array([[p["prob_EGFR_negative"], p["prob_EGFR_positive"]] for p in patients]),
+        2,
+        0,
+        0,
+    ).auc
     assert optimistic > held_out + 0.2, (optimistic, held_out)  # measured: 0.80 against 0.38
     assert held_out < 0.75  # noise labels: the held-out estimate stays near chance
     text = (parent / "summary.csv").read_text()

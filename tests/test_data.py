@@ -10,16 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from feature_extraction.bags import bag_path, read_attrs, write_bag
-from feature_extraction.embed import EmbedConfig
-from feature_extraction.errors import BagError, PipelineError
-from feature_extraction.layout import discover_slides
-from feature_extraction.sources import SlideSource
+from random_data import (
+    cohort_slides,
+    random_cache_config,
+    refresh_manifest,
+    write_cohort_folders,
+    write_random_bag_folder,
+    write_random_cache,
+)
 
 from clam.data import (
-    BagRecord,
     BagDataset,
+    BagRecord,
     collate_bags,
     find_cache,
     instance_rows,
@@ -31,15 +33,12 @@ from clam.data import (
 )
 from clam.loading import epoch_order, inverse_frequency_weights, plan_loading
 from clam.splits import assign_patient_folds, patient_labels, read_split, train_val_split, write_split
+from feature_extraction.bags import bag_path, read_attrs, write_bag
 from feature_extraction.cache import read_manifest
-from random_data import (
-    cohort_slides,
-    random_cache_config,
-    refresh_manifest,
-    write_cohort_folders,
-    write_random_bag_folder,
-    write_random_cache,
-)
+from feature_extraction.embed import EmbedConfig
+from feature_extraction.errors import BagError, PipelineError
+from feature_extraction.layout import discover_slides
+from feature_extraction.sources import SlideSource
 
 
 @pytest.fixture
@@ -72,7 +71,9 @@ def test_nan_bag_is_named(cache):
     path = bag_path(cache, "EGFR_negative__P002")
     features = np.ones((4, 16), np.float32)
     features[2, 3] = np.nan
-    write_bag(path, features, np.zeros((4, 2)), ["a", "b", "c", "d"], read_attrs(path))  # the same bag, but a NaN
+    write_bag(
+        path, features, np.zeros((4, 2)), ["a", "b", "c", "d"], read_attrs(path)
+    )  # the same bag, but a NaN
     with pytest.raises(BagError, match=r"EGFR_negative__P002\.h5.*NaN"):
         validated(cache)
 
@@ -98,7 +99,9 @@ def test_mixed_caches_in_a_bag_folder_are_refused(tmp_path):
     slides = cohort_slides(4)
     labels_csv = write_random_bag_folder(tmp_path / "bags", slides, feature_dim=16)
     one = write_random_cache(tmp_path / "features", slides[:1], feature_dim=16, cache_key="keyA")
-    bag_path(tmp_path / "bags", slides[0].slide_id).write_bytes(bag_path(one, slides[0].slide_id).read_bytes())
+    bag_path(tmp_path / "bags", slides[0].slide_id).write_bytes(
+        bag_path(one, slides[0].slide_id).read_bytes()
+    )
     records = records_from_labels_csv(labels_csv, tmp_path / "bags")
     with pytest.raises(BagError, match="different feature caches"):
         validate_records(records, tmp_path / "bags", 2, progress=False)
@@ -111,13 +114,17 @@ def test_feature_dimension_mismatch_is_named(tmp_path):
     other_bag = bag_path(tmp_path / "other" / "bags", slides[-1].slide_id)
     bag_path(tmp_path / "bags", slides[-1].slide_id).write_bytes(other_bag.read_bytes())
     with pytest.raises(BagError, match=f"{slides[-1].slide_id}.h5: feature dimension 8, expected 16"):
-        validate_records(records_from_labels_csv(labels_csv, tmp_path / "bags"), tmp_path / "bags", 2, progress=False)
+        validate_records(
+            records_from_labels_csv(labels_csv, tmp_path / "bags"), tmp_path / "bags", 2, progress=False
+        )
 
 
 def test_labels_csv_reads_stamp_feats_bags(tmp_path):
     slides = cohort_slides(4)
     labels_csv = write_random_bag_folder(tmp_path / "bags", slides, feature_dim=12, features_name="feats")
-    bags = validate_records(records_from_labels_csv(labels_csv, tmp_path / "bags"), tmp_path / "bags", 2, progress=False)
+    bags = validate_records(
+        records_from_labels_csv(labels_csv, tmp_path / "bags"), tmp_path / "bags", 2, progress=False
+    )
     assert bags.feature_dim == 12 and bags.cache_key is None
     assert [r.label for r in bags.records] == [s.label for s in slides]
     features, label, _ = BagDataset(bags.records, 100, 0, True, in_memory=True, progress=False)[0]
@@ -223,21 +230,34 @@ def test_missing_slides_are_embedded_first_and_said(tmp_path, monkeypatch, caplo
 
     monkeypatch.setattr("clam.data.embed_cohort", embed_cohort)
     caplog.set_level(logging.INFO)
-    cache_dir, ids = resolve_cache(tmp_path / "features", data_dir, "train", backbone="resnet50_trunc",
-                                   weights="random", max_tiles=30, seed=4, device="cpu", num_workers=0)
+    cache_dir, ids = resolve_cache(
+        tmp_path / "features",
+        data_dir,
+        "train",
+        backbone="resnet50_trunc",
+        weights="random",
+        max_tiles=30,
+        seed=4,
+        device="cpu",
+        num_workers=0,
+    )
     assert cache_dir == existing and ids == {s.slide_id for s in slides}
-    (config, called_dir, split, features_dir), = calls
+    ((config, called_dir, split, features_dir),) = calls
     assert called_dir == data_dir and split == "train"
     assert features_dir == tmp_path / "features"
-    assert config == EmbedConfig(backbone="resnet50_trunc", weights="random", max_tiles=30, seed=4, num_workers=0,
-                                 device="cpu")
+    assert config == EmbedConfig(
+        backbone="resnet50_trunc", weights="random", max_tiles=30, seed=4, num_workers=0, device="cpu"
+    )
     assert "embedding them first" in caplog.text
 
 
 def test_a_cache_folder_is_used_as_is_and_gaps_are_named(tmp_path):
     slides = cohort_slides(4)
     cache_dir = write_random_cache(tmp_path / "features", slides[:-1])
-    assert resolve_cache(cache_dir, None, "train", backbone="x", weights="y", max_tiles=1, seed=0) == (cache_dir, None)
+    assert resolve_cache(cache_dir, None, "train", backbone="x", weights="y", max_tiles=1, seed=0) == (
+        cache_dir,
+        None,
+    )
     data_dir = write_cohort_folders(tmp_path / "train", slides)
     with pytest.raises(PipelineError, match=f"no bag for 1 of the {len(slides)} slides"):
         resolve_cache(cache_dir, data_dir, "train", backbone="x", weights="y", max_tiles=1, seed=0)
@@ -300,7 +320,9 @@ def test_patient_with_two_labels_is_refused(cache):
 
 
 def test_epoch_order_is_seeded_per_epoch_and_can_balance_classes():
-    records = [BagRecord(f"s{i}", f"P{i}", int(i < 5), Path(f"s{i}.h5")) for i in range(50)]  # 5 positive, 45 negative
+    records = [
+        BagRecord(f"s{i}", f"P{i}", int(i < 5), Path(f"s{i}.h5")) for i in range(50)
+    ]  # 5 positive, 45 negative
     first = epoch_order(records, 2, seed=0, epoch=1, balanced=False)
     assert sorted(first) == list(range(50)) and first == epoch_order(records, 2, 0, 1, False)
     assert first != epoch_order(records, 2, 0, 2, False)

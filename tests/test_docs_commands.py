@@ -94,14 +94,14 @@ def module_invocation(words: list[str]) -> tuple[str, list[str]] | None:
         words.pop(0)
     for i, word in enumerate(words):
         if RUNNER.match(word):
-            rest = words[i + 1:]
+            rest = words[i + 1 :]
             for j, option in enumerate(rest):
                 if option.endswith(".py") or option == "-c":
                     return None  # python script.py ..., python -c CODE: not a module
                 if option == "-m" and j + 1 < len(rest):
-                    return rest[j + 1], rest[j + 2:]
+                    return rest[j + 1], rest[j + 2 :]
                 if option.startswith("-m") and len(option) > 2 and not option.startswith("--"):
-                    return option[2:], rest[j + 1:]  # python -mclam.train
+                    return option[2:], rest[j + 1 :]  # python -mclam.train
             return None
     return None
 
@@ -172,24 +172,29 @@ def test_the_walker_finds_the_commands_of_readme_and_docs():
 
 def test_the_walker_reads_shell_as_a_shell_would(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("\n".join([
-        "Text with `python -m not.in.a.block --x` is prose.",
-        "```bash",
-        "# a comment: python -m not.a.command",
-        "python -m pkg.one --a 1 \\",
-        "    --b <run>/file.pt   # trailing comment",
-        "cd somewhere && PYTHONPATH=$PWD .venv/bin/python -m pkg.two --c \"$X\" ; echo done",
-        "OMP_NUM_THREADS=1 python3 -u -m pkg.three",
-        "torchrun --nproc_per_node 2 -m pkg.four --d /path/to/data | tee log",
-        "python benchmarks/script.py --e",
-        "```",
-        "```python",
-        "subprocess.run(['python', '-m', 'pkg.five'])",
-        "```",
-        "```",
-        "python -m pkg.six   (an untyped block: output, not commands)",
-        "```",
-    ]), encoding="utf-8")
+    page.write_text(
+        "\n".join(
+            [
+                "Text with `python -m not.in.a.block --x` is prose.",
+                "```bash",
+                "# a comment: python -m not.a.command",
+                "python -m pkg.one --a 1 \\",
+                "    --b <run>/file.pt   # trailing comment",
+                'cd somewhere && PYTHONPATH=$PWD .venv/bin/python -m pkg.two --c "$X" ; echo done',
+                "OMP_NUM_THREADS=1 python3 -u -m pkg.three",
+                "torchrun --nproc_per_node 2 -m pkg.four --d /path/to/data | tee log",
+                "python benchmarks/script.py --e",
+                "```",
+                "```python",
+                "subprocess.run(['python', '-m', 'pkg.five'])",
+                "```",
+                "```",
+                "python -m pkg.six   (an untyped block: output, not commands)",
+                "```",
+            ]
+        ),
+        encoding="utf-8",
+    )
     found = [(c.line, c.module, c.argv) for c in commands_in(page)]
     assert found == [
         (4, "pkg.one", ("--a", "1", "--b", "<run>/file.pt")),
@@ -201,10 +206,12 @@ def test_the_walker_reads_shell_as_a_shell_would(tmp_path):
 
 def test_a_missing_module_and_an_unknown_flag_fail_with_the_file_and_line(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("```bash\npython -m clam.no_such_module --x 1\npython -m pytest -q\n"
-                    "python -m clam.evaluate --no_such_flag\npython -m clam.evaluate --help\n"
-                    "python -m clam.train --data_dir 'unclosed\n```\n",
-                    encoding="utf-8")
+    page.write_text(
+        "```bash\npython -m clam.no_such_module --x 1\npython -m pytest -q\n"
+        "python -m clam.evaluate --no_such_flag\npython -m clam.evaluate --help\n"
+        "python -m clam.train --data_dir 'unclosed\n```\n",
+        encoding="utf-8",
+    )
     commands = commands_in(page)
     problems = [check_command(c) for c in commands]
     assert "does not exist" in problems[0]

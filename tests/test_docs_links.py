@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from docs_text import FENCE, ROOT, doc_files
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -59,8 +58,9 @@ def links(path: Path) -> list[tuple[int, str]]:
 LINKS = [(path, number, target) for path in doc_files() for number, target in links(path)]
 
 
-@pytest.mark.parametrize("path, number, target", LINKS,
-                         ids=[f"{p.relative_to(ROOT)}:{n} {t}" for p, n, t in LINKS])
+@pytest.mark.parametrize(
+    "path, number, target", LINKS, ids=[f"{p.relative_to(ROOT)}:{n} {t}" for p, n, t in LINKS]
+)
 def test_link_resolves(path: Path, number: int, target: str):
     file_part, _, fragment = target.partition("#")
     destination = (path.parent / file_part).resolve() if file_part else path
@@ -70,7 +70,8 @@ def test_link_resolves(path: Path, number: int, target: str):
         assert destination.suffix == ".md", f"{where}: an anchor into a file that is not markdown"
         assert fragment in anchors(destination), (
             f"{where}: no heading of {destination.relative_to(ROOT)} has the anchor #{fragment}; "
-            f"it has {sorted(anchors(destination))}")
+            f"it has {sorted(anchors(destination))}"
+        )
 
 
 def test_the_common_tasks_of_the_index_link_to_sections():
@@ -83,8 +84,12 @@ def test_the_common_tasks_of_the_index_link_to_sections():
 
 
 def test_slugs_follow_github():
-    assert slug("Tile folders from slides: `python -m feature_extraction.tile`") == \
-        "tile-folders-from-slides-python--m-feature_extractiontile"
+    assert (
+        slug("Tile folders from slides: `python -m feature_extraction.tile`")
+        == "tile-folders-from-slides-python--m-feature_extractiontile"
+    )
     assert slug("Leakage: slides the model has seen") == "leakage-slides-the-model-has-seen"
-    assert slug("Speed (this 2-core development machine, median of 5)") == \
-        "speed-this-2-core-development-machine-median-of-5"
+    assert (
+        slug("Speed (this 2-core development machine, median of 5)")
+        == "speed-this-2-core-development-machine-median-of-5"
+    )

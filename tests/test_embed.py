@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from random_data import FAST, ROOT, assert_same_bags, bags_of, write_cohort, write_tile
 from torchvision import transforms
 
 from feature_extraction import embed as embed_module
@@ -28,19 +29,26 @@ from feature_extraction.errors import PipelineError
 from feature_extraction.extractor import Outcome, compact_rows
 from feature_extraction.runtime import NormalizedBackbone, onnxruntime_available, plan_compute, resolve_device
 from feature_extraction.sources import select_subset
-from random_data import FAST, ROOT, assert_same_bags, bags_of, write_cohort, write_tile
+
 
 def test_embed_writes_one_valid_bag_per_slide_and_a_manifest(tmp_path):
     data = write_cohort(tmp_path / "train")
     (data / "EGFR_positive" / "P1" / "notes.txt").write_text("ignored")
-    write_tile(data / "EGFR_negative" / "P5" / "plain.png", np.random.default_rng(1))  # no position in its name
+    write_tile(
+        data / "EGFR_negative" / "P5" / "plain.png", np.random.default_rng(1)
+    )  # no position in its name
     report = embed_cohort(FAST, data, features_dir=tmp_path / "features")
 
     assert report.n_embedded == 5 and report.n_reused == 0 and not report.failed
     assert report.cache_dir.parent == tmp_path / "features"
     assert report.cache_dir.name == f"resnet18-random-224px-max100-seed0-{report.cache_key[:8]}"
     assert [row.slide_id for row in report.slides] == [
-        "EGFR_negative__P3", "EGFR_negative__P5", "EGFR_positive__P1", "EGFR_positive__P2", "EGFR_negative_cnn__P3"]
+        "EGFR_negative__P3",
+        "EGFR_negative__P5",
+        "EGFR_positive__P1",
+        "EGFR_positive__P2",
+        "EGFR_negative_cnn__P3",
+    ]
     assert report.n_ignored_files == 1 and report.random_weights
 
     bag = read_bag(report.cache_dir / "EGFR_positive__P1.h5")
@@ -48,9 +56,22 @@ def test_embed_writes_one_valid_bag_per_slide_and_a_manifest(tmp_path):
     assert bag.tile_names == ["tile_x0_y32.png", "tile_x32_y32.png", "tile_x64_y32.png"]
     assert bag.coords.tolist() == [[0, 32], [32, 32], [64, 32]]
     attrs = bag.attrs
-    for key, value in dict(slide_id="EGFR_positive__P1", patient_id="P1", class_folder="EGFR_positive", label=1,
-                           split="train", backbone="resnet18", weights="random", weights_random=True, feature_dim=512,
-                           max_tiles=100, seed=0, tile_size=224, cache_key=report.cache_key, n_skipped=0).items():
+    for key, value in dict(
+        slide_id="EGFR_positive__P1",
+        patient_id="P1",
+        class_folder="EGFR_positive",
+        label=1,
+        split="train",
+        backbone="resnet18",
+        weights="random",
+        weights_random=True,
+        feature_dim=512,
+        max_tiles=100,
+        seed=0,
+        tile_size=224,
+        cache_key=report.cache_key,
+        n_skipped=0,
+    ).items():
         assert attrs[key] == value, key
     for key in ("weights_digest", "transform", "package_version", "tiles_digest", "skipped_tiles"):
         assert attrs[key] != ""
@@ -64,33 +85,58 @@ def test_embed_writes_one_valid_bag_per_slide_and_a_manifest(tmp_path):
     assert config["cache_key"] == report.cache_key and config["weights"] == "random"
     manifest = read_manifest(report.cache_dir)
     assert {row.slide_id: (row.status, row.n_tiles, row.label) for row in manifest} == {
-        "EGFR_positive__P1": ("ok", 3, 1), "EGFR_positive__P2": ("ok", 2, 1),
-        "EGFR_negative__P3": ("ok", 2, 0), "EGFR_negative_cnn__P3": ("ok", 2, 0), "EGFR_negative__P5": ("ok", 1, 0)}
+        "EGFR_positive__P1": ("ok", 3, 1),
+        "EGFR_positive__P2": ("ok", 2, 1),
+        "EGFR_negative__P3": ("ok", 2, 0),
+        "EGFR_negative_cnn__P3": ("ok", 2, 0),
+        "EGFR_negative__P5": ("ok", 1, 0),
+    }
     assert all(row.file.is_file() for row in manifest)
     leftovers = [p for p in report.cache_dir.rglob("*") if p.is_file() and p.suffix in (".tmp", ".lock")]
     assert not leftovers
 
 
 def test_features_equal_eager_pytorch_on_the_decoded_tile(tmp_path):
-    data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P1": 2}, "EGFR_negative": {"P2": 1}}, size=256)
+    data = write_cohort(
+        tmp_path / "train", {"EGFR_positive": {"P1": 2}, "EGFR_negative": {"P2": 1}}, size=256
+    )
     report = embed_cohort(FAST, data, features_dir=tmp_path / "features")
     bag = read_bag(report.cache_dir / "EGFR_positive__P1.h5")
 
     backbone = load_backbone("resnet18", "random")
     spec = backbone.spec
-    reference = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), transforms.ToTensor(),
-                                    transforms.Normalize(spec.mean, spec.std)])
-    images = torch.stack([reference(Image.open(data / "EGFR_positive" / "P1" / name).convert("RGB"))
-                          for name in bag.tile_names])
+    reference = transforms.Compose(
+        [
+            transforms.Resize(224),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ]
+    )
+    images = torch.stack(
+        [
+            reference(Image.open(data / "EGFR_positive" / "P1" / name).convert("RGB"))
+            for name in bag.tile_names
+        ]
+    )
     with torch.inference_mode():
         expected = backbone.module(images).numpy()
     # Resampling differs slightly between PIL-on-uint8 and torchvision; the features agree to ~1%.
     np.testing.assert_allclose(bag.features, expected, rtol=0.05, atol=0.02 * np.abs(expected).max())
 
     wrapped = NormalizedBackbone(backbone.module, spec.mean, spec.std).eval()
-    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(data / "EGFR_positive" / "P1" / name)
-                                                      .convert("RGB").resize((224, 224), Image.BILINEAR)).copy())
-                          for name in bag.tile_names])
+    pixels = torch.stack(
+        [
+            torch.from_numpy(
+                np.asarray(
+                    Image.open(data / "EGFR_positive" / "P1" / name)
+                    .convert("RGB")
+                    .resize((224, 224), Image.BILINEAR)
+                ).copy()
+            )
+            for name in bag.tile_names
+        ]
+    )
     with torch.inference_mode():
         np.testing.assert_allclose(bag.features, wrapped(pixels).numpy(), rtol=1e-4, atol=1e-5)
 
@@ -140,7 +186,9 @@ def test_rerun_recomputes_nothing_and_a_changed_slide_is_re_embedded(tmp_path):
     assert overwritten.n_embedded == 5 and overwritten.n_reused == 0
 
     other = embed_cohort(replace(FAST, max_tiles=2), data, features_dir=tmp_path / "features")
-    assert other.cache_dir != first.cache_dir and other.n_embedded == 5  # another configuration, another cache
+    assert (
+        other.cache_dir != first.cache_dir and other.n_embedded == 5
+    )  # another configuration, another cache
     assert read_bag(first.cache_dir / "EGFR_positive__P1.h5").features.shape == (3, 512)
 
 
@@ -172,8 +220,23 @@ def test_bad_tiles_are_skipped_and_named_and_an_unreadable_slide_gets_no_bag(tmp
         path.write_bytes(b"\x89PNG garbage")
     (data / "EGFR_negative" / "P8").mkdir()  # a patient folder without tiles
 
-    code = main(["--data_dir", str(data), "--features_dir", str(tmp_path / "features"), "--backbone", "resnet18",
-                 "--weights", "random", "--runtime", "torch", "--num_workers", "0", "--quiet"])
+    code = main(
+        [
+            "--data_dir",
+            str(data),
+            "--features_dir",
+            str(tmp_path / "features"),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "random",
+            "--runtime",
+            "torch",
+            "--num_workers",
+            "0",
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0  # some slides were embedded
     assert "zero.png" in out.out and "text.jpg" in out.out and "cut.png" in out.out
@@ -189,9 +252,13 @@ def test_bad_tiles_are_skipped_and_named_and_an_unreadable_slide_gets_no_bag(tmp
     assert not (cache_dir / "EGFR_positive__P2.h5").exists()
     rows = {row.slide_id: row for row in read_manifest(cache_dir)}
     assert rows["EGFR_positive__P2"].status == "failed" and "could be read" in rows["EGFR_positive__P2"].error
-    assert rows["EGFR_negative__P8"].status == "failed" and "no image tiles" in rows["EGFR_negative__P8"].error
+    assert (
+        rows["EGFR_negative__P8"].status == "failed" and "no image tiles" in rows["EGFR_negative__P8"].error
+    )
 
-    report = embed_cohort(FAST, data, features_dir=tmp_path / "features")  # reused; failures retried, reported
+    report = embed_cohort(
+        FAST, data, features_dir=tmp_path / "features"
+    )  # reused; failures retried, reported
     assert report.n_embedded == 0 and len(report.failed) == 2
     assert sorted(t.name for t in report.skipped_tiles) == ["cut.png", "text.jpg", "zero.png"]
     assert "skipped 3 unreadable tiles" in format_summary(report)
@@ -209,7 +276,9 @@ def test_a_slide_that_cannot_be_listed_fails_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(embed_module, "list_slide_tiles", list_or_fail)
     report = embed_cohort(FAST, data, features_dir=tmp_path / "features")
     assert report.n_embedded == 3
-    assert report.failed == [("EGFR_positive__P2", f"{data / 'EGFR_positive' / 'P2'} is not a readable whole-slide image")]
+    assert report.failed == [
+        ("EGFR_positive__P2", f"{data / 'EGFR_positive' / 'P2'} is not a readable whole-slide image")
+    ]
     assert {row.slide_id: row.status for row in report.slides}["EGFR_positive__P2"] == "failed"
 
 
@@ -218,8 +287,19 @@ def test_nothing_embeddable_exits_non_zero_and_a_missing_class_folder_shows_the_
     for folder in ("EGFR_positive/P1", "EGFR_negative/P2"):
         (data / folder).mkdir(parents=True)
         (data / folder / "a.png").write_bytes(b"")
-    args = ["--features_dir", str(tmp_path / "f"), "--backbone", "resnet18", "--weights", "random",
-            "--runtime", "torch", "--num_workers", "0", "--quiet"]
+    args = [
+        "--features_dir",
+        str(tmp_path / "f"),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "random",
+        "--runtime",
+        "torch",
+        "--num_workers",
+        "0",
+        "--quiet",
+    ]
     assert main(["--data_dir", str(data), *args]) == 1
 
     missing = write_cohort(tmp_path / "other", {"EGFR_positive": {"P1": 1}})
@@ -260,16 +340,36 @@ def test_cpu_plan_leaves_the_cores_to_the_backbone(monkeypatch):
 
 @pytest.mark.slow
 def test_kill_minus_9_then_rerun_gives_the_bags_of_an_uninterrupted_run(tmp_path):
-    layout = {"EGFR_positive": {f"P{i}": 3 for i in range(5)}, "EGFR_negative": {f"N{i}": 3 for i in range(5)}}
+    layout = {
+        "EGFR_positive": {f"P{i}": 3 for i in range(5)},
+        "EGFR_negative": {f"N{i}": 3 for i in range(5)},
+    }
     data = write_cohort(tmp_path / "train", layout)
-    args = ["--data_dir", str(data), "--backbone", "resnet18", "--weights", "random", "--runtime", "torch",
-            "--num_workers", "0", "--batch_size", "1", "--quiet"]
+    args = [
+        "--data_dir",
+        str(data),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "random",
+        "--runtime",
+        "torch",
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "1",
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "feature_extraction.embed"]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*command, *args, "--features_dir", str(killed)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*command, *args, "--features_dir", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(killed.glob("*/*.h5")):
         time.sleep(0.02)
@@ -280,7 +380,9 @@ def test_kill_minus_9_then_rerun_gives_the_bags_of_an_uninterrupted_run(tmp_path
     for path in killed.glob("*/*.h5"):
         validate_bag(path)  # every file under a bag's name is complete
 
-    resumed = subprocess.run([*command, *args, "--features_dir", str(killed)], env=env, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [*command, *args, "--features_dir", str(killed)], env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"{10 - n_before} embedded" in resumed.stdout and f"{n_before} reused" in resumed.stdout
     embed_cohort(replace(FAST, batch_size=1), data, features_dir=tmp_path / "clean")
@@ -293,8 +395,17 @@ def test_kill_minus_9_then_rerun_gives_the_bags_of_an_uninterrupted_run(tmp_path
 def test_embed_config_round_trips_through_json_and_ignores_unknown_keys():
     from feature_extraction.wsi import WsiConfig
 
-    config = EmbedConfig(backbone="resnet18", weights="random", max_tiles=7, seed=3, wsi=WsiConfig(tile_size=128),
-                         batch_size=2, device="cpu", overwrite=True, expected_cache_key="ab" * 32)
+    config = EmbedConfig(
+        backbone="resnet18",
+        weights="random",
+        max_tiles=7,
+        seed=3,
+        wsi=WsiConfig(tile_size=128),
+        batch_size=2,
+        device="cpu",
+        overwrite=True,
+        expected_cache_key="ab" * 32,
+    )
     assert EmbedConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert EmbedConfig.from_dict({**FAST.to_dict(), "something_newer": 1}) == FAST
     assert Outcome.REUSED == "reused" and f"{Outcome.BY_OTHER}" == "by_other"  # manifest/CSV values unchanged
@@ -305,10 +416,17 @@ def test_a_checkpoints_cache_entry_replays_to_the_same_cache_key(tiny_cohort, tm
     embedding with it gives the cache key the model was trained on, and a changed entry is refused."""
     from clam.checkpoints import read_checkpoint
 
-    entry = read_checkpoint(ROOT / "tests" / "fixtures" / "main_0d6f26e" / "run" / "checkpoint_epoch_2.pt")["cache"]
+    entry = read_checkpoint(ROOT / "tests" / "fixtures" / "main_0d6f26e" / "run" / "checkpoint_epoch_2.pt")[
+        "cache"
+    ]
     replay = EmbedConfig.from_dict({**entry, "runtime": "torch", "num_workers": 0, "progress": False})
-    assert (replay.backbone, replay.weights, replay.max_tiles, replay.seed, replay.wsi) == ("resnet18", "random", 100,
-                                                                                          0, None)
+    assert (replay.backbone, replay.weights, replay.max_tiles, replay.seed, replay.wsi) == (
+        "resnet18",
+        "random",
+        100,
+        0,
+        None,
+    )
     assert replay.expected_cache_key == entry["cache_key"]
     data = tiny_cohort.split_dirs["test"]
     report = embed_cohort(replay, data, "test", features_dir=tmp_path / "features")

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from random_data import FAST, ROOT
 
 from feature_extraction.bags import read_bag
 from feature_extraction.cache import read_manifest
 from feature_extraction.embed import embed_cohort
-from random_data import FAST, ROOT
 
 
 def _torchrun() -> str | None:
@@ -43,10 +43,33 @@ def test_two_processes_under_torchrun_build_the_cache_of_one(tmp_path):
     data = _cohort(tmp_path / "train")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "feature_extraction.embed",
-         "--data_dir", str(data), "--features_dir", str(tmp_path / "two"), "--backbone", "resnet18",
-         "--weights", "random", "--runtime", "torch", "--num_workers", "0", "--batch_size", "2", "--quiet"],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            _torchrun(),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "feature_extraction.embed",
+            "--data_dir",
+            str(data),
+            "--features_dir",
+            str(tmp_path / "two"),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "random",
+            "--runtime",
+            "torch",
+            "--num_workers",
+            "0",
+            "--batch_size",
+            "2",
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     per_rank = [int(n) for n in re.findall(r"slides: (\d+) embedded", result.stdout)]
@@ -59,6 +82,8 @@ def test_two_processes_under_torchrun_build_the_cache_of_one(tmp_path):
         expected, got = read_bag(path), read_bag(two / path.name)
         assert got.tile_names == expected.tile_names and np.array_equal(got.coords, expected.coords)
         np.testing.assert_allclose(got.features, expected.features, rtol=1e-4, atol=1e-5)
-    strip = [row.__class__(**{**row.__dict__, "file": row.file.name}) for row in read_manifest(single.cache_dir)]
+    strip = [
+        row.__class__(**{**row.__dict__, "file": row.file.name}) for row in read_manifest(single.cache_dir)
+    ]
     assert [row.__class__(**{**row.__dict__, "file": row.file.name}) for row in read_manifest(two)] == strip
     assert not [p for p in two.rglob("*") if p.suffix in (".tmp", ".lock")]

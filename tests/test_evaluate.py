@@ -13,31 +13,50 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, recall_score,
-                             roc_auc_score)
-
-from feature_extraction.bags import read_bag
-from feature_extraction.errors import PipelineError
-from feature_extraction.layout import CLASS_NAMES
-from random_data import (RandomSlide, cohort_slides, random_cache_config, write_cohort_folders,
-                         write_random_bag_folder, write_random_cache)
+from random_data import (
+    RandomSlide,
+    cohort_slides,
+    random_cache_config,
+    write_cohort_folders,
+    write_random_bag_folder,
+    write_random_cache,
+)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from clam import attention as attention_cli
 from clam import evaluate as evaluate_cli
 from clam.checkpoints import read_checkpoint, save_checkpoint
 from clam.eval_config import EvaluateConfig
 from clam.evaluation import evaluate
-from clam.run_files import BEST_NAME, newest_run
 from clam.model import build_model
+from clam.run_files import BEST_NAME, newest_run
+from feature_extraction.bags import read_bag
+from feature_extraction.errors import PipelineError
+from feature_extraction.layout import CLASS_NAMES
 
 FEATURE_DIM = 32
 CACHE_KEY = random_cache_config(FEATURE_DIM).cache_key  # the real key of write_random_cache's default cache
 N_BOOTSTRAP = 200  # the default (1,000) is tested in test_metrics; fewer keep these tests fast
 
 
-def make_checkpoint(run_dir: Path, cache_dir: Path | None, *, model_type: str = "clam_sb", n_classes: int = 2,
-                    in_dim: int = FEATURE_DIM, cache_key: str | None = CACHE_KEY, seed: int = 0,
-                    signal_weight: float = 0.0) -> Path:
+def make_checkpoint(
+    run_dir: Path,
+    cache_dir: Path | None,
+    *,
+    model_type: str = "clam_sb",
+    n_classes: int = 2,
+    in_dim: int = FEATURE_DIM,
+    cache_key: str | None = CACHE_KEY,
+    seed: int = 0,
+    signal_weight: float = 0.0,
+) -> Path:
     """A best_model.pt in the layout clam.train writes: the spec's keys plus model_config, cache, class_names.
 
     ``signal_weight`` > 0 makes the model follow random_data's planted signal (the first
@@ -59,16 +78,27 @@ def make_checkpoint(run_dir: Path, cache_dir: Path | None, *, model_type: str = 
                 classifiers.bias[1] = -signal_weight * 1.6
     cache = {}
     if cache_dir is not None:
-        cache = {**json.loads((cache_dir / "cache.json").read_text()), "cache_dir": str(cache_dir),
-                 "cache_key": cache_key, "feature_dim": in_dim}
+        cache = {
+            **json.loads((cache_dir / "cache.json").read_text()),
+            "cache_dir": str(cache_dir),
+            "cache_key": cache_key,
+            "feature_dim": in_dim,
+        }
     names = list(CLASS_NAMES) if n_classes == 2 else [f"class_{c}" for c in range(n_classes)]
     checkpoint = {
         "model_state_dict": model.state_dict(),
         "optimizer_state_dict": {},
         "epoch": 3,
         "loss": 0.5,
-        "args": {"n_classes": n_classes, "backbone": "resnet50_trunc", "weights": "imagenet", "max_tiles": 100,
-                 "seed": 0, "features_dir": str(cache_dir.parent) if cache_dir else None, "model_type": model_type},
+        "args": {
+            "n_classes": n_classes,
+            "backbone": "resnet50_trunc",
+            "weights": "imagenet",
+            "max_tiles": 100,
+            "seed": 0,
+            "features_dir": str(cache_dir.parent) if cache_dir else None,
+            "model_type": model_type,
+        },
         "model_config": model.config.to_dict(),
         "cache": cache,
         "class_names": names,
@@ -94,8 +124,15 @@ def test_cohort(tmp_path_factory):
 def evaluated(test_cohort):
     root, data_dir, cache_dir, _ = test_cohort
     checkpoint = make_checkpoint(root / "runs" / "run_20260101_000000", cache_dir, signal_weight=2.0)
-    config = EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0,
-                            n_bootstrap=N_BOOTSTRAP, top_k=3, progress=False)
+    config = EvaluateConfig(
+        checkpoint=checkpoint,
+        data_dir=data_dir,
+        split="train",
+        num_workers=0,
+        n_bootstrap=N_BOOTSTRAP,
+        top_k=3,
+        progress=False,
+    )
     return evaluate(config)
 
 
@@ -127,7 +164,13 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_writes_every_output_inside_the_run_folder(evaluated, test_cohort):
     out = evaluated.output_dir
     assert out.parent.name == "run_20260101_000000" and out.name.startswith("eval_")
-    for name in ("predictions.csv", "predictions_patient.csv", "metrics.json", "roc.png", "confusion_matrix.png"):
+    for name in (
+        "predictions.csv",
+        "predictions_patient.csv",
+        "metrics.json",
+        "roc.png",
+        "confusion_matrix.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     slides = test_cohort[3]
@@ -140,8 +183,18 @@ def test_writes_every_output_inside_the_run_folder(evaluated, test_cohort):
 
 def test_predictions_have_the_documented_columns_and_valid_probabilities(evaluated, test_cohort):
     rows = read_csv(evaluated.output_dir / "predictions.csv")
-    columns = ["slide_id", "patient_id", "class_folder", "label", "label_name", "prob_EGFR_negative",
-               "prob_EGFR_positive", "predicted", "predicted_name", "n_tiles"]
+    columns = [
+        "slide_id",
+        "patient_id",
+        "class_folder",
+        "label",
+        "label_name",
+        "prob_EGFR_negative",
+        "prob_EGFR_positive",
+        "predicted",
+        "predicted_name",
+        "n_tiles",
+    ]
     assert list(rows[0]) == columns
     by_id = {s.slide_id: s for s in test_cohort[3]}
     assert {r["slide_id"] for r in rows} == set(by_id)
@@ -167,11 +220,15 @@ def test_patient_rows_are_the_mean_of_their_slides(evaluated):
         positive, negative = float(patient["prob_EGFR_positive"]), float(patient["prob_EGFR_negative"])
         assert int(patient["predicted"]) == int(positive > negative)
     p000 = next(p for p in patients if p["patient_id"] == "P000")
-    assert p000["n_slides"] == "2" and set(p000["slide_ids"].split(";")) == {"EGFR_negative__P000",
-                                                                            "EGFR_negative_cnn__P000"}
+    assert p000["n_slides"] == "2" and set(p000["slide_ids"].split(";")) == {
+        "EGFR_negative__P000",
+        "EGFR_negative_cnn__P000",
+    }
 
 
-@pytest.mark.parametrize("level, table", [("per_slide", "predictions.csv"), ("per_patient", "predictions_patient.csv")])
+@pytest.mark.parametrize(
+    "level, table", [("per_slide", "predictions.csv"), ("per_patient", "predictions_patient.csv")]
+)
 def test_metrics_equal_sklearn_on_the_written_predictions(evaluated, level, table):
     metrics = json.loads((evaluated.output_dir / "metrics.json").read_text())[level]
     rows = read_csv(evaluated.output_dir / table)
@@ -240,11 +297,14 @@ def write_crossval_run(parent: Path, cache_dir: Path, n_folds: int = 2) -> None:
     (parent / "splits.csv").write_text("slide_id,patient_id,label,fold\nEGFR_negative__P900,P900,0,1\n")
     for fold in range(1, n_folds + 1):
         make_checkpoint(parent / f"fold_{fold}", cache_dir, seed=fold, signal_weight=2.0)
-        (parent / f"fold_{fold}" / "config.json").write_text(json.dumps({"epoch": 3, "data": {"n_val_bags": 2}}))
+        (parent / f"fold_{fold}" / "config.json").write_text(
+            json.dumps({"epoch": 3, "data": {"n_val_bags": 2}})
+        )
 
 
-def test_without_checkpoint_the_newest_run_is_evaluated_whatever_its_kind(test_cohort, tmp_path, monkeypatch,
-                                                                          capsys):
+def test_without_checkpoint_the_newest_run_is_evaluated_whatever_its_kind(
+    test_cohort, tmp_path, monkeypatch, capsys
+):
     """Issue 19: an older single run and a newer cross-validation run in clam/checkpoints: the newer one
     is evaluated (each fold's model and their ensemble), and the first line says which run and why."""
     root, data_dir, cache_dir, _ = test_cohort
@@ -253,12 +313,26 @@ def test_without_checkpoint_the_newest_run_is_evaluated_whatever_its_kind(test_c
     make_checkpoint(runs / "run_20260101_000000", cache_dir)
     write_crossval_run(runs / "run_20260102_000000", cache_dir)
     monkeypatch.chdir(tmp_path)
-    code = evaluate_cli.main(["--data_dir", str(data_dir), "--split", "train", "--num_workers", "0",
-                              "--n_bootstrap", "20", "--attention", "none"])
+    code = evaluate_cli.main(
+        [
+            "--data_dir",
+            str(data_dir),
+            "--split",
+            "train",
+            "--num_workers",
+            "0",
+            "--n_bootstrap",
+            "20",
+            "--attention",
+            "none",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == ("checkpoint: newest run in clam/checkpoints: run_20260102_000000 (cross-validation, "
-                          "2 folds: each fold's model and their ensemble)")
+    assert printed[0] == (
+        "checkpoint: newest run in clam/checkpoints: run_20260102_000000 (cross-validation, "
+        "2 folds: each fold's model and their ensemble)"
+    )
     assert not list((runs / "run_20260101_000000").glob("eval_*"))  # the older single run is left alone
     (evaluated,) = (runs / "run_20260102_000000").glob("eval_*")
     metrics = json.loads((evaluated / "metrics.json").read_text())
@@ -269,12 +343,24 @@ def test_without_checkpoint_the_newest_run_is_evaluated_whatever_its_kind(test_c
 def test_a_cache_with_another_key_is_refused(test_cohort, tmp_path, capsys):
     root, data_dir, cache_dir, _ = test_cohort
     checkpoint = make_checkpoint(tmp_path / "run_20260101_000000", cache_dir, cache_key="another-key")
-    config = EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0, progress=False)
+    config = EvaluateConfig(
+        checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0, progress=False
+    )
     with pytest.raises(PipelineError, match="another-key"):
         evaluate(config)
     # The command line prints the message without a traceback and exits 2.
-    code = evaluate_cli.main(["--checkpoint", str(checkpoint), "--data_dir", str(data_dir), "--split", "train",
-                              "--num_workers", "0"])
+    code = evaluate_cli.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data_dir",
+            str(data_dir),
+            "--split",
+            "train",
+            "--num_workers",
+            "0",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "error:" in err and "another-key" in err and "Traceback" not in err
@@ -284,11 +370,13 @@ def test_a_cache_with_another_key_is_refused(test_cohort, tmp_path, capsys):
 def test_bags_of_another_cache_in_a_labels_csv_are_refused(test_cohort, tmp_path):
     root, _, cache_dir, slides = test_cohort
     labels = tmp_path / "labels.csv"
-    labels.write_text("slide_id,label,patient_id\n"
-                      + "".join(f"{s.slide_id},{s.label},{s.patient_id}\n" for s in slides))
+    labels.write_text(
+        "slide_id,label,patient_id\n" + "".join(f"{s.slide_id},{s.label},{s.patient_id}\n" for s in slides)
+    )
     checkpoint = make_checkpoint(tmp_path / "run_20260101_000000", cache_dir, cache_key="another-key")
-    config = EvaluateConfig(checkpoint=checkpoint, labels_csv=labels, features_dir=cache_dir, num_workers=0,
-                            progress=False)
+    config = EvaluateConfig(
+        checkpoint=checkpoint, labels_csv=labels, features_dir=cache_dir, num_workers=0, progress=False
+    )
     with pytest.raises(PipelineError, match="cache key"):
         evaluate(config)
 
@@ -296,7 +384,9 @@ def test_bags_of_another_cache_in_a_labels_csv_are_refused(test_cohort, tmp_path
 def test_a_model_of_another_feature_dimension_is_refused(test_cohort, tmp_path):
     root, data_dir, cache_dir, _ = test_cohort
     checkpoint = make_checkpoint(tmp_path / "run_1", cache_dir, in_dim=FEATURE_DIM * 2)
-    config = EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0, progress=False)
+    config = EvaluateConfig(
+        checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0, progress=False
+    )
     with pytest.raises(PipelineError, match="feature dimension"):
         evaluate(config)
 
@@ -307,8 +397,16 @@ def test_one_class_only_reports_undefined_auc_without_crashing(tmp_path):
     data_dir = write_cohort_folders(tmp_path / "test", slides)
     checkpoint = make_checkpoint(tmp_path / "run_20260101_000000", cache_dir)
     with logged_lines() as lines:
-        result = evaluate(EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, num_workers=0, n_bootstrap=50,
-                                         attention="none", progress=False))
+        result = evaluate(
+            EvaluateConfig(
+                checkpoint=checkpoint,
+                data_dir=data_dir,
+                num_workers=0,
+                n_bootstrap=50,
+                attention="none",
+                progress=False,
+            )
+        )
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
     for level in ("per_slide", "per_patient"):
         assert metrics[level]["auc"]["auc"] is None and metrics[level]["auc"]["ci_low"] is None
@@ -322,14 +420,26 @@ def test_one_class_only_reports_undefined_auc_without_crashing(tmp_path):
 
 def test_more_than_two_classes_from_a_labels_csv(tmp_path):
     rng = np.random.default_rng(0)
-    slides = [RandomSlide(f"S{i:02d}", f"P{i // 2:02d}", "", int(i // 2 % 3), "test", int(rng.integers(4, 12)))
-              for i in range(18)]
+    slides = [
+        RandomSlide(f"S{i:02d}", f"P{i // 2:02d}", "", int(i // 2 % 3), "test", int(rng.integers(4, 12)))
+        for i in range(18)
+    ]
     labels_csv = write_random_bag_folder(tmp_path / "bags", slides, feature_dim=FEATURE_DIM)
-    checkpoint = make_checkpoint(tmp_path / "run_20260101_000000", None, model_type="clam_mb", n_classes=3,
-                                 cache_key=None)
-    result = evaluate(EvaluateConfig(checkpoint=checkpoint, labels_csv=labels_csv, features_dir=tmp_path / "bags",
-                                     num_workers=0, n_bootstrap=N_BOOTSTRAP, attention=("S00", "S05"), top_k=2,
-                                     progress=False))
+    checkpoint = make_checkpoint(
+        tmp_path / "run_20260101_000000", None, model_type="clam_mb", n_classes=3, cache_key=None
+    )
+    result = evaluate(
+        EvaluateConfig(
+            checkpoint=checkpoint,
+            labels_csv=labels_csv,
+            features_dir=tmp_path / "bags",
+            num_workers=0,
+            n_bootstrap=N_BOOTSTRAP,
+            attention=("S00", "S05"),
+            top_k=2,
+            progress=False,
+        )
+    )
     rows = read_csv(result.output_dir / "predictions.csv")
     assert [c for c in rows[0] if c.startswith("prob_")] == ["prob_class_0", "prob_class_1", "prob_class_2"]
     y = np.array([int(r["label"]) for r in rows])
@@ -340,8 +450,10 @@ def test_more_than_two_classes_from_a_labels_csv(tmp_path):
     assert set(auc["per_class"]) == {"class_0", "class_1", "class_2"}
     assert np.array(result.metrics["per_patient"]["confusion_matrix"]["matrix"]).shape == (3, 3)
     # Maps only for the slides asked for; the tile images are unknown, the montage still draws.
-    assert sorted(p.name for p in (result.output_dir / "attention").glob("*_topk.png")) == ["S00_topk.png",
-                                                                                            "S05_topk.png"]
+    assert sorted(p.name for p in (result.output_dir / "attention").glob("*_topk.png")) == [
+        "S00_topk.png",
+        "S05_topk.png",
+    ]
     # CLAM-MB: the map is the predicted class's branch.
     index = {r["slide_id"]: r for r in read_csv(result.output_dir / "attention" / "index.csv")}
     assert all(r["branch"] == r["predicted"] for r in index.values())
@@ -350,8 +462,14 @@ def test_more_than_two_classes_from_a_labels_csv(tmp_path):
 def test_unknown_attention_slide_is_refused(test_cohort, tmp_path):
     root, data_dir, cache_dir, _ = test_cohort
     checkpoint = make_checkpoint(tmp_path / "run_1", cache_dir)
-    config = EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0,
-                            attention=("nope",), progress=False)
+    config = EvaluateConfig(
+        checkpoint=checkpoint,
+        data_dir=data_dir,
+        split="train",
+        num_workers=0,
+        attention=("nope",),
+        progress=False,
+    )
     with pytest.raises(PipelineError, match="nope"):
         evaluate(config)
 
@@ -360,8 +478,22 @@ def test_attention_command_line_for_chosen_slides(test_cohort, tmp_path, capsys)
     root, data_dir, cache_dir, slides = test_cohort
     checkpoint = make_checkpoint(tmp_path / "run_20260101_000000", cache_dir, model_type="clam_mb")
     chosen = [slides[0].slide_id, slides[1].slide_id]
-    code = attention_cli.main(["--checkpoint", str(checkpoint), "--data_dir", str(data_dir), "--split", "train",
-                               "--num_workers", "0", "--slides", *chosen, "--top_k", "2"])
+    code = attention_cli.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data_dir",
+            str(data_dir),
+            "--split",
+            "train",
+            "--num_workers",
+            "0",
+            "--slides",
+            *chosen,
+            "--top_k",
+            "2",
+        ]
+    )
     assert code == 0
     out = Path(capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1])
     assert out.parent == checkpoint.parent and out.name.startswith("attention_")
@@ -373,9 +505,24 @@ def test_evaluate_command_line_prints_a_summary(test_cohort, tmp_path, capsys):
     root, data_dir, cache_dir, _ = test_cohort
     checkpoint = make_checkpoint(tmp_path / "run_20260101_000000", cache_dir)
     out = tmp_path / "evaluation"
-    code = evaluate_cli.main(["--checkpoint", str(checkpoint), "--data_dir", str(data_dir), "--split", "train",
-                              "--num_workers", "0", "--n_bootstrap", "100", "--attention", "none",
-                              "--output_dir", str(out)])
+    code = evaluate_cli.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data_dir",
+            str(data_dir),
+            "--split",
+            "train",
+            "--num_workers",
+            "0",
+            "--n_bootstrap",
+            "100",
+            "--attention",
+            "none",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "AUC [95% CI]" in printed and "slide" in printed and "patient" in printed
@@ -386,8 +533,16 @@ def test_evaluate_command_line_prints_a_summary(test_cohort, tmp_path, capsys):
 def test_the_written_checkpoint_format_is_what_clam_train_writes(test_cohort, tmp_path):
     # Guards the helper above against drifting from the real checkpoints.
     checkpoint = read_checkpoint(make_checkpoint(tmp_path / "run_1", test_cohort[2]))
-    for key in ("model_state_dict", "optimizer_state_dict", "epoch", "loss", "args", "model_config", "cache",
-                "class_names"):
+    for key in (
+        "model_state_dict",
+        "optimizer_state_dict",
+        "epoch",
+        "loss",
+        "args",
+        "model_config",
+        "cache",
+        "class_names",
+    ):
         assert key in checkpoint
     assert checkpoint["cache"]["cache_key"] == CACHE_KEY
 
@@ -398,27 +553,48 @@ def trained_on_tiny_cohort(tiny_cohort, tmp_path_factory):
     from clam.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("tiny_run")
-    run_dir = train(TrainConfig(data_dir=str(tiny_cohort.split_dirs["train"]), features_dir=str(root / "features"),
-                                weights="random", num_epochs=2, num_workers=0, device="cpu", progress=False,
-                                output_dir=str(root / "runs")))
+    run_dir = train(
+        TrainConfig(
+            data_dir=str(tiny_cohort.split_dirs["train"]),
+            features_dir=str(root / "features"),
+            weights="random",
+            num_epochs=2,
+            num_workers=0,
+            device="cpu",
+            progress=False,
+            output_dir=str(root / "runs"),
+        )
+    )
     return root, run_dir
 
 
 @pytest.mark.slow
-def test_end_to_end_embeds_the_missing_test_slides_with_the_checkpoints_configuration(tiny_cohort,
-                                                                                      trained_on_tiny_cohort):
+def test_end_to_end_embeds_the_missing_test_slides_with_the_checkpoints_configuration(
+    tiny_cohort, trained_on_tiny_cohort
+):
     root, run_dir = trained_on_tiny_cohort
     checkpoint = read_checkpoint(run_dir / BEST_NAME)
     train_cache = Path(checkpoint["cache"]["cache_dir"])
     test_dir = tiny_cohort.split_dirs["test"]
-    result = evaluate(EvaluateConfig(data_dir=test_dir, checkpoint=run_dir / BEST_NAME, num_workers=0,
-                                     n_bootstrap=N_BOOTSTRAP, device="cpu", progress=False))
+    result = evaluate(
+        EvaluateConfig(
+            data_dir=test_dir,
+            checkpoint=run_dir / BEST_NAME,
+            num_workers=0,
+            n_bootstrap=N_BOOTSTRAP,
+            device="cpu",
+            progress=False,
+        )
+    )
     rows = read_csv(result.output_dir / "predictions.csv")
     assert len(rows) == 2 and {r["class_folder"] for r in rows} == {"C-S-EGFR_positive", "C-S-EGFR_negative"}
     # The test slides went into the cache the model was trained on: same key, same folder.
     for row in rows:
         assert (train_cache / f"{row['slide_id']}.h5").is_file()
-        assert read_bag(train_cache / f"{row['slide_id']}.h5").attrs["cache_key"] == checkpoint["cache"]["cache_key"]
+        assert (
+            read_bag(train_cache / f"{row['slide_id']}.h5").attrs["cache_key"]
+            == checkpoint["cache"]["cache_key"]
+        )
     assert result.metrics["cache_key"] == checkpoint["cache"]["cache_key"]
     assert result.output_dir.parent == run_dir
     # The montage found the real tiles: coordinates come from the example cohort's tile names.
@@ -429,16 +605,27 @@ def test_end_to_end_embeds_the_missing_test_slides_with_the_checkpoints_configur
 
 
 @pytest.mark.slow
-def test_slides_embedded_to_another_key_than_the_checkpoints_are_refused(tiny_cohort, trained_on_tiny_cohort,
-                                                                           tmp_path):
+def test_slides_embedded_to_another_key_than_the_checkpoints_are_refused(
+    tiny_cohort, trained_on_tiny_cohort, tmp_path
+):
     root, run_dir = trained_on_tiny_cohort
     checkpoint = read_checkpoint(run_dir / BEST_NAME)
     # As if the model had been trained on other weights: the key embedding gives now is not its key.
-    checkpoint["cache"] = {**checkpoint["cache"], "cache_key": "0" * 64, "weights_digest": "f" * 64,
-                           "cache_dir": str(tmp_path / "features" / "gone")}
+    checkpoint["cache"] = {
+        **checkpoint["cache"],
+        "cache_key": "0" * 64,
+        "weights_digest": "f" * 64,
+        "cache_dir": str(tmp_path / "features" / "gone"),
+    }
     save_checkpoint(tmp_path / "run_1" / BEST_NAME, checkpoint)
-    config = EvaluateConfig(data_dir=tiny_cohort.split_dirs["test"], checkpoint=tmp_path / "run_1" / BEST_NAME,
-                            features_dir=tmp_path / "features", num_workers=0, device="cpu", progress=False)
+    config = EvaluateConfig(
+        data_dir=tiny_cohort.split_dirs["test"],
+        checkpoint=tmp_path / "run_1" / BEST_NAME,
+        features_dir=tmp_path / "features",
+        num_workers=0,
+        device="cpu",
+        progress=False,
+    )
     with pytest.raises(PipelineError, match="was trained on") as refused:
         evaluate(config)
     assert "weights_digest 'ffff" in str(refused.value) and "Nothing was embedded" in str(refused.value)
@@ -451,13 +638,22 @@ def test_slides_that_failed_embedding_are_reported_not_reembedded(tmp_path):
     failed, embedded = slides[0], slides[1:]
     cache_dir = write_random_cache(tmp_path / "features", embedded, feature_dim=FEATURE_DIM)
     with open(cache_dir / "manifest.csv", "a", newline="") as handle:
-        csv.writer(handle).writerow([failed.slide_id, failed.patient_id, failed.class_folder, failed.label, "test",
-                                     0, "", "failed"])
+        csv.writer(handle).writerow(
+            [failed.slide_id, failed.patient_id, failed.class_folder, failed.label, "test", 0, "", "failed"]
+        )
     data_dir = write_cohort_folders(tmp_path / "test", slides)
     checkpoint = make_checkpoint(tmp_path / "run_1", cache_dir)
     # The checkpoint's weights ("imagenet") cannot be had here: any embedding attempt would fail.
-    result = evaluate(EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, num_workers=0, n_bootstrap=50,
-                                     attention="none", progress=False))
+    result = evaluate(
+        EvaluateConfig(
+            checkpoint=checkpoint,
+            data_dir=data_dir,
+            num_workers=0,
+            n_bootstrap=50,
+            attention="none",
+            progress=False,
+        )
+    )
     assert len(result.slides) == len(embedded)
     assert list(result.metrics["left_out"]) == [failed.slide_id]
 
@@ -476,8 +672,16 @@ def write_split_csv(run_dir: Path, rows: list[tuple[str, str, int, str]]) -> Non
 
 
 def evaluate_quietly(checkpoint: Path, data_dir: Path, **kwargs):
-    config = EvaluateConfig(checkpoint=checkpoint, data_dir=data_dir, split="train", num_workers=0, n_bootstrap=20,
-                            attention="none", progress=False, **kwargs)
+    config = EvaluateConfig(
+        checkpoint=checkpoint,
+        data_dir=data_dir,
+        split="train",
+        num_workers=0,
+        n_bootstrap=20,
+        attention="none",
+        progress=False,
+        **kwargs,
+    )
     with logged_lines() as lines:
         return evaluate(config), lines
 
@@ -489,18 +693,25 @@ def test_slides_and_patients_the_run_trained_or_validated_on_are_leakage(test_co
     # P000 has a plain and a _cnn slide: only the plain one was in training; the _cnn one is the same patient.
     train = ["EGFR_negative__P000", "EGFR_positive__P003"]
     val = ["EGFR_positive__P001", "EGFR_positive_cnn__P001"]
-    write_split_csv(checkpoint.parent, [(s, by_id[s].patient_id, by_id[s].label, "train") for s in train]
-                    + [(s, by_id[s].patient_id, by_id[s].label, "val") for s in val]
-                    + [("EGFR_negative__X999", "X999", 0, "train")])  # not in this cohort
+    write_split_csv(
+        checkpoint.parent,
+        [(s, by_id[s].patient_id, by_id[s].label, "train") for s in train]
+        + [(s, by_id[s].patient_id, by_id[s].label, "val") for s in val]
+        + [("EGFR_negative__X999", "X999", 0, "train")],
+    )  # not in this cohort
     result, lines = evaluate_quietly(checkpoint, data_dir)
     leakage = json.loads((result.output_dir / "metrics.json").read_text())["leakage"]
     assert leakage["checked"] and leakage["split_file"] == str(checkpoint.parent / "split.csv")
     assert (leakage["n_slides"], leakage["n_patients"]) == (5, 3)
     assert leakage["n_evaluated_slides"] == len(slides)
     assert leakage["by_set"]["train"] == {
-        "counts_as_leakage": True, "n_slides": 3, "n_slides_same_id": 2, "n_patients": 2,
+        "counts_as_leakage": True,
+        "n_slides": 3,
+        "n_slides_same_id": 2,
+        "n_patients": 2,
         "slide_ids": ["EGFR_negative__P000", "EGFR_negative_cnn__P000", "EGFR_positive__P003"],
-        "patient_ids": ["P000", "P003"]}
+        "patient_ids": ["P000", "P003"],
+    }
     assert leakage["by_set"]["val"]["n_slides"] == 2 and leakage["by_set"]["val"]["patient_ids"] == ["P001"]
     warnings = [part for line in lines for part in line.splitlines() if part.startswith("WARNING:")]
     assert len(warnings) == 2  # when found, and under the summary table
@@ -515,9 +726,12 @@ def test_an_external_cohort_and_a_held_out_test_set_are_not_leakage(test_cohort,
     root, data_dir, cache_dir, slides = test_cohort
     checkpoint = make_checkpoint(tmp_path / "run_1", cache_dir)
     # The run trained on other patients; some of the evaluated slides are its held-out "test" set.
-    write_split_csv(checkpoint.parent, [(f"EGFR_positive__T{i}", f"T{i}", 1, "train") for i in range(4)]
-                    + [("EGFR_negative__V0", "V0", 0, "val")]
-                    + [(s.slide_id, s.patient_id, s.label, "test") for s in slides[:3]])
+    write_split_csv(
+        checkpoint.parent,
+        [(f"EGFR_positive__T{i}", f"T{i}", 1, "train") for i in range(4)]
+        + [("EGFR_negative__V0", "V0", 0, "val")]
+        + [(s.slide_id, s.patient_id, s.label, "test") for s in slides[:3]],
+    )
     result, lines = evaluate_quietly(checkpoint, data_dir)
     leakage = result.metrics["leakage"]
     assert leakage["checked"] and leakage["n_slides"] == 0 and leakage["n_patients"] == 0
@@ -538,7 +752,10 @@ def test_a_checkpoint_without_its_split_file_is_evaluated_with_one_note(test_coh
     assert not any(line.startswith("WARNING") for line in lines)
     (checkpoint.parent / "split.csv").write_text("slide_id,patient_id\nEGFR_negative__P000,P000\n")  # no set
     result, lines = evaluate_quietly(checkpoint, data_dir)
-    assert result.metrics["leakage"]["checked"] is False and "cannot be read" in result.metrics["leakage"]["reason"]
+    assert (
+        result.metrics["leakage"]["checked"] is False
+        and "cannot be read" in result.metrics["leakage"]["reason"]
+    )
 
 
 def test_a_fold_without_split_csv_takes_its_split_from_the_parents_splits_csv(test_cohort, tmp_path):
@@ -553,7 +770,9 @@ def test_a_fold_without_split_csv_takes_its_split_from_the_parents_splits_csv(te
     result, _ = evaluate_quietly(checkpoint, data_dir)
     leakage = result.metrics["leakage"]
     assert leakage["split_file"] == str(parent / "splits.csv")
-    assert leakage["by_set"]["train"]["patient_ids"] == ["P000"] and leakage["by_set"]["val"]["patient_ids"] == ["P001"]
+    assert leakage["by_set"]["train"]["patient_ids"] == ["P000"] and leakage["by_set"]["val"][
+        "patient_ids"
+    ] == ["P001"]
     assert leakage["n_slides"] == 4  # both patients have a plain and a _cnn slide
 
 
@@ -561,9 +780,24 @@ def test_the_command_line_warns_about_leakage(test_cohort, tmp_path, capsys):
     root, data_dir, cache_dir, slides = test_cohort
     checkpoint = make_checkpoint(tmp_path / "run_1", cache_dir)
     write_split_csv(checkpoint.parent, [(s.slide_id, s.patient_id, s.label, "train") for s in slides])
-    code = evaluate_cli.main(["--checkpoint", str(checkpoint), "--data_dir", str(data_dir), "--split", "train",
-                              "--num_workers", "0", "--n_bootstrap", "20", "--attention", "none",
-                              "--output_dir", str(tmp_path / "out")])
+    code = evaluate_cli.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data_dir",
+            str(data_dir),
+            "--split",
+            "train",
+            "--num_workers",
+            "0",
+            "--n_bootstrap",
+            "20",
+            "--attention",
+            "none",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert f"WARNING: leakage: {len(slides)} of the {len(slides)} evaluated slides" in printed
@@ -580,8 +814,10 @@ def test_a_bare_clam_state_dict_is_evaluated_on_bags_of_a_labels_csv(tmp_path, c
     from clam.checkpoints import load_checkpoint
 
     rng = np.random.default_rng(4)
-    slides = [RandomSlide(f"S{i:02d}", f"P{i // 2:02d}", "", i // 2 % 2, "test", int(rng.integers(3, 15)))
-              for i in range(8)]
+    slides = [
+        RandomSlide(f"S{i:02d}", f"P{i // 2:02d}", "", i // 2 % 2, "test", int(rng.integers(3, 15)))
+        for i in range(8)
+    ]
     labels_csv = write_random_bag_folder(tmp_path / "bags", slides, feature_dim=FEATURE_DIM)
     reference, state_dict = clam_state_dict(embed_dim=FEATURE_DIM, multi_branch=multi_branch)
     clam_results = tmp_path / "clam_results"
@@ -590,15 +826,31 @@ def test_a_bare_clam_state_dict_is_evaluated_on_bags_of_a_labels_csv(tmp_path, c
     torch.save(state_dict, checkpoint)  # as CLAM's core_utils.train() saves it
 
     # A cohort folder cannot be used: the weights record no feature cache. The message says what to pass.
-    code = evaluate_cli.main(["--checkpoint", str(checkpoint), "--data_dir", str(tmp_path / "none"),
-                              "--num_workers", "0"])
+    code = evaluate_cli.main(
+        ["--checkpoint", str(checkpoint), "--data_dir", str(tmp_path / "none"), "--num_workers", "0"]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "bare CLAM state dict" in err and "--labels_csv" in err and "--features_dir" in err
 
-    code = evaluate_cli.main(["--checkpoint", str(checkpoint), "--labels_csv", str(labels_csv), "--features_dir",
-                              str(tmp_path / "bags"), "--num_workers", "0", "--n_bootstrap", "20",
-                              "--attention", "none", "--output_dir", str(tmp_path / "out")])
+    code = evaluate_cli.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--labels_csv",
+            str(labels_csv),
+            "--features_dir",
+            str(tmp_path / "bags"),
+            "--num_workers",
+            "0",
+            "--n_bootstrap",
+            "20",
+            "--attention",
+            "none",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "bare CLAM state dict" in printed and "not checked for leakage" in printed
@@ -608,7 +860,9 @@ def test_a_bare_clam_state_dict_is_evaluated_on_bags_of_a_labels_csv(tmp_path, c
     model.eval()
     for slide in slides:
         features = torch.from_numpy(read_bag(tmp_path / "bags" / f"{slide.slide_id}.h5").features)
-        written = np.array([float(rows[slide.slide_id][c]) for c in ("prob_EGFR_negative", "prob_EGFR_positive")])
+        written = np.array(
+            [float(rows[slide.slide_id][c]) for c in ("prob_EGFR_negative", "prob_EGFR_positive")]
+        )
         with torch.no_grad():
             direct = model(features).probs[0].numpy()  # the model loaded directly
             clam = reference(features).numpy()  # CLAM's own forward pass
@@ -622,9 +876,9 @@ def test_a_bare_clam_state_dict_is_evaluated_on_bags_of_a_labels_csv(tmp_path, c
 
 
 @pytest.mark.slow
-def test_a_model_trained_on_a_cache_folder_embeds_missing_slides_with_that_caches_weights(tiny_cohort,
-                                                                                          trained_on_tiny_cohort,
-                                                                                          tmp_path):
+def test_a_model_trained_on_a_cache_folder_embeds_missing_slides_with_that_caches_weights(
+    tiny_cohort, trained_on_tiny_cohort, tmp_path
+):
     """Trained from a random-weights cache folder given as --features_dir, with --weights left at its
     default (imagenet): evaluation embeds new slides with the weights the cache records, not the default."""
     import shutil
@@ -635,11 +889,28 @@ def test_a_model_trained_on_a_cache_folder_embeds_missing_slides_with_that_cache
     cache = Path(read_checkpoint(first_run / BEST_NAME)["cache"]["cache_dir"])
     copy = tmp_path / "features" / cache.name
     shutil.copytree(cache, copy, ignore=shutil.ignore_patterns("C-S-*"))  # the train split's bags only
-    run_dir = train(TrainConfig(features_dir=str(copy), num_epochs=1, num_workers=0, device="cpu", progress=False,
-                                output_dir=str(tmp_path / "runs")))
+    run_dir = train(
+        TrainConfig(
+            features_dir=str(copy),
+            num_epochs=1,
+            num_workers=0,
+            device="cpu",
+            progress=False,
+            output_dir=str(tmp_path / "runs"),
+        )
+    )
     checkpoint = read_checkpoint(run_dir / BEST_NAME)
     assert checkpoint["args"]["weights"] == "imagenet" and checkpoint["cache"]["weights"] == "random"
-    result = evaluate(EvaluateConfig(data_dir=tiny_cohort.split_dirs["test"], checkpoint=run_dir / BEST_NAME,
-                                     num_workers=0, n_bootstrap=0, device="cpu", attention="none", progress=False))
+    result = evaluate(
+        EvaluateConfig(
+            data_dir=tiny_cohort.split_dirs["test"],
+            checkpoint=run_dir / BEST_NAME,
+            num_workers=0,
+            n_bootstrap=0,
+            device="cpu",
+            attention="none",
+            progress=False,
+        )
+    )
     assert result.metrics["cache_key"] == checkpoint["cache"]["cache_key"]
     assert all((copy / f"{row['slide_id']}.h5").is_file() for row in result.slides)

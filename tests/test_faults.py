@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from random_data import FAST, ROOT, assert_same_bags, write_cohort
 
 from feature_extraction import bags as bags_module
 from feature_extraction.bags import read_bag, validate_bag, write_bag
@@ -37,8 +38,6 @@ from feature_extraction.cache import read_manifest
 from feature_extraction.embed import embed_cohort, main
 from feature_extraction.errors import BagError, PipelineError
 from feature_extraction.layout import discover_slides
-
-from random_data import FAST, ROOT, assert_same_bags, write_cohort
 
 CLI = ["--backbone", "resnet18", "--weights", "random", "--runtime", "torch", "--num_workers", "0", "--quiet"]
 
@@ -68,8 +67,16 @@ def test_malformed_tiles_and_odd_names_are_embedded_or_skipped_by_name(tmp_path,
     code = main(["--data_dir", str(data), "--features_dir", str(tmp_path / "features"), *CLI])
     out = capsys.readouterr().out
     assert code == 0  # the run finished: there were embeddable slides
-    skipped = ["error page.jpg", "noise.png", "cut.jpg", "cut.png", "empty.png", "bomb_100mpx.png", "bomb_2gpx.png",
-               "self_loop.png"]
+    skipped = [
+        "error page.jpg",
+        "noise.png",
+        "cut.jpg",
+        "cut.png",
+        "empty.png",
+        "bomb_100mpx.png",
+        "bomb_2gpx.png",
+        "self_loop.png",
+    ]
     assert all(f"EGFR_positive__P1/{name}" in out for name in skipped) and "EGFR_negative__P_empty" in out
     assert "pixel limit" in out  # the bombs are refused from their headers, before any pixel is decoded
 
@@ -125,7 +132,10 @@ def test_tiles_of_every_image_mode_are_embedded_as_their_rgb_equivalents(tmp_pat
     assert main(["--data_dir", str(data), "--features_dir", str(tmp_path / "features"), *CLI]) == 0
     assert "skipped" not in capsys.readouterr().out
     (cache_dir,) = (tmp_path / "features").iterdir()
-    odd, plain = read_bag(cache_dir / "EGFR_positive__P_modes.h5"), read_bag(cache_dir / "EGFR_negative__P_rgb.h5")
+    odd, plain = (
+        read_bag(cache_dir / "EGFR_positive__P_modes.h5"),
+        read_bag(cache_dir / "EGFR_negative__P_rgb.h5"),
+    )
     assert sorted(odd.tile_names) == sorted(expected) and odd.attrs["n_skipped"] == 0
     assert not np.allclose(odd.features[0], odd.features[1])  # distinct tiles, distinct features
     twin_rows = {Path(name).stem: row for name, row in zip(plain.tile_names, plain.features)}
@@ -152,8 +162,10 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(
 
     marker = tmp_path / "the payload ran"
     model = build_model(in_dim=8)
-    torch.save({"model_state_dict": model.state_dict(), "epoch": 1, "payload": _CreatesAFileWhenUnpickled(marker)},
-               tmp_path / "evil.pt")
+    torch.save(
+        {"model_state_dict": model.state_dict(), "epoch": 1, "payload": _CreatesAFileWhenUnpickled(marker)},
+        tmp_path / "evil.pt",
+    )
     with pytest.raises(PipelineError, match="would run code"):
         load_checkpoint(checkpoint_path=tmp_path / "evil.pt", model=model, device="cpu")
     with pytest.raises(PipelineError, match="would run code"):
@@ -173,11 +185,17 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(
 
 def png_header_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` RGB pixels, followed by one scanline of data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (3 * width + 1)))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * (3 * width + 1)))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("fault", ["no features", "inf"])
@@ -267,6 +285,7 @@ def simulate_read_only_file_system(monkeypatch, root: Path) -> None:
                 if i < len(args) and inside(args[i]):
                     refuse(args[i])
             return real(*args, **kwargs)
+
         return call
 
     class ReadOnlyH5File(h5py.File):
@@ -279,8 +298,16 @@ def simulate_read_only_file_system(monkeypatch, root: Path) -> None:
     monkeypatch.setattr(io, "open", open_)
     monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(os, "mkdir", mkdir)
-    for name, paths_at in [("replace", (0, 1)), ("rename", (0, 1)), ("unlink", (0,)), ("remove", (0,)),
-                           ("rmdir", (0,)), ("utime", (0,)), ("link", (1,)), ("symlink", (1,))]:
+    for name, paths_at in [
+        ("replace", (0, 1)),
+        ("rename", (0, 1)),
+        ("unlink", (0,)),
+        ("remove", (0,)),
+        ("rmdir", (0,)),
+        ("utime", (0,)),
+        ("link", (1,)),
+        ("symlink", (1,)),
+    ]:
         monkeypatch.setattr(os, name, refusing(getattr(os, name), *paths_at))
     monkeypatch.setattr(h5py, "File", ReadOnlyH5File)
 
@@ -308,7 +335,8 @@ def test_a_read_only_features_dir_is_named(tmp_path, capsys, monkeypatch, how):
 
 
 def test_a_read_only_features_dir_holding_the_complete_cache_is_reused_and_missing_bags_are_named(
-        tmp_path, capsys, monkeypatch):
+    tmp_path, capsys, monkeypatch
+):
     data = write_cohort(tmp_path / "train", {"EGFR_positive": {"P1": 1}, "EGFR_negative": {"P2": 1}})
     features = tmp_path / "features"
     args = ["--data_dir", str(data), "--features_dir", str(features), *CLI]
@@ -331,8 +359,9 @@ def test_a_read_only_features_dir_holding_the_complete_cache_is_reused_and_missi
 
 
 def test_clam_train_trains_from_a_complete_cache_on_a_read_only_features_dir(tmp_path, monkeypatch):
-    from clam.train import main as train_main
     from random_data import cohort_slides, write_cohort_folders, write_random_cache
+
+    from clam.train import main as train_main
 
     slides = cohort_slides(8, "train", seed=1)
     write_cohort_folders(tmp_path / "train", slides)
@@ -363,7 +392,9 @@ def test_a_full_disk_mid_write_keeps_earlier_bags_and_leaves_no_partial_file(tmp
     (cache_dir,) = (tmp_path / "features").iterdir()
     assert f"{written[1]}.h5" in str(raised.value) and "rerun" in str(raised.value)
     complete = sorted(p.stem for p in cache_dir.glob("*.h5"))
-    assert written[0] in complete and written[1] not in complete  # earlier bag kept, the half-written one absent
+    assert (
+        written[0] in complete and written[1] not in complete
+    )  # earlier bag kept, the half-written one absent
     for path in cache_dir.glob("*.h5"):
         validate_bag(path, feature_dim=512)
     assert not [p for p in cache_dir.rglob("*") if p.is_file() and p.suffix == ".tmp"]
@@ -375,15 +406,30 @@ def test_a_full_disk_mid_write_keeps_earlier_bags_and_leaves_no_partial_file(tmp
 
 @pytest.mark.slow
 def test_two_embed_processes_on_one_cache_do_not_corrupt_it(tmp_path):
-    layout = {"EGFR_positive": {f"P{i}": 2 for i in range(4)}, "EGFR_negative": {f"N{i}": 2 for i in range(4)}}
+    layout = {
+        "EGFR_positive": {f"P{i}": 2 for i in range(4)},
+        "EGFR_negative": {f"N{i}": 2 for i in range(4)},
+    }
     data = write_cohort(tmp_path / "train", layout)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "feature_extraction.embed", "--data_dir", str(data),
-               "--features_dir", str(tmp_path / "features"), "--batch_size", "1", *CLI]
-    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "feature_extraction.embed",
+        "--data_dir",
+        str(data),
+        "--features_dir",
+        str(tmp_path / "features"),
+        "--batch_size",
+        "1",
+        *CLI,
+    ]
+    processes = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
-    for code, out, err in results:
+    for code, _out, err in results:
         assert code == 0, err
 
     (cache_dir,) = (tmp_path / "features").iterdir()
@@ -470,9 +516,13 @@ runpy.run_module("feature_extraction.embed", run_name="__main__", alter_sys=True
 def kill_at_pause(script: str, argv: list[str], env: dict, kind: str, at: int, marker: Path) -> None:
     """Run ``script`` (one of the _PAUSED_* programs) with ``argv`` until it pauses at its ``at``-th
     ``kind`` event and writes ``marker``, then kill -9 it there."""
-    process = subprocess.Popen([sys.executable, "-c", script, *argv], env={
-        **env, "PAUSE_KIND": kind, "PAUSE_AT": str(at), "PAUSE_MARKER": str(marker)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *argv],
+        env={**env, "PAUSE_KIND": kind, "PAUSE_AT": str(at), "PAUSE_MARKER": str(marker)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -483,17 +533,31 @@ def kill_at_pause(script: str, argv: list[str], env: dict, kind: str, at: int, m
 
 
 @pytest.mark.slow
-def test_kill_minus_9_at_seeded_random_points_then_rerun_gives_the_bags_of_an_uninterrupted_run(tmp_path, tiny_cohort):
+def test_kill_minus_9_at_seeded_random_points_then_rerun_gives_the_bags_of_an_uninterrupted_run(
+    tmp_path, tiny_cohort
+):
     data = tiny_cohort.split_dirs["train"]
     slides = discover_slides(data, "train")
     n_tiles = {s.slide_id: len(list(s.path.glob("*.png"))) for s in slides}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    reference = embed_cohort(replace(FAST, batch_size=1), data, features_dir=tmp_path / "clean")  # uninterrupted
+    reference = embed_cohort(
+        replace(FAST, batch_size=1), data, features_dir=tmp_path / "clean"
+    )  # uninterrupted
     rng = np.random.default_rng(6)  # fixed: the same kill points on every run
 
     def embed(features: Path) -> list[str]:
-        return [sys.executable, "-m", "feature_extraction.embed", "--data_dir", str(data),
-                "--features_dir", str(features), "--batch_size", "1", *CLI]
+        return [
+            sys.executable,
+            "-m",
+            "feature_extraction.embed",
+            "--data_dir",
+            str(data),
+            "--features_dir",
+            str(features),
+            "--batch_size",
+            "1",
+            *CLI,
+        ]
 
     def bags_on_disk(features: Path) -> dict[str, tuple[int, int]]:
         """slide_id -> (inode, mtime) of every bag; each file under a bag's name must be complete."""
@@ -508,7 +572,9 @@ def test_kill_minus_9_at_seeded_random_points_then_rerun_gives_the_bags_of_an_un
         rerun = subprocess.run(embed(features), env=env, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr
         n_missing = len(slides) - len(before)
-        assert f"{n_missing} embedded" in rerun.stdout and f"{len(before)} reused" in rerun.stdout, rerun.stdout
+        assert f"{n_missing} embedded" in rerun.stdout and f"{len(before)} reused" in rerun.stdout, (
+            rerun.stdout
+        )
         after = bags_on_disk(features)
         assert {k: after[k] for k in before} == before  # the complete bags were reused, not rewritten
         (cache_dir,) = features.iterdir()
@@ -522,7 +588,11 @@ def test_kill_minus_9_at_seeded_random_points_then_rerun_gives_the_bags_of_an_un
     features = tmp_path / "timed"
     process = subprocess.Popen(embed(features), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while process.poll() is None and not list(features.glob("*/.locks/*__*.lock")) and time.monotonic() < deadline:
+    while (
+        process.poll() is None
+        and not list(features.glob("*/.locks/*__*.lock"))
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.005)
     delay = float(rng.uniform(0.0, 1.0)) * reference.embed_seconds
     try:
@@ -538,12 +608,16 @@ def test_kill_minus_9_at_seeded_random_points_then_rerun_gives_the_bags_of_an_un
     #    remaining work reaches (so each lands mid-run and leaves work for the next run), then one
     #    while the manifest is replaced (the last write of a run); then a plain rerun.
     features = tmp_path / "paused"
-    points = [(str(kind), 0) for kind in rng.choice(["tile", "lock", "half_bag", "full_bag"], 3, replace=False)]
+    points = [
+        (str(kind), 0) for kind in rng.choice(["tile", "lock", "half_bag", "full_bag"], 3, replace=False)
+    ]
     done: dict[str, tuple[int, int]] = {}
     for kind, at in [*points, ("manifest", 1)]:
         missing = [s.slide_id for s in slides if s.slide_id not in done]
         if kind != "manifest":
-            at = int(rng.integers(1, (sum(n_tiles[s] for s in missing) if kind == "tile" else len(missing)) + 1))
+            at = int(
+                rng.integers(1, (sum(n_tiles[s] for s in missing) if kind == "tile" else len(missing)) + 1)
+            )
         marker = tmp_path / f"paused_{kind}_{at}"
         kill_at_pause(_PAUSED_EMBED, embed(features)[3:], env, kind, at, marker)
         if kind in ("half_bag", "full_bag", "manifest"):
@@ -565,7 +639,9 @@ def test_loose_tiles_beside_patient_folders_are_named_once_and_the_run_goes_on(t
     (class_dir / "notes.txt").write_text("not an image: not counted")
 
     with caplog.at_level("WARNING", logger="feature_extraction.layout"):
-        discover_slides(data, "train")  # clam.train lists the cohort, then the embedding it starts lists it again
+        discover_slides(
+            data, "train"
+        )  # clam.train lists the cohort, then the embedding it starts lists it again
         code = main(["--data_dir", str(data), "--features_dir", str(tmp_path / "features"), *CLI])
     assert code == 0  # the run goes on
     (warning,) = [r for r in caplog.records if r.name == "feature_extraction.layout"]  # said once
@@ -575,7 +651,9 @@ def test_loose_tiles_beside_patient_folders_are_named_once_and_the_run_goes_on(t
     assert f"{class_dir}/<patient>/<tiles>" in message
     (cache_dir,) = (tmp_path / "features").iterdir()
     assert sorted(p.stem for p in cache_dir.glob("*.h5")) == ["EGFR_negative__P2", "EGFR_positive__P1"]
-    assert read_bag(cache_dir / "EGFR_positive__P1.h5").features.shape[0] == 2  # the loose tiles are in no bag
+    assert (
+        read_bag(cache_dir / "EGFR_positive__P1.h5").features.shape[0] == 2
+    )  # the loose tiles are in no bag
 
 
 def test_the_loose_tile_warning_reaches_stderr_of_the_command(tmp_path):
@@ -583,21 +661,29 @@ def test_the_loose_tile_warning_reaches_stderr_of_the_command(tmp_path):
     Image.new("RGB", (32, 32), (200, 120, 180)).save(data / "EGFR_negative" / "stray.png")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     code = "import sys; from feature_extraction.layout import discover_slides; discover_slides(sys.argv[1])"
-    listed = subprocess.run([sys.executable, "-c", code, str(data)], env=env, capture_output=True, text=True,
-                            timeout=120)
+    listed = subprocess.run(
+        [sys.executable, "-c", code, str(data)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert listed.returncode == 0, listed.stderr
     assert listed.stderr.count("loose image file") == 1 and str(data / "EGFR_negative") in listed.stderr
 
 
-@pytest.mark.parametrize("fault, says", [
-    ("truncated", "truncated or corrupt"), ("no features", "no 'features'"), ("NaN", "NaN"), ("Inf", "Inf"),
-    ("wrong dimension", "feature dimension 8, expected 16"), ("another cache key", "cache key 'otherkey'"),
-])
+@pytest.mark.parametrize(
+    "fault, says",
+    [
+        ("truncated", "truncated or corrupt"),
+        ("no features", "no 'features'"),
+        ("NaN", "NaN"),
+        ("Inf", "Inf"),
+        ("wrong dimension", "feature dimension 8, expected 16"),
+        ("another cache key", "cache key 'otherkey'"),
+    ],
+)
 def test_a_broken_bag_stops_clam_train_by_name_before_training(tmp_path, monkeypatch, capsys, fault, says):
     import h5py  # only to forge a broken file
+    from random_data import cohort_slides, write_cohort_folders, write_random_cache
 
     from clam.train import main as train_main
-    from random_data import cohort_slides, write_cohort_folders, write_random_cache
 
     slides = cohort_slides(8, "train", seed=1)
     write_cohort_folders(tmp_path / "train", slides)
@@ -631,14 +717,22 @@ def test_a_broken_bag_stops_clam_train_by_name_before_training(tmp_path, monkeyp
 
 # ------------------------------------------------------------ real file systems (root with mount rights)
 
+
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str = "4m"):
     """A real tmpfs of ``size`` mounted at ``path`` (skips the test where mounting is not allowed)."""
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True, text=True) if shutil.which("mount") else None
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+        )
+        if shutil.which("mount")
+        else None
+    )
     if mounted is None or mounted.returncode != 0:
-        pytest.skip("mounting a tmpfs needs root with mount rights; the simulated file systems cover the rest")
+        pytest.skip(
+            "mounting a tmpfs needs root with mount rights; the simulated file systems cover the rest"
+        )
     try:
         yield path
     finally:
@@ -677,7 +771,9 @@ def test_a_really_full_disk_keeps_earlier_bags_and_a_rerun_with_space_resumes(tm
         write_cohort(tmp_path / "train", {"EGFR_positive": {f"P{i}": 24 for i in range(3, 6)}}, seed=1)
         filler = features / "filler"
         stat = os.statvfs(features)
-        filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 24 * 1024))  # 24 KiB left: a lock, not a bag
+        filler.write_bytes(
+            b"\0" * (stat.f_bavail * stat.f_frsize - 24 * 1024)
+        )  # 24 KiB left: a lock, not a bag
         capsys.readouterr()
 
         assert main(args) != 0
@@ -765,17 +861,21 @@ def same_weights(a: Path, b: Path) -> bool:
     import torch
 
     x, y = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
-    return x["epoch"] == y["epoch"] and all(torch.equal(v, y["model_state_dict"][k]) for k, v in x["model_state_dict"].items())
+    return x["epoch"] == y["epoch"] and all(
+        torch.equal(v, y["model_state_dict"][k]) for k, v in x["model_state_dict"].items()
+    )
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("name, nth", [("split.csv", 1), ("best_model.pt", 1), ("config.json", 2),
-                                       ("checkpoint_epoch_2.pt", 1)])
+@pytest.mark.parametrize(
+    "name, nth", [("split.csv", 1), ("best_model.pt", 1), ("config.json", 2), ("checkpoint_epoch_2.pt", 1)]
+)
 def test_a_full_disk_while_clam_train_writes_gives_one_message_and_resume_ends_as_uninterrupted(
-        train_cohort, tmp_path, capsys, name, nth):
+    train_cohort, tmp_path, capsys, name, nth
+):
     import re
 
     from clam.train import main as train_main
@@ -793,7 +893,9 @@ def test_a_full_disk_while_clam_train_writes_gives_one_message_and_resume_ends_a
     assert hit and code == 2, err
     assert "Traceback" not in err and err.count("error:") == 1
     target = hit[0].parent / name
-    assert f"cannot write {target} ([Errno 28] No space left on device)" in err and "free space there" in err, err
+    assert (
+        f"cannot write {target} ([Errno 28] No space left on device)" in err and "free space there" in err
+    ), err
     assert not [p for p in runs.rglob("*") if p.name.endswith(".tmp")]  # the half-written temp file is gone
 
     if name == "split.csv":  # at the start: nothing trained, no run folder left behind
@@ -809,7 +911,10 @@ def test_a_full_disk_while_clam_train_writes_gives_one_message_and_resume_ends_a
     else:  # epoch 2: epoch 1's files stay complete, and the message says how to go on
         (run,) = runs.iterdir()
         resume = re.search(r"--resume (\S+)", err).group(1)
-        assert resume == str(run / "checkpoint_epoch_1.pt") and "checkpoint_epoch_1.pt and best_model.pt are intact" in err
+        assert (
+            resume == str(run / "checkpoint_epoch_1.pt")
+            and "checkpoint_epoch_1.pt and best_model.pt are intact" in err
+        )
         assert not (run / "checkpoint_epoch_2.pt").exists()
         for saved in ("checkpoint_epoch_1.pt", "best_model.pt"):
             from clam.checkpoints import model_from_checkpoint
@@ -822,12 +927,15 @@ def test_a_full_disk_while_clam_train_writes_gives_one_message_and_resume_ends_a
     config = json.loads((run / "config.json").read_text())
     assert config["status"] == "finished"
     assert [r["val_loss"] for r in config["metrics"]] == [
-        r["val_loss"] for r in json.loads((reference / "config.json").read_text())["metrics"]]
+        r["val_loss"] for r in json.loads((reference / "config.json").read_text())["metrics"]
+    ]
     assert not [p for p in runs.rglob("*") if p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("how", ["read-only file system (simulated EROFS)", "chmod 555 (not as root)"])
-def test_a_read_only_output_dir_or_run_folder_is_named_and_left_unchanged(train_cohort, tmp_path, capsys, how):
+def test_a_read_only_output_dir_or_run_folder_is_named_and_left_unchanged(
+    train_cohort, tmp_path, capsys, how
+):
     from clam.train import main as train_main
 
     if how.startswith("chmod") and hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -849,7 +957,11 @@ def test_a_read_only_output_dir_or_run_folder_is_named_and_left_unchanged(train_
             runs.chmod(0o755)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
-    assert f"cannot create a run folder in {runs} (" in err and "pass a writable --output_dir" in err and "No run was started" in err
+    assert (
+        f"cannot create a run folder in {runs} (" in err
+        and "pass a writable --output_dir" in err
+        and "No run was started" in err
+    )
     assert not list(runs.iterdir())
 
     # A run folder that became read-only: --resume says which file it could not write; nothing changes.
@@ -865,7 +977,9 @@ def test_a_read_only_output_dir_or_run_folder_is_named_and_left_unchanged(train_
             run.chmod(0o755)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and err.count("error:") == 1, err
-    assert f"cannot write {run}{os.sep}" in err and ("Read-only file system" in err or "Permission denied" in err)
+    assert f"cannot write {run}{os.sep}" in err and (
+        "Read-only file system" in err or "Permission denied" in err
+    )
     assert f"--resume {run / 'checkpoint_epoch_1.pt'}" in err
     assert files_of(run) == before
 
@@ -887,7 +1001,9 @@ def test_a_full_disk_while_cross_validation_writes_its_summary_is_one_message(tr
 
 
 @pytest.mark.parametrize("name", ["predictions.csv", "roc.png"])
-def test_a_full_disk_while_evaluate_writes_predictions_or_figures_is_one_message(train_cohort, tmp_path, capsys, name):
+def test_a_full_disk_while_evaluate_writes_predictions_or_figures_is_one_message(
+    train_cohort, tmp_path, capsys, name
+):
     from clam.evaluate import main as evaluate_main
     from clam.train import main as train_main
 
@@ -897,12 +1013,29 @@ def test_a_full_disk_while_evaluate_writes_predictions_or_figures_is_one_message
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as disk:
         hit = simulate_full_disk(disk, out, name)
-        code = evaluate_main(["--checkpoint", str(run / "best_model.pt"), "--data_dir", str(train_cohort / "train"),
-                              "--split", "train", "--num_workers", "0", "--n_bootstrap", "50", "--attention", "none",
-                              "--output_dir", str(out)])
+        code = evaluate_main(
+            [
+                "--checkpoint",
+                str(run / "best_model.pt"),
+                "--data_dir",
+                str(train_cohort / "train"),
+                "--split",
+                "train",
+                "--num_workers",
+                "0",
+                "--n_bootstrap",
+                "50",
+                "--attention",
+                "none",
+                "--output_dir",
+                str(out),
+            ]
+        )
     err = capsys.readouterr().err
     assert hit and code == 2 and "Traceback" not in err and err.count("error:") == 1, err
-    assert f"cannot write {out / name} ([Errno 28] No space left on device)" in err and "free space there" in err
+    assert (
+        f"cannot write {out / name} ([Errno 28] No space left on device)" in err and "free space there" in err
+    )
     assert not list(out.rglob("*.tmp"))
 
 
@@ -912,29 +1045,45 @@ def test_a_bag_replaced_under_a_running_training_is_named(train_cohort, tmp_path
 
     import numpy as np
 
-    from feature_extraction.bags import read_bag, write_bag
-
     from clam.data import BagChanged
     from clam.train import TrainConfig, train
+    from feature_extraction.bags import read_bag, write_bag
 
     cache_dir = next((train_cohort / "features").iterdir())
     victim = sorted(cache_dir.glob("*.h5"))[0]
 
     class ReplaceAfterEpoch1(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage().startswith("epoch 1/"):  # a rerun of embed replaces a bag (a new file renamed in)
+            if record.getMessage().startswith(
+                "epoch 1/"
+            ):  # a rerun of embed replaces a bag (a new file renamed in)
                 bag = read_bag(victim)
-                write_bag(victim, bag.features + np.float32(1.0), bag.coords, bag.tile_names, {
-                    k: v for k, v in bag.attrs.items() if k not in ("feature_dim", "n_instances", "format_version")})
+                write_bag(
+                    victim,
+                    bag.features + np.float32(1.0),
+                    bag.coords,
+                    bag.tile_names,
+                    {
+                        k: v
+                        for k, v in bag.attrs.items()
+                        if k not in ("feature_dim", "n_instances", "format_version")
+                    },
+                )
 
-    config = TrainConfig(num_epochs=3, progress=False, output_dir=str(tmp_path / "runs"),
-                         in_memory="yes" if loading == "in memory" else "no",
-                         num_workers=1 if "worker" in loading else 0)
+    config = TrainConfig(
+        num_epochs=3,
+        progress=False,
+        output_dir=str(tmp_path / "runs"),
+        in_memory="yes" if loading == "in memory" else "no",
+        num_workers=1 if "worker" in loading else 0,
+    )
     caplog.set_level(logging.INFO, logger="clam")
     clam_logger, replacer = logging.getLogger("clam"), ReplaceAfterEpoch1()
     clam_logger.addHandler(replacer)
     try:
-        if loading == "in memory":  # read once before the first epoch: the run goes on with what it read, and says so
+        if (
+            loading == "in memory"
+        ):  # read once before the first epoch: the run goes on with what it read, and says so
             run = train(config)
         else:
             with pytest.raises(BagChanged) as raised:
@@ -942,8 +1091,11 @@ def test_a_bag_replaced_under_a_running_training_is_named(train_cohort, tmp_path
     finally:
         clam_logger.removeHandler(replacer)
     if loading == "in memory":
-        warnings = [r.getMessage() for r in caplog.records
-                    if r.levelno == logging.WARNING and r.getMessage().startswith("bag")]
+        warnings = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and r.getMessage().startswith("bag")
+        ]
         assert len(warnings) == 1 and str(victim) in warnings[0] and "read it into memory" in warnings[0]
         assert "--resume or a new run will read the new bag" in warnings[0]
         assert json.loads((run / "config.json").read_text())["status"] == "finished"
@@ -951,8 +1103,10 @@ def test_a_bag_replaced_under_a_running_training_is_named(train_cohort, tmp_path
     message = str(raised.value)
     (run,) = (tmp_path / "runs").iterdir()
     assert str(victim) in message and "changed while training was running" in message
-    assert f"once embedding has finished, continue with: python -m clam.train --resume {run / 'checkpoint_epoch_1.pt'}" \
+    assert (
+        f"once embedding has finished, continue with: python -m clam.train --resume {run / 'checkpoint_epoch_1.pt'}"
         in message
+    )
     assert "Traceback" not in message and "worker" not in message
     assert not (run / "checkpoint_epoch_2.pt").exists()
 
@@ -1012,9 +1166,12 @@ runpy.run_module("clam.train", run_name="__main__", alter_sys=True)
 
 
 @pytest.mark.slow
-def test_kill_minus_9_of_clam_train_at_seeded_random_points_then_resume_gives_the_uninterrupted_weights(tmp_path):
-    from clam.checkpoints import model_from_checkpoint
+def test_kill_minus_9_of_clam_train_at_seeded_random_points_then_resume_gives_the_uninterrupted_weights(
+    tmp_path,
+):
     from random_data import cohort_slides, write_cohort_folders, write_random_cache
+
+    from clam.checkpoints import model_from_checkpoint
 
     slides = cohort_slides(6, "train", instances=(5, 20), seed=1)
     write_cohort_folders(tmp_path / "train", slides)
@@ -1022,8 +1179,13 @@ def test_kill_minus_9_of_clam_train_at_seeded_random_points_then_resume_gives_th
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CLAM_PROJECT_ROOT": str(tmp_path)}
     n_epochs = 4
     args = ["--num_epochs", str(n_epochs), "--num_workers", "0", "--no_progress"]
-    reference = subprocess.run([sys.executable, "-m", "clam.train", *args, "--output_dir", str(tmp_path / "reference")],
-                               env=env, capture_output=True, text=True, timeout=300)  # uninterrupted
+    reference = subprocess.run(
+        [sys.executable, "-m", "clam.train", *args, "--output_dir", str(tmp_path / "reference")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # uninterrupted
     assert reference.returncode == 0, reference.stderr
     (reference_run,) = (tmp_path / "reference").iterdir()
     data = json.loads((reference_run / "config.json").read_text())["data"]
@@ -1047,8 +1209,12 @@ def test_kill_minus_9_of_clam_train_at_seeded_random_points_then_resume_gives_th
     #    epoch's checkpoint is renamed (it is each epoch's last write), so each leaves work to resume;
     #    3. a plain --resume to the end.
     points = [("batch", int(rng.integers(per_epoch["batch"] + 1, n_epochs * per_epoch["batch"] + 1)), None)]
-    kinds = [str(k) for k in rng.permutation(["half_checkpoint", *rng.choice(["full_checkpoint", "config", "batch"], 2,
-                                                                             replace=False)])]
+    kinds = [
+        str(k)
+        for k in rng.permutation(
+            ["half_checkpoint", *rng.choice(["full_checkpoint", "config", "batch"], 2, replace=False)]
+        )
+    ]
     done: dict[int, Path] = {}
     for step in range(1 + len(kinds)):
         if step == 0:
@@ -1076,8 +1242,13 @@ def test_kill_minus_9_of_clam_train_at_seeded_random_points_then_resume_gives_th
         done = now
 
     (run,) = runs.iterdir()
-    resumed = subprocess.run([sys.executable, "-m", "clam.train", "--resume", str(checkpoints(run)[max(done)])],
-                             env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "clam.train", "--resume", str(checkpoints(run)[max(done)])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # killed writers' temp files are cleared
     assert sorted(checkpoints(run)) == list(range(1, n_epochs + 1))
@@ -1086,11 +1257,13 @@ def test_kill_minus_9_of_clam_train_at_seeded_random_points_then_resume_gives_th
     config, expected = (json.loads((r / "config.json").read_text()) for r in (run, reference_run))
     assert config["status"] == expected["status"] == "finished"
     assert [(r["epoch"], r["train_loss"], r["val_loss"]) for r in config["metrics"]] == [
-        (r["epoch"], r["train_loss"], r["val_loss"]) for r in expected["metrics"]]
+        (r["epoch"], r["train_loss"], r["val_loss"]) for r in expected["metrics"]
+    ]
 
 
 def test_a_really_full_disk_under_clam_train_is_one_message_and_resume_ends_as_uninterrupted(
-        train_cohort, tmp_path, capsys):
+    train_cohort, tmp_path, capsys
+):
     from clam.train import main as train_main
 
     args = ["--no_progress", "--num_workers", "0"]
@@ -1102,17 +1275,27 @@ def test_a_really_full_disk_under_clam_train_is_one_message_and_resume_ends_as_u
         kept = {name: (run / name).read_bytes() for name in ("checkpoint_epoch_1.pt", "best_model.pt")}
         filler = runs / "filler"
         stat = os.statvfs(runs)
-        filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 512 * 1024))  # 512 KiB left: no checkpoint fits
+        filler.write_bytes(
+            b"\0" * (stat.f_bavail * stat.f_frsize - 512 * 1024)
+        )  # 512 KiB left: no checkpoint fits
         capsys.readouterr()
 
         resume = ["--resume", str(run / "checkpoint_epoch_1.pt"), "--num_epochs", "3"]
         assert train_main(resume) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and err.count("error:") == 1, err
-        assert f"cannot write {run}{os.sep}" in err and "No space left on device" in err and "free space there" in err
+        assert (
+            f"cannot write {run}{os.sep}" in err
+            and "No space left on device" in err
+            and "free space there" in err
+        )
         assert f"--resume {run / 'checkpoint_epoch_1.pt'}" in err
-        assert {name: (run / name).read_bytes() for name in kept} == kept  # the complete checkpoints are untouched
-        assert not (run / "checkpoint_epoch_2.pt").exists() and not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+        assert {
+            name: (run / name).read_bytes() for name in kept
+        } == kept  # the complete checkpoints are untouched
+        assert not (run / "checkpoint_epoch_2.pt").exists() and not [
+            p for p in run.iterdir() if p.name.endswith(".tmp")
+        ]
 
         filler.unlink()
         assert train_main(resume) == 0  # space again
@@ -1121,9 +1304,10 @@ def test_a_really_full_disk_under_clam_train_is_one_message_and_resume_ends_as_u
 
 
 def test_ctrl_c_of_clam_train_names_the_resume_command(tmp_path, monkeypatch, capsys):
+    from random_data import cohort_slides, write_random_cache
+
     import clam.train as train_module
     import clam.training as training_module
-    from random_data import cohort_slides, write_random_cache
 
     cache = write_random_cache(tmp_path / "features", cohort_slides(6, seed=2), feature_dim=8)
     real = training_module.train_one_epoch
@@ -1134,8 +1318,20 @@ def test_ctrl_c_of_clam_train_names_the_resume_command(tmp_path, monkeypatch, ca
         return real(*args, **kwargs)
 
     monkeypatch.setattr(training_module, "train_one_epoch", interrupt_in_epoch_2)  # looked up there
-    assert train_module.main(["--features_dir", str(cache), "--num_epochs", "3", "--output_dir",
-                              str(tmp_path / "runs"), "--no_progress"]) == 130
+    assert (
+        train_module.main(
+            [
+                "--features_dir",
+                str(cache),
+                "--num_epochs",
+                "3",
+                "--output_dir",
+                str(tmp_path / "runs"),
+                "--no_progress",
+            ]
+        )
+        == 130
+    )
     run = next((tmp_path / "runs").iterdir())
     err = capsys.readouterr().err
     assert f"continue with: python -m clam.train --resume {run / 'checkpoint_epoch_1.pt'}" in err

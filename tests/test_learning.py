@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from random_data import cohort_slides, transform_cache, write_random_cache
 
 from clam.baselines import PooledBaseline, comparison, fit_baseline, pool_bags
 from clam.checkpoints import model_from_checkpoint, read_checkpoint
@@ -20,12 +21,18 @@ from clam.run_record import RunState
 from clam.train import TrainConfig, train
 from clam.training import compare_with_baseline
 from feature_extraction.bags import read_bag
-from random_data import cohort_slides, transform_cache, write_random_cache
 
 
 def quick(tmp_path: Path, cache: Path, **overrides) -> TrainConfig:
-    return TrainConfig(**{"features_dir": str(cache), "num_epochs": 3, "output_dir": str(tmp_path / "runs"),
-                          "progress": False, **overrides})
+    return TrainConfig(
+        **{
+            "features_dir": str(cache),
+            "num_epochs": 3,
+            "output_dir": str(tmp_path / "runs"),
+            "progress": False,
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture
@@ -137,7 +144,9 @@ def test_baseline_probabilities_match_scikit_learn():
         y = np.arange(40) % n_classes
         x = rng.normal(size=(40, 7)) + y[:, None] * 0.8
         fitted = fit_baseline(x, y, n_classes)
-        reference = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=5000))
+        reference = make_pipeline(
+            StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=5000)
+        )
         reference.fit(x, y)
         np.testing.assert_allclose(fitted.probs(x), reference.predict_proba(x), atol=1e-6)
         again = PooledBaseline.from_dict(fitted.to_dict())
@@ -186,20 +195,37 @@ def test_evaluation_reports_the_baseline_beside_clam_on_the_external_cohort(tmp_
     run = train(quick(tmp_path, cache))
     external = [s for s in slides if s.split == "test"]
     labels = tmp_path / "labels.csv"
-    labels.write_text("slide_id,label,patient_id\n" + "".join(f"{s.slide_id},{s.label},{s.patient_id}\n" for s in external))
-    result = evaluate(EvaluateConfig(checkpoint=run / "best_model.pt", labels_csv=labels, features_dir=cache,
-                                     output_dir=tmp_path / "eval", device="cpu", num_workers=0, n_bootstrap=50,
-                                     attention="none", progress=False))
+    labels.write_text(
+        "slide_id,label,patient_id\n" + "".join(f"{s.slide_id},{s.label},{s.patient_id}\n" for s in external)
+    )
+    result = evaluate(
+        EvaluateConfig(
+            checkpoint=run / "best_model.pt",
+            labels_csv=labels,
+            features_dir=cache,
+            output_dir=tmp_path / "eval",
+            device="cpu",
+            num_workers=0,
+            n_bootstrap=50,
+            attention="none",
+            progress=False,
+        )
+    )
     baseline = result.metrics["baseline"]
     assert baseline["method"] == "logistic regression on mean-pooled features"
-    assert baseline["per_slide"]["n"] == len(external) and baseline["per_patient"]["auc"]["ci_low"] is not None
+    assert (
+        baseline["per_slide"]["n"] == len(external) and baseline["per_patient"]["auc"]["ci_low"] is not None
+    )
     # The baseline's column is its fitted model applied to each bag's mean over every instance.
     saved = PooledBaseline.from_dict(read_checkpoint(run / "best_model.pt")["baseline"]["params"])
     expected = saved.probs(pool_bags(read_bag(cache / f"{s.slide_id}.h5").features for s in external))[:, 1]
     got = [row["baseline_prob_EGFR_positive"] for row in result.slides]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     y = [s.label for s in external]
-    assert baseline["per_slide"]["auc"]["auc"] == pytest.approx(auc_with_ci(y, np.column_stack([1 - expected, expected]),
-                                                                             2, 0, 0).auc)
-    assert "baseline, logistic regression on mean-pooled features, same slides: AUC slide" in summary_table(result.metrics)
+    assert baseline["per_slide"]["auc"]["auc"] == pytest.approx(
+        auc_with_ci(y, np.column_stack([1 - expected, expected]), 2, 0, 0).auc
+    )
+    assert "baseline, logistic regression on mean-pooled features, same slides: AUC slide" in summary_table(
+        result.metrics
+    )
     assert "baseline_prob_EGFR_positive" in (tmp_path / "eval" / "predictions_patient.csv").read_text()

@@ -5,11 +5,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    recall_score,
+    roc_auc_score,
+)
 
-from clam.metrics import (DEFAULT_N_BOOTSTRAP, auc_with_ci, classification_metrics, roc_auc, roc_band,
-                          stratified_bootstrap_indices, summarize)
+from clam.metrics import (
+    DEFAULT_N_BOOTSTRAP,
+    auc_with_ci,
+    classification_metrics,
+    roc_auc,
+    roc_band,
+    stratified_bootstrap_indices,
+    summarize,
+)
 
 
 def binary_data(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -24,7 +37,10 @@ def test_binary_summary_equals_sklearn():
     pred = probs.argmax(axis=1)
     result = summarize(y, probs, 2, n_bootstrap=200)
     assert result["n"] == len(y)
-    assert result["n_per_class"] == {"EGFR_negative": int((y == 0).sum()), "EGFR_positive": int((y == 1).sum())}
+    assert result["n_per_class"] == {
+        "EGFR_negative": int((y == 0).sum()),
+        "EGFR_positive": int((y == 1).sum()),
+    }
     assert result["auc"]["auc"] == pytest.approx(roc_auc_score(y, probs[:, 1]))
     assert result["accuracy"] == pytest.approx(accuracy_score(y, pred))
     assert result["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
@@ -67,7 +83,9 @@ def test_one_class_present_is_reported_not_raised():
     y = np.ones(6, dtype=int)
     probs = np.array([[0.2, 0.8], [0.6, 0.4], [0.1, 0.9], [0.3, 0.7], [0.45, 0.55], [0.9, 0.1]])
     result = summarize(y, probs, 2)
-    assert result["auc"]["auc"] is None and result["auc"]["ci_low"] is None and result["auc"]["ci_high"] is None
+    assert (
+        result["auc"]["auc"] is None and result["auc"]["ci_low"] is None and result["auc"]["ci_high"] is None
+    )
     assert "only one class present (EGFR_positive)" in result["auc"]["reason"]
     assert result["specificity"] is None and "specificity" in result["undefined"]
     assert result["sensitivity"] == pytest.approx(4 / 6)

@@ -50,9 +50,11 @@ def test_padded_batch_equals_bags_one_at_a_time(bags, variant):
     for i, bag in enumerate(bags):
         single = model(bag[None])
         torch.testing.assert_close(batch.logits[i], single.logits[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(batch.attention[i, :, : len(bag)], single.attention[0], rtol=1e-5, atol=1e-6)
-        assert torch.all(batch.attention[i, :, len(bag):] == 0)
-        assert torch.all(batch.attention_raw[i, :, len(bag):] == 0)
+        torch.testing.assert_close(
+            batch.attention[i, :, : len(bag)], single.attention[0], rtol=1e-5, atol=1e-6
+        )
+        assert torch.all(batch.attention[i, :, len(bag) :] == 0)
+        assert torch.all(batch.attention_raw[i, :, len(bag) :] == 0)
     torch.testing.assert_close(batch.attention.sum(-1), torch.ones(len(bags), model.n_branches))
 
     # Training mode (dropout 0): the batch's loss and gradient are the mean of the bags'.
@@ -62,7 +64,10 @@ def test_padded_batch_equals_bags_one_at_a_time(bags, variant):
     total.backward()
     batch_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    singles = [clam_loss(model(bag[None], None, labels[i : i + 1]), labels[i : i + 1])[0] for i, bag in enumerate(bags)]
+    singles = [
+        clam_loss(model(bag[None], None, labels[i : i + 1]), labels[i : i + 1])[0]
+        for i, bag in enumerate(bags)
+    ]
     mean = torch.stack(singles).mean()
     mean.backward()
     torch.testing.assert_close(total, mean, rtol=1e-5, atol=1e-6)
@@ -108,15 +113,23 @@ def test_bags_smaller_than_k_sample_never_crash(model_type, n):
 def test_smooth_top1_svm_matches_its_formula():
     logits = torch.tensor([[2.0, 0.0], [0.5, 0.5]])
     targets = torch.tensor([0, 1])
-    expected = [math.log(math.exp(2.0) + math.exp(0.0 + 1.0)) - 2.0,
-                math.log(math.exp(0.5 + 1.0) + math.exp(0.5)) - 0.5]
+    expected = [
+        math.log(math.exp(2.0) + math.exp(0.0 + 1.0)) - 2.0,
+        math.log(math.exp(0.5 + 1.0) + math.exp(0.5)) - 0.5,
+    ]
     torch.testing.assert_close(smooth_top1_svm(logits, targets), torch.tensor(expected))
 
 
 def test_state_dict_keys_follow_clam():
     sb = set(build_model("clam_sb", in_dim=DIM).state_dict())
-    assert {"attention_net.0.weight", "attention_net.3.attention_a.0.weight", "attention_net.3.attention_b.0.weight",
-            "attention_net.3.attention_c.weight", "classifiers.weight", "instance_classifiers.1.weight"} <= sb
+    assert {
+        "attention_net.0.weight",
+        "attention_net.3.attention_a.0.weight",
+        "attention_net.3.attention_b.0.weight",
+        "attention_net.3.attention_c.weight",
+        "classifiers.weight",
+        "instance_classifiers.1.weight",
+    } <= sb
     mb = build_model("clam_mb", in_dim=DIM, n_classes=3, model_size="big")
     assert {"classifiers.0.weight", "classifiers.2.bias"} <= set(mb.state_dict())
     assert mb.attention_net[3].attention_c.weight.shape == (3, 384)

@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from feature_extraction.bags import read_bag, validate_bag
-
 from clam.checkpoints import model_from_checkpoint
 from clam.model import build_model
 from clam.train import load_checkpoint  # the import the specification shows
+from feature_extraction.bags import read_bag, validate_bag
 
 FIXTURE = Path(__file__).parent / "fixtures" / "main_0d6f26e"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())["slides"]
@@ -69,8 +68,9 @@ def test_old_checkpoint_loads_with_the_spec_signature():
     config = checkpoint["model_config"]
     model = build_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    model, optimizer, epoch, loss = load_checkpoint(checkpoint_path=path, model=model, optimizer=optimizer,
-                                                    device="cpu")
+    model, optimizer, epoch, loss = load_checkpoint(
+        checkpoint_path=path, model=model, optimizer=optimizer, device="cpu"
+    )
     assert epoch == 2 and loss == pytest.approx(checkpoint["loss"])
     assert optimizer.state_dict()["state"]
     probs = _probabilities(model)
@@ -82,14 +82,34 @@ def test_old_checkpoint_loads_with_the_spec_signature():
 def test_old_run_evaluates_through_the_cli(tmp_path):
     out = tmp_path / "eval"
     result = subprocess.run(
-        [sys.executable, "-m", "clam.evaluate", "--checkpoint", str(FIXTURE / "run" / "checkpoint_epoch_2.pt"),
-         "--labels_csv", str(FIXTURE / "labels.csv"), "--features_dir", str(FIXTURE / "cache"),
-         "--output_dir", str(out), "--device", "cpu", "--n_bootstrap", "50", "--attention", "none"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "clam.evaluate",
+            "--checkpoint",
+            str(FIXTURE / "run" / "checkpoint_epoch_2.pt"),
+            "--labels_csv",
+            str(FIXTURE / "labels.csv"),
+            "--features_dir",
+            str(FIXTURE / "cache"),
+            "--output_dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--n_bootstrap",
+            "50",
+            "--attention",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     with open(out / "predictions.csv", newline="") as handle:
         rows = {row["slide_id"]: row for row in csv.DictReader(handle)}
     assert set(rows) == set(EXPECTED)
     for slide_id, expected in EXPECTED.items():
-        assert float(rows[slide_id]["prob_EGFR_positive"]) == pytest.approx(expected["prob_positive"], abs=1e-5)
+        assert float(rows[slide_id]["prob_EGFR_positive"]) == pytest.approx(
+            expected["prob_positive"], abs=1e-5
+        )

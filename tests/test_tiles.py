@@ -36,7 +36,14 @@ def test_listing_finds_images_in_any_case_and_subfolders_in_sorted_order(tmp_pat
 
     listing = list_slide_tiles(_slide(folder), max_tiles=0)
 
-    assert [t.name for t in listing.tiles] == ["a.jpg", "b.PNG", "e.tif", "f.bmp", "sub/c.Jpeg", "sub/deeper/d.TIFF"]
+    assert [t.name for t in listing.tiles] == [
+        "a.jpg",
+        "b.PNG",
+        "e.tif",
+        "f.bmp",
+        "sub/c.Jpeg",
+        "sub/deeper/d.TIFF",
+    ]
     assert listing.n_available == 6
     assert listing.ignored == ("Thumbs.db", "notes.txt")
     assert all(t.path == folder / t.name for t in listing.tiles)
@@ -108,7 +115,9 @@ def test_listing_takes_the_subset_and_records_all_tiles(tmp_path):
     listing = list_slide_tiles(_slide(folder), max_tiles=4, seed=3)
     assert listing.n_available == 12 and len(listing.tiles) == 4
     names = sorted(p.name for p in folder.iterdir())
-    assert [t.name for t in listing.tiles] == [names[i] for i in select_subset(names, "EGFR_positive__P1", 4, 3)]
+    assert [t.name for t in listing.tiles] == [
+        names[i] for i in select_subset(names, "EGFR_positive__P1", 4, 3)
+    ]
     assert all((t.x, t.y) == parse_coords(t.name) for t in listing.tiles)
 
 
@@ -187,7 +196,9 @@ def test_transform_resizes_the_centred_square_to_the_input_size():
     wide[:, 100:200] = 255  # the centred square is white; the sides are cropped away
     resized = transform(Image.fromarray(wide))
     assert resized.shape == (224, 224, 3)
-    assert (resized[:, 2:-2] == 255).all()  # the outermost columns blend in their neighbours, as a resize does
+    assert (
+        resized[:, 2:-2] == 255
+    ).all()  # the outermost columns blend in their neighbours, as a resize does
 
     exact = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     assert (transform(Image.fromarray(exact)) == exact).all()  # already the right size: untouched

@@ -14,14 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from feature_extraction.bags import bag_path
+from random_data import (
+    cohort_slides,
+    random_cache_config,
+    write_cohort_folders,
+    write_random_bag_folder,
+    write_random_cache,
+)
 
 from clam.checkpoints import model_from_checkpoint
 from clam.run_record import RunState
 from clam.train import TrainConfig, load_checkpoint, main, train
-from random_data import (cohort_slides, random_cache_config, write_cohort_folders, write_random_bag_folder,
-                               write_random_cache)
+from feature_extraction.bags import bag_path
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_KEYS = {"model_state_dict", "optimizer_state_dict", "epoch", "loss", "args"}
@@ -46,7 +50,9 @@ def only_run(project: Path) -> Path:
 
 
 def quick(tmp_path: Path, **overrides) -> TrainConfig:
-    return TrainConfig(**{"num_epochs": 2, "output_dir": str(tmp_path / "runs"), "progress": False, **overrides})
+    return TrainConfig(
+        **{"num_epochs": 2, "output_dir": str(tmp_path / "runs"), "progress": False, **overrides}
+    )
 
 
 # ---------------------------------------------------------------- the specification's example commands
@@ -55,8 +61,14 @@ def quick(tmp_path: Path, **overrides) -> TrainConfig:
 @pytest.mark.slow
 def test_spec_python_m_clam_train_with_defaults(project):
     env = {**os.environ, "CLAM_PROJECT_ROOT": str(project), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "clam.train"], cwd=project, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "clam.train"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     run = only_run(project)
     assert {f"checkpoint_epoch_{n}.pt" for n in range(1, 11)} <= {p.name for p in run.iterdir()}
@@ -77,9 +89,25 @@ def test_spec_train_on_test_data(project):
 
 
 def test_spec_custom_parameters(project):
-    argv = ["--data_dir", str(project / "train"), "--split", "train", "--model_size", "big", "--dropout", "0.5",
-            "--k_sample", "16", "--num_epochs", "50", "--learning_rate", "0.00001"]
-    assert main(argv + ["--num_epochs", "2", "--no_progress"]) == 0  # the spec's command, shortened to 2 epochs
+    argv = [
+        "--data_dir",
+        str(project / "train"),
+        "--split",
+        "train",
+        "--model_size",
+        "big",
+        "--dropout",
+        "0.5",
+        "--k_sample",
+        "16",
+        "--num_epochs",
+        "50",
+        "--learning_rate",
+        "0.00001",
+    ]
+    assert (
+        main(argv + ["--num_epochs", "2", "--no_progress"]) == 0
+    )  # the spec's command, shortened to 2 epochs
     checkpoint = torch.load(only_run(project) / "checkpoint_epoch_2.pt", weights_only=True)
     assert checkpoint["model_config"]["model_size"] == "big" and checkpoint["model_config"]["k_sample"] == 16
     assert checkpoint["args"]["dropout"] == 0.5 and checkpoint["args"]["learning_rate"] == 1e-5
@@ -103,11 +131,23 @@ def test_run_layout_and_checkpoint_contents(project):
     run = train(TrainConfig(num_epochs=2, progress=False, val_fraction=0.3))
     assert run == only_run(project)
     assert {p.name for p in run.iterdir()} == {
-        "config.json", "split.csv", "checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt", "best_model.pt"}
+        "config.json",
+        "split.csv",
+        "checkpoint_epoch_1.pt",
+        "checkpoint_epoch_2.pt",
+        "best_model.pt",
+    }
     config = json.loads((run / "config.json").read_text())
     history = config["metrics"]
     assert [row["epoch"] for row in history] == [1, 2]
-    for key in ("train_loss", "train_auc", "train_balanced_accuracy", "val_loss", "val_auc", "val_balanced_accuracy"):
+    for key in (
+        "train_loss",
+        "train_auc",
+        "train_balanced_accuracy",
+        "val_loss",
+        "val_auc",
+        "val_balanced_accuracy",
+    ):
         assert key in history[0]
     assert config["epoch"] == 2 and config["loss"] == history[-1]["val_loss"]
     best = min(history, key=lambda row: row["val_loss"])
@@ -150,15 +190,19 @@ def test_resume_ends_where_the_uninterrupted_run_ends(project, tmp_path):
     whole = train(config)
     first = train(TrainConfig(**{**config.__dict__, "num_epochs": 1}))
     # A library resume overrides only the names in ``explicit``: here the longer run.
-    resumed = train(TrainConfig(**{**config.__dict__, "resume": str(first / "checkpoint_epoch_1.pt")}),
-                    explicit=frozenset({"num_epochs"}))
+    resumed = train(
+        TrainConfig(**{**config.__dict__, "resume": str(first / "checkpoint_epoch_1.pt")}),
+        explicit=frozenset({"num_epochs"}),
+    )
     assert resumed == first  # continues in its own run folder
     a, b = final_state(whole, 3), final_state(resumed, 3)
     for key, value in a["model_state_dict"].items():
         assert torch.equal(value, b["model_state_dict"][key]), key
     assert a["loss"] == b["loss"]
     assert [row["train_loss"] for row in a["history"]] == [row["train_loss"] for row in b["history"]]
-    assert torch.equal(a["optimizer_state_dict"]["state"][0]["exp_avg"], b["optimizer_state_dict"]["state"][0]["exp_avg"])
+    assert torch.equal(
+        a["optimizer_state_dict"]["state"][0]["exp_avg"], b["optimizer_state_dict"]["state"][0]["exp_avg"]
+    )
     assert json.loads((resumed / "config.json").read_text())["epoch"] == 3
 
 
@@ -169,7 +213,17 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 def test_a_bare_resume_continues_the_run_as_it_was_started(project, tmp_path, capsys):
     runs = tmp_path / "runs"
-    args = ["--num_epochs", "3", "--patience", "5", "--max_tiles", "10", "--output_dir", str(runs), "--no_progress"]
+    args = [
+        "--num_epochs",
+        "3",
+        "--patience",
+        "5",
+        "--max_tiles",
+        "10",
+        "--output_dir",
+        str(runs),
+        "--no_progress",
+    ]
     assert main(args) == 0
     (whole,) = runs.iterdir()
     # The same run interrupted after epoch 1: its folder as it was then.
@@ -181,7 +235,9 @@ def test_a_bare_resume_continues_the_run_as_it_was_started(project, tmp_path, ca
 
     assert main(["--resume", str(cut / "checkpoint_epoch_1.pt")]) == 0  # nothing else typed
     assert "epoch 3/3" in capsys.readouterr().out
-    assert sorted(p.name for p in cut.glob("checkpoint_epoch_*.pt")) == [f"checkpoint_epoch_{n}.pt" for n in (1, 2, 3)]
+    assert sorted(p.name for p in cut.glob("checkpoint_epoch_*.pt")) == [
+        f"checkpoint_epoch_{n}.pt" for n in (1, 2, 3)
+    ]
     args_saved = final_state(cut, 3)["args"]
     assert (args_saved["num_epochs"], args_saved["patience"], args_saved["progress"]) == (3, 5, False)
     a, b = final_state(whole, 3), final_state(cut, 3)
@@ -189,7 +245,11 @@ def test_a_bare_resume_continues_the_run_as_it_was_started(project, tmp_path, ca
         assert torch.equal(value, b["model_state_dict"][key]), key  # bit-identical to the uninterrupted run
     assert [row["val_loss"] for row in a["history"]] == [row["val_loss"] for row in b["history"]]
     config = json.loads((cut / "config.json").read_text())
-    assert config["status"] == "finished" and config["args"]["num_epochs"] == 3 and config["args"]["patience"] == 5
+    assert (
+        config["status"] == "finished"
+        and config["args"]["num_epochs"] == 3
+        and config["args"]["patience"] == 5
+    )
 
     # A larger --num_epochs extends the run; the other arguments stay the run's.
     assert main(["--resume", str(cut / "checkpoint_epoch_3.pt"), "--num_epochs", "4"]) == 0
@@ -285,12 +345,13 @@ def test_validation_logs_the_instance_loss_and_accuracy_and_monitors_the_bag_los
 # ---------------------------------------------------------------- --max_tiles and --sample_tiles
 
 
-def test_max_tiles_cuts_bags_to_the_embedding_subset_and_sample_tiles_draws_per_epoch(project, tmp_path, caplog):
-    from feature_extraction.bags import read_bag
-    from feature_extraction.sources import select_subset
-
+def test_max_tiles_cuts_bags_to_the_embedding_subset_and_sample_tiles_draws_per_epoch(
+    project, tmp_path, caplog
+):
     from clam.data import BagDataset
     from clam.training import load_bags
+    from feature_extraction.bags import read_bag
+    from feature_extraction.sources import select_subset
 
     config = quick(tmp_path, max_tiles=10)
     caplog.set_level(logging.INFO)
@@ -303,15 +364,24 @@ def test_max_tiles_cuts_bags_to_the_embedding_subset_and_sample_tiles_draws_per_
         expected = select_subset(bag.tile_names, record.slide_id, 10, 0)  # what embed --max_tiles 10 keeps
         assert record.n_instances == len(expected) and (record.rows is None) == (len(bag.tile_names) <= 10)
         for in_memory in (True, False):
-            every = BagDataset([record], 0, 0, True, in_memory, progress=False)  # --sample_tiles 0 (the default)
+            every = BagDataset(
+                [record], 0, 0, True, in_memory, progress=False
+            )  # --sample_tiles 0 (the default)
             for epoch in (1, 2):
                 every.set_epoch(epoch)
-                assert torch.equal(every[0][0], torch.from_numpy(bag.features[expected]))  # every epoch: all of them
-            assert torch.equal(BagDataset([record], 0, 0, False, in_memory, progress=False)[0][0], every[0][0])
+                assert torch.equal(
+                    every[0][0], torch.from_numpy(bag.features[expected])
+                )  # every epoch: all of them
+            assert torch.equal(
+                BagDataset([record], 0, 0, False, in_memory, progress=False)[0][0], every[0][0]
+            )
     # --sample_tiles 4: a fresh draw of 4 of the bag's 10 each training epoch, a fixed one for validation.
     record = big[0]
     features = read_bag(record.path).features[list(record.rows)]
-    rows_of = lambda x: sorted(next(i for i, f in enumerate(features) if np.array_equal(f, r)) for r in x.numpy())  # noqa: E731
+
+    def rows_of(x):
+        return sorted(next(i for i, f in enumerate(features) if np.array_equal(f, r)) for r in x.numpy())
+
     drawn = BagDataset([record], 4, 0, True, False, progress=False)
     draws = []
     for epoch in (1, 2, 3):
@@ -326,8 +396,14 @@ def test_max_tiles_cuts_bags_to_the_embedding_subset_and_sample_tiles_draws_per_
     assert saved["args"]["sample_tiles"] == 0 and saved["args"]["max_tiles"] == 10
     n_train = saved["data"]["n_train_bags"]
     assert saved["feature_norm"]["n_bags"] == n_train
-    train_ids = {line.split(",")[0] for line in (run / "split.csv").read_text().splitlines()[1:] if line.endswith(",train")}
-    assert saved["feature_norm"]["n_instances"] == sum(r.n_instances for r in bags.records if r.slide_id in train_ids)
+    train_ids = {
+        line.split(",")[0]
+        for line in (run / "split.csv").read_text().splitlines()[1:]
+        if line.endswith(",train")
+    }
+    assert saved["feature_norm"]["n_instances"] == sum(
+        r.n_instances for r in bags.records if r.slide_id in train_ids
+    )
     assert saved["baseline"]["train_auc"] is not None
 
 
@@ -357,8 +433,10 @@ class _AdamWithoutFused(torch.optim.Adam):
 
     def __init__(self, params, *args, fused=None, **kwargs):
         if fused:
-            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
-                               "devices: ['cuda']")
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of supported "
+                "devices: ['cuda']"
+            )
         super().__init__(params, *args, **kwargs)
 
 
@@ -375,7 +453,11 @@ def test_adam_falls_back_from_fused_when_torch_refuses_it(project, tmp_path, mon
     assert json.loads((run / "config.json").read_text())["optimizer"] == {"name": "Adam", "fused": False}
     # A torch older than 2.4 is not even asked for the fused kernel on a CPU.
     asked = []
-    monkeypatch.setattr(torch.optim, "Adam", lambda params, **kwargs: asked.append(kwargs) or _AdamWithoutFused(params, **kwargs))
+    monkeypatch.setattr(
+        torch.optim,
+        "Adam",
+        lambda params, **kwargs: asked.append(kwargs) or _AdamWithoutFused(params, **kwargs),
+    )
     monkeypatch.setattr(torch, "__version__", "2.2.2+cpu")
     make_optimizer(model, config, torch.device("cpu"))
     assert asked == [{"lr": 1e-4, "weight_decay": 1e-5}]
@@ -383,10 +465,17 @@ def test_adam_falls_back_from_fused_when_torch_refuses_it(project, tmp_path, mon
 
 def test_a_checkpoint_of_a_fused_run_resumes_on_the_fallback(project, tmp_path, monkeypatch):
     run = train(quick(tmp_path, num_epochs=1))
-    assert torch.load(run / "checkpoint_epoch_1.pt", weights_only=True)["optimizer_state_dict"]["param_groups"][0]["fused"]
+    assert torch.load(run / "checkpoint_epoch_1.pt", weights_only=True)["optimizer_state_dict"][
+        "param_groups"
+    ][0]["fused"]
     monkeypatch.setattr(torch.optim, "Adam", _AdamWithoutFused)  # e.g. resumed where torch is older
-    train(quick(tmp_path, num_epochs=2, resume=str(run / "checkpoint_epoch_1.pt")), explicit=frozenset({"num_epochs"}))
-    saved = torch.load(run / "checkpoint_epoch_2.pt", weights_only=True)["optimizer_state_dict"]["param_groups"][0]
+    train(
+        quick(tmp_path, num_epochs=2, resume=str(run / "checkpoint_epoch_1.pt")),
+        explicit=frozenset({"num_epochs"}),
+    )
+    saved = torch.load(run / "checkpoint_epoch_2.pt", weights_only=True)["optimizer_state_dict"][
+        "param_groups"
+    ][0]
     assert not saved["fused"]
 
 
@@ -394,8 +483,18 @@ def test_a_checkpoint_of_a_fused_run_resumes_on_the_fallback(project, tmp_path, 
 
 
 def test_mb_svm_subtyping_padded_batches(project, tmp_path):
-    run = train(quick(tmp_path, model_type="clam_mb", instance_loss="svm", subtyping=True, batch_size=4,
-                      balance="sampler", model_size="big", k_sample=30))
+    run = train(
+        quick(
+            tmp_path,
+            model_type="clam_mb",
+            instance_loss="svm",
+            subtyping=True,
+            batch_size=4,
+            balance="sampler",
+            model_size="big",
+            k_sample=30,
+        )
+    )
     checkpoint = torch.load(run / "checkpoint_epoch_2.pt", weights_only=True)
     assert checkpoint["model_config"]["model_type"] == "clam_mb"
     assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in checkpoint["history"])
@@ -447,8 +546,19 @@ def test_help_says_what_k_sample_is(capsys):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "highest- and how many lowest-attention instances" in text
-    for argument in ("--data_dir", "--split", "--max_tiles", "--num_workers", "--model_size", "--dropout", "--k_sample",
-                     "--n_classes", "--num_epochs", "--batch_size", "--learning_rate"):
+    for argument in (
+        "--data_dir",
+        "--split",
+        "--max_tiles",
+        "--num_workers",
+        "--model_size",
+        "--dropout",
+        "--k_sample",
+        "--n_classes",
+        "--num_epochs",
+        "--batch_size",
+        "--learning_rate",
+    ):
         assert argument in text
 
 
@@ -466,8 +576,21 @@ def test_early_stopping_counts_epochs_without_improvement():
 @pytest.mark.slow
 def test_a_fresh_cohort_is_embedded_first_then_trained(tiny_cohort, tmp_path, capsys):
     data_dir = tiny_cohort.split_dirs["train"]
-    argv = ["--data_dir", str(data_dir), "--features_dir", str(tmp_path / "features"), "--weights", "random",
-            "--num_epochs", "1", "--output_dir", str(tmp_path / "runs"), "--num_workers", "0", "--no_progress"]
+    argv = [
+        "--data_dir",
+        str(data_dir),
+        "--features_dir",
+        str(tmp_path / "features"),
+        "--weights",
+        "random",
+        "--num_epochs",
+        "1",
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--num_workers",
+        "0",
+        "--no_progress",
+    ]
     assert main(argv) == 0
     assert "embedding them first" in capsys.readouterr().out
     run = next((tmp_path / "runs").iterdir())
@@ -491,15 +614,19 @@ def auc_on_test_split(checkpoint: Path, cache_dir: Path) -> float | None:
 
     model, saved = model_from_checkpoint(checkpoint, "cpu")
     args = saved["args"]
-    bags = validate_records(records_from_cache(cache_dir, None, "test"), cache_dir, args["n_classes"],
-                            read_cache_config(cache_dir), progress=False)
-    dataset = BagDataset(bags.records, args.get("sample_tiles", 0), args["seed"], train=False, in_memory=True,
-                         progress=False)
+    bags = validate_records(
+        records_from_cache(cache_dir, None, "test"),
+        cache_dir,
+        args["n_classes"],
+        read_cache_config(cache_dir),
+        progress=False,
+    )
+    dataset = BagDataset(
+        bags.records, args.get("sample_tiles", 0), args["seed"], train=False, in_memory=True, progress=False
+    )
     with torch.inference_mode():
         probs = torch.cat([model(collate_bags([dataset[i]]).features).probs for i in range(len(dataset))])
     return roc_auc([r.label for r in bags.records], probs.numpy(), args["n_classes"])[0]
-
-
 
 
 @pytest.mark.slow
@@ -516,15 +643,28 @@ def test_default_training_on_the_example_cohort_reaches_a_test_auc_of_0_9(tmp_pa
         weights = "random"
         print("ImageNet weights unavailable: this test runs with randomly initialised backbone weights")
     build_example_cohort(tmp_path, seed=0)
-    run = train(TrainConfig(data_dir=str(tmp_path / "train"), features_dir=str(tmp_path / "features"),
-                            output_dir=str(tmp_path / "runs"), weights=weights, progress=False))  # embeds first
-    report = embed_cohort(EmbedConfig(weights=weights, progress=False), tmp_path / "test", "test",
-                          features_dir=tmp_path / "features")
+    run = train(
+        TrainConfig(
+            data_dir=str(tmp_path / "train"),
+            features_dir=str(tmp_path / "features"),
+            output_dir=str(tmp_path / "runs"),
+            weights=weights,
+            progress=False,
+        )
+    )  # embeds first
+    report = embed_cohort(
+        EmbedConfig(weights=weights, progress=False),
+        tmp_path / "test",
+        "test",
+        features_dir=tmp_path / "features",
+    )
     auc = auc_on_test_split(run / "best_model.pt", report.cache_dir)
     assert auc >= 0.9
     # The same bags x30 + 30 (a scale where CLAM on raw features wandered): standardised, the same AUC.
     from random_data import transform_cache
 
-    scaled = transform_cache(report.cache_dir, tmp_path / "scaled" / report.cache_dir.name, lambda f, _: f * 30 + 30)
+    scaled = transform_cache(
+        report.cache_dir, tmp_path / "scaled" / report.cache_dir.name, lambda f, _: f * 30 + 30
+    )
     rerun = train(TrainConfig(features_dir=str(scaled), output_dir=str(tmp_path / "runs"), progress=False))
     assert auc_on_test_split(rerun / "best_model.pt", scaled) == pytest.approx(auc, abs=1e-6)

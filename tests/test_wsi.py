@@ -21,10 +21,10 @@ from PIL import Image
 pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 
-from feature_extraction.bags import BagAttrs  # noqa: E402
-from feature_extraction.errors import PipelineError  # noqa: E402
 from feature_extraction import sources, wsi, wsi_plan  # noqa: E402
 from feature_extraction import tile_slides as tile_cli  # noqa: E402
+from feature_extraction.bags import BagAttrs  # noqa: E402
+from feature_extraction.errors import PipelineError  # noqa: E402
 from feature_extraction.layout import discover_slides  # noqa: E402
 from feature_extraction.sources import SlideSource, TileError, select_subset  # noqa: E402
 from feature_extraction.tile_folder import parse_coords  # noqa: E402
@@ -59,8 +59,15 @@ def write_pyramidal_tiff(path: Path, canvas: np.ndarray, mpp: float | None, down
             image = Image.fromarray(canvas)
             level = np.asarray(image.resize((canvas.shape[1] // ds, canvas.shape[0] // ds), Image.BILINEAR))
             extra = {"resolution": (1e4 / (mpp * ds),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
-            writer.write(level, tile=(256, 256), photometric="rgb", compression="zlib", compressionargs={"level": 1},
-                         subfiletype=0 if i == 0 else 1, **extra)
+            writer.write(
+                level,
+                tile=(256, 256),
+                photometric="rgb",
+                compression="zlib",
+                compressionargs={"level": 1},
+                subfiletype=0 if i == 0 else 1,
+                **extra,
+            )
     return path
 
 
@@ -102,15 +109,19 @@ def _near_white(rgb: np.ndarray) -> np.ndarray:
 
 def test_otsu_threshold_separates_two_modes():
     rng = np.random.default_rng(0)
-    values = np.concatenate([rng.normal(20, 5, 5000), rng.normal(120, 10, 3000)]).clip(0, 255).astype(np.uint8)
+    values = (
+        np.concatenate([rng.normal(20, 5, 5000), rng.normal(120, 10, 3000)]).clip(0, 255).astype(np.uint8)
+    )
     threshold = wsi_plan.otsu_threshold(values)
     assert 30 < threshold < 90  # in the gap between the modes (the variance is flat across it)
+
     # It is the argmax of the between-class variance, computed here the slow way.
     def between(t):
         low, high = values[values <= t].astype(float), values[values > t].astype(float)
         if not len(low) or not len(high):
             return -1
         return len(low) * len(high) * (low.mean() - high.mean()) ** 2
+
     assert between(threshold) >= max(between(t) for t in range(0, 255, 3)) - 1e-6
 
 
@@ -158,12 +169,24 @@ def test_pyramidal_tiff_grid_level_and_attrs(slides):
     kept[plan.coords[:, 1] // 128, plan.coords[:, 0] // 128] = True
     assert kept[inside == 1.0].all()  # every cell fully on tissue is a tile
     assert not kept[inside < 0.25].any()  # none on the background
-    assert (plan.coords[:, 1] * 10_000 + plan.coords[:, 0] == np.sort(plan.coords[:, 1] * 10_000 + plan.coords[:, 0])).all()
+    assert (
+        plan.coords[:, 1] * 10_000 + plan.coords[:, 0]
+        == np.sort(plan.coords[:, 1] * 10_000 + plan.coords[:, 0])
+    ).all()
 
     attrs = plan.attrs()
     assert attrs["slide_kind"] == "wsi"
-    assert (attrs["patch_size"], attrs["patch_size_level0"], attrs["patch_level"], attrs["downsample"]) == (64, 128, 1, 2.0)
-    assert attrs["target_magnification"] == 20 and attrs["magnification"] == 20 and attrs["level0_magnification"] == 40
+    assert (attrs["patch_size"], attrs["patch_size_level0"], attrs["patch_level"], attrs["downsample"]) == (
+        64,
+        128,
+        1,
+        2.0,
+    )
+    assert (
+        attrs["target_magnification"] == 20
+        and attrs["magnification"] == 20
+        and attrs["level0_magnification"] == 40
+    )
     assert attrs["mpp"] == 0.5 and attrs["level0_mpp"] == 0.25 and attrs["overlap"] == 0
 
 
@@ -175,7 +198,9 @@ def test_tile_read_matches_the_slide_pixels(slides):
         assert parse_coords(tile.name) == (tile.x, tile.y)
         image = tile.load()
         assert image.mode == "RGB" and image.size == (64, 64)
-        expected = Image.fromarray(canvas[tile.y : tile.y + 128, tile.x : tile.x + 128]).resize((64, 64), Image.BILINEAR)
+        expected = Image.fromarray(canvas[tile.y : tile.y + 128, tile.x : tile.x + 128]).resize(
+            (64, 64), Image.BILINEAR
+        )
         assert np.abs(np.asarray(image, float) - np.asarray(expected, float)).mean() < 6
 
 
@@ -209,7 +234,9 @@ def test_blank_and_corrupt_slides_are_skipped_by_name(slides):
         plan_slide(slides["corrupt"])
     assert issubclass(SlideSkipped, PipelineError)
     # Listing for embedding does not raise: the slide comes back empty, with the reason.
-    source = SlideSource("EGFR_negative__blank", "blank", "EGFR_negative", 0, "train", slides["blank"], kind="wsi")
+    source = SlideSource(
+        "EGFR_negative__blank", "blank", "EGFR_negative", 0, "train", slides["blank"], kind="wsi"
+    )
     listed = wsi_plan.list_wsi_tiles(source)
     assert listed.tiles == () and "blank.tif: no tissue found" in listed.reason
 
@@ -270,9 +297,17 @@ def test_whole_slide_detection_and_layout(tmp_path, slides, cmu_svs):
     shutil.copy(slides["tissue"], two / "b.tiff")
 
     found = {s.slide_id: s for s in discover_slides(data, "train")}
-    assert set(found) == {"EGFR_positive__cmu", "EGFR_positive__scan", "EGFR_negative__P2",
-                          "EGFR_negative__P3", "EGFR_negative__P4__a", "EGFR_negative__P4__b"}
-    assert found["EGFR_negative__P2"].kind == "wsi" and found["EGFR_negative__P2"].path == patient / "slide.tif"
+    assert set(found) == {
+        "EGFR_positive__cmu",
+        "EGFR_positive__scan",
+        "EGFR_negative__P2",
+        "EGFR_negative__P3",
+        "EGFR_negative__P4__a",
+        "EGFR_negative__P4__b",
+    }
+    assert (
+        found["EGFR_negative__P2"].kind == "wsi" and found["EGFR_negative__P2"].path == patient / "slide.tif"
+    )
     assert found["EGFR_negative__P2"].patient_id == "P2"
     assert found["EGFR_negative__P3"].kind == "tiles"
     assert found["EGFR_negative__P4__a"].patient_id == found["EGFR_negative__P4__b"].patient_id == "P4"
@@ -293,8 +328,9 @@ def test_list_wsi_tiles_uses_the_seeded_subset(tmp_path, slides):
     assert listed.attrs["slide_file"] == "P2/slide.tif" and listed.attrs["patch_size_level0"] == 128
     again = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config)
     assert again.tiles == listed.tiles and again.tiles_digest == listed.tiles_digest
-    other = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3,
-                                    config=WsiConfig(tile_size=64, min_tissue=0.9))
+    other = wsi_plan.list_wsi_tiles(
+        source, max_tiles=5, seed=3, config=WsiConfig(tile_size=64, min_tissue=0.9)
+    )
     assert other.tiles_digest != listed.tiles_digest  # the tiling configuration is part of the digest
 
 
@@ -306,20 +342,24 @@ def test_plans_are_cached_and_a_rerun_does_not_plan_again(tmp_path, slides, monk
     config, cache = WsiConfig(tile_size=64), tmp_path / "features" / wsi_plan.PLAN_CACHE_FOLDER
     planned: list[Path] = []
     real_plan_slide = wsi_plan.plan_slide
-    monkeypatch.setattr(wsi_plan, "plan_slide",
-                        lambda *a, **k: planned.append(a[0]) or real_plan_slide(*a, **k))
+    monkeypatch.setattr(
+        wsi_plan, "plan_slide", lambda *a, **k: planned.append(a[0]) or real_plan_slide(*a, **k)
+    )
 
     first = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
     assert len(planned) == 1 and len(list(cache.glob("*.json"))) == 1
     again = wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=config, plan_cache=cache)
     assert len(planned) == 1  # read from the cache, not planned again
-    assert again.tiles == first.tiles and again.attrs == first.attrs and again.tiles_digest == first.tiles_digest
+    assert (
+        again.tiles == first.tiles and again.attrs == first.attrs and again.tiles_digest == first.tiles_digest
+    )
     assert again.n_available == first.n_available and again.plan.mask is None
     assert np.array_equal(again.plan.tissue_fraction, first.plan.tissue_fraction)
     assert again.plan.tissue_fraction.dtype == np.float32 and again.plan.coords.dtype == np.int64
 
-    wsi_plan.list_wsi_tiles(source, max_tiles=5, seed=3, config=WsiConfig(tile_size=64, min_tissue=0.9),
-                            plan_cache=cache)
+    wsi_plan.list_wsi_tiles(
+        source, max_tiles=5, seed=3, config=WsiConfig(tile_size=64, min_tissue=0.9), plan_cache=cache
+    )
     assert len(planned) == 2  # another tiling is another plan
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the slide file changed
@@ -351,9 +391,13 @@ def test_missing_openslide_stops_the_run_once_before_any_work(monkeypatch, tmp_p
     monkeypatch.setitem(sys.modules, "openslide", None)  # makes `import openslide` fail
     monkeypatch.setattr(embed, "load_backbone", lambda *a, **k: pytest.fail("loaded the backbone"))
 
-    message = r"2 of the 2 slides are whole-slide images.*not installed.*pip install openslide-python openslide-bin"
+    message = (
+        r"2 of the 2 slides are whole-slide images.*not installed.*pip install openslide-python openslide-bin"
+    )
     with pytest.raises(PipelineError, match=message):
-        embed.embed_cohort(embed.EmbedConfig(progress=False), data, "train", features_dir=tmp_path / "features")
+        embed.embed_cohort(
+            embed.EmbedConfig(progress=False), data, "train", features_dir=tmp_path / "features"
+        )
     assert not (tmp_path / "features").exists()  # stopped before any work
     argv = ["--data_dir", str(data), "--features_dir", str(tmp_path / "features"), "--quiet"]
     assert embed.main(argv) == 2
@@ -376,15 +420,35 @@ def _cmu_attention(data_dir: Path, cmu_svs: Path):
     path = data_dir / "EGFR_positive" / "cmu.svs"
     shutil.copy(cmu_svs, path)
     plan = plan_slide(path, WsiConfig(tile_size=128))
-    attrs = BagAttrs.from_attrs({
-        **plan.attrs(), "class_folder": "EGFR_positive", "patient_id": "cmu", "slide_file": "cmu.svs",
-        "format_version": 1, "feature_dim": 2, "n_instances": len(plan.tile_names),
-        "slide_id": "EGFR_positive__cmu", "label": 1, "cache_key": "k",
-    }, path)
+    attrs = BagAttrs.from_attrs(
+        {
+            **plan.attrs(),
+            "class_folder": "EGFR_positive",
+            "patient_id": "cmu",
+            "slide_file": "cmu.svs",
+            "format_version": 1,
+            "feature_dim": 2,
+            "n_instances": len(plan.tile_names),
+            "slide_id": "EGFR_positive__cmu",
+            "label": 1,
+            "cache_key": "k",
+        },
+        path,
+    )
     raw = plan.coords[:, 0] / 200.0 + plan.coords[:, 1] / 1e5  # ties broken by y
     attention = np.exp(raw) / np.exp(raw).sum()
-    slide = slide_attention("EGFR_positive__cmu", "cmu", 1, np.array([0.3, 0.7]), attention[None], raw[None],
-                            plan.tile_names, plan.coords, ("EGFR_negative", "EGFR_positive"), attrs)
+    slide = slide_attention(
+        "EGFR_positive__cmu",
+        "cmu",
+        1,
+        np.array([0.3, 0.7]),
+        attention[None],
+        raw[None],
+        plan.tile_names,
+        plan.coords,
+        ("EGFR_negative", "EGFR_positive"),
+        attrs,
+    )
     return slide, plan, path
 
 
@@ -401,6 +465,7 @@ def test_wsi_heatmap_is_drawn_over_the_slide_thumbnail(tmp_path, cmu_svs, monkey
     """Background pixels of the map are the thumbnail's glass; tissue tiles take the colour of
     their attention percentile (blue low, red high) blended with the tissue under them."""
     from matplotlib import colormaps
+
     from clam import heatmaps
     from clam.tile_images import HEATMAP_MAX_PIXELS
 
@@ -458,8 +523,10 @@ def test_wsi_heatmap_falls_back_when_the_slide_cannot_be_opened(tmp_path, cmu_sv
     figures = _capture_figures(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="clam.heatmaps"):
         assert heatmaps.plot_heatmap(tmp_path / "moved.png", slide, tmp_path / "elsewhere") is None
-    assert "slide file not found" in caplog.text and str(tmp_path / "elsewhere" / "EGFR_positive" / "cmu.svs") \
-        in caplog.text
+    assert (
+        "slide file not found" in caplog.text
+        and str(tmp_path / "elsewhere" / "EGFR_positive" / "cmu.svs") in caplog.text
+    )
     assert Image.open(tmp_path / "moved.png").size[0] > 100
     assert [ax.get_title() for ax in figures[-1].axes][0] == "attention (tile images not found)"
 
@@ -488,11 +555,22 @@ def test_tile_cli_writes_patient_folders(tmp_path, slides, cmu_svs, capsys):
     shutil.copy(slides["tissue"], data / "EGFR_negative" / "P2" / "slide.tif")
     out = tmp_path / "tiles"
 
-    argv = ["--data_dir", str(data), "--out_dir", str(out), "--wsi_tile_size", "64", "--max_tiles", "12",
-            "--overview"]
+    argv = [
+        "--data_dir",
+        str(data),
+        "--out_dir",
+        str(out),
+        "--wsi_tile_size",
+        "64",
+        "--max_tiles",
+        "12",
+        "--overview",
+    ]
     assert tile_cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "2 slides tiled" in printed and "skipped EGFR_positive__broken" in printed and "broken.svs" in printed
+    assert (
+        "2 slides tiled" in printed and "skipped EGFR_positive__broken" in printed and "broken.svs" in printed
+    )
 
     cmu_tiles = sorted((out / "EGFR_positive" / "cmu").iterdir())
     p2_tiles = sorted((out / "EGFR_negative" / "P2").iterdir())
@@ -510,7 +588,11 @@ def test_tile_cli_writes_patient_folders(tmp_path, slides, cmu_svs, capsys):
 
     manifest = json.loads((out / tile_cli.MANIFEST).read_text())
     status = {s["slide_id"]: s["status"] for s in manifest["slides"]}
-    assert status == {"EGFR_positive__broken": "skipped", "EGFR_positive__cmu": "tiled", "EGFR_negative__P2": "tiled"}
+    assert status == {
+        "EGFR_positive__broken": "skipped",
+        "EGFR_positive__cmu": "tiled",
+        "EGFR_negative__P2": "tiled",
+    }
 
     # The output is a cohort of tile folders; a rerun leaves finished slides alone.
     assert {s.kind for s in discover_slides(out, "train")} == {"tiles"}
@@ -520,14 +602,33 @@ def test_tile_cli_writes_patient_folders(tmp_path, slides, cmu_svs, capsys):
 
 def test_tile_cli_single_files_and_errors(tmp_path, slides, capsys):
     out = tmp_path / "out"
-    assert tile_cli.main(["--slides", str(slides["tissue"]), "--class_folder", "EGFR_positive",
-                          "--out_dir", str(out), "--wsi_magnification", "10", "--wsi_tile_size", "128"]) == 0
+    assert (
+        tile_cli.main(
+            [
+                "--slides",
+                str(slides["tissue"]),
+                "--class_folder",
+                "EGFR_positive",
+                "--out_dir",
+                str(out),
+                "--wsi_magnification",
+                "10",
+                "--wsi_tile_size",
+                "128",
+            ]
+        )
+        == 0
+    )
     names = [p.name for p in (out / "EGFR_positive" / "tissue").iterdir()]
     assert names and all(parse_coords(n)[0] % 512 == 0 for n in names)  # 10x of a 40x slide: 512 px level 0
     assert tile_cli.main(["--slides", str(slides["tissue"]), "--out_dir", str(out)]) == 2
     assert "--class_folder" in capsys.readouterr().err
-    assert tile_cli.main(["--slides", str(slides["blank"]), "--class_folder", "EGFR_positive",
-                          "--out_dir", str(out)]) == 1
+    assert (
+        tile_cli.main(
+            ["--slides", str(slides["blank"]), "--class_folder", "EGFR_positive", "--out_dir", str(out)]
+        )
+        == 1
+    )
     assert "no tissue" in capsys.readouterr().out
 
 
@@ -545,8 +646,12 @@ def _two_slide_patient_cohort(root: Path, slides: dict, cmu_svs: Path) -> Path:
 def test_tile_cli_keeps_two_slides_of_one_patient_apart(tmp_path, slides, cmu_svs):
     data = _two_slide_patient_cohort(tmp_path, slides, cmu_svs)
     out = tmp_path / "tiles"
-    assert tile_cli.main(["--data_dir", str(data), "--out_dir", str(out), "--wsi_tile_size", "64",
-                          "--max_tiles", "5"]) == 0
+    assert (
+        tile_cli.main(
+            ["--data_dir", str(data), "--out_dir", str(out), "--wsi_tile_size", "64", "--max_tiles", "5"]
+        )
+        == 0
+    )
     patient = out / "EGFR_positive" / "P012"
     assert sorted(p.name for p in patient.iterdir()) == ["A.tif", "B.svs"]  # one folder per slide file
     assert all(p.name.startswith("A_x") for p in (patient / "A.tif").iterdir())
@@ -586,12 +691,19 @@ def test_tiling_then_embedding_gives_the_bags_of_embedding_the_slides(tmp_path, 
     from feature_extraction.embed import EmbedConfig, embed_cohort
 
     data = _two_slide_patient_cohort(tmp_path, slides, cmu_svs)
-    fast = EmbedConfig(backbone="resnet18", weights="random", runtime="torch", num_workers=0, progress=False,
-                       max_tiles=5)
-    direct = embed_cohort(replace(fast, wsi=WsiConfig(tile_size=64)), data, "train", features_dir=tmp_path / "direct")
+    fast = EmbedConfig(
+        backbone="resnet18", weights="random", runtime="torch", num_workers=0, progress=False, max_tiles=5
+    )
+    direct = embed_cohort(
+        replace(fast, wsi=WsiConfig(tile_size=64)), data, "train", features_dir=tmp_path / "direct"
+    )
     out = tmp_path / "tiles"
-    assert tile_cli.main(["--data_dir", str(data), "--out_dir", str(out), "--wsi_tile_size", "64",
-                          "--max_tiles", "5"]) == 0
+    assert (
+        tile_cli.main(
+            ["--data_dir", str(data), "--out_dir", str(out), "--wsi_tile_size", "64", "--max_tiles", "5"]
+        )
+        == 0
+    )
     tiled = embed_cohort(fast, out, "train", features_dir=tmp_path / "tiled")
 
     def bags(report) -> dict:
@@ -599,8 +711,11 @@ def test_tiling_then_embedding_gives_the_bags_of_embedding_the_slides(tmp_path, 
         return {row.slide_id: read_bag(row.file) for row in report.slides}
 
     direct_bags, tiled_bags = bags(direct), bags(tiled)
-    assert set(direct_bags) == set(tiled_bags) == {"EGFR_positive__P012__A", "EGFR_positive__P012__B",
-                                                     "EGFR_negative__P2"}
+    assert (
+        set(direct_bags)
+        == set(tiled_bags)
+        == {"EGFR_positive__P012__A", "EGFR_positive__P012__B", "EGFR_negative__P2"}
+    )
     for slide_id, bag in direct_bags.items():
         other = tiled_bags[slide_id]
         assert other.attrs["patient_id"] == bag.attrs["patient_id"], slide_id
@@ -631,8 +746,15 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     (data / "EGFR_negative" / "P2").mkdir(parents=True)
     shutil.copy(slides["tissue"], data / "EGFR_negative" / "P2" / "slide.tif")
     config = WsiConfig(tile_size=64)
-    fast = EmbedConfig(backbone="resnet18", weights="random", runtime="torch", num_workers=0, progress=False,
-                       max_tiles=6, wsi=config)
+    fast = EmbedConfig(
+        backbone="resnet18",
+        weights="random",
+        runtime="torch",
+        num_workers=0,
+        progress=False,
+        max_tiles=6,
+        wsi=config,
+    )
 
     report = embed_cohort(fast, data, "train", features_dir=tmp_path / "features")
     assert report.n_embedded == 2
@@ -643,7 +765,9 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     assert cmu.coords.shape == (6, 2) and (cmu.coords % 64 == 0).all()  # 64 px at 20x of a 20x slide
     assert cmu.attrs["patch_size"] == 64 and cmu.attrs["patch_size_level0"] == 64
     assert cmu.attrs["patch_level"] == 0 and cmu.attrs["downsample"] == 1.0
-    assert cmu.attrs["magnification"] == pytest.approx(20, abs=0.05) and cmu.attrs["level0_magnification"] == 20
+    assert (
+        cmu.attrs["magnification"] == pytest.approx(20, abs=0.05) and cmu.attrs["level0_magnification"] == 20
+    )
     assert cmu.attrs["slide_kind"] == "wsi" and cmu.attrs["slide_file"] == "cmu.svs"
 
     p2 = read_bag(report.cache_dir / "EGFR_negative__P2.h5")
@@ -658,6 +782,7 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
 
     # Attention montages read a WSI bag's tiles back from the slide, as they were embedded.
     from clam.tile_images import read_tile_image
+
     image = read_tile_image(data, p2.typed_attrs, p2.tile_names[0], p2.coords[0])
     assert image is not None and image.size == (64, 64)
     assert np.asarray(image).std() > 0  # tissue, not a blank placeholder
@@ -665,7 +790,10 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     # The embed CLI takes the same --wsi_* options.
     from feature_extraction.embed import build_parser
     from feature_extraction.wsi import wsi_config_from_args
-    args = build_parser().parse_args(["--wsi_magnification", "10", "--wsi_tile_size", "224", "--wsi_mpp", "0.25"])
+
+    args = build_parser().parse_args(
+        ["--wsi_magnification", "10", "--wsi_tile_size", "224", "--wsi_mpp", "0.25"]
+    )
     assert wsi_config_from_args(args) == WsiConfig(tile_size=224, tile_mpp=1.0, slide_mpp=0.25)
 
     # Reused on a rerun, which reads the slides' tile plans from the plan cache; another tiling is another cache.
@@ -674,19 +802,26 @@ def test_embed_a_whole_slide_cohort(tmp_path, slides, cmu_svs):
     planned: list[Path] = []
     real_plan_slide = wsi_plan.plan_slide
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(wsi_plan, "plan_slide",
-                      lambda *a, **k: planned.append(Path(a[0])) or real_plan_slide(*a, **k))
+        patch.setattr(
+            wsi_plan, "plan_slide", lambda *a, **k: planned.append(Path(a[0])) or real_plan_slide(*a, **k)
+        )
         again = embed_cohort(fast, data, "train", features_dir=tmp_path / "features")
     assert again.n_embedded == 0 and again.n_reused == 2
     assert [p.name for p in planned] == ["broken.svs"]  # skipped slides are tried again
-    other = embed_cohort(replace(fast, wsi=WsiConfig(tile_size=64, min_tissue=0.9)), data, "train",
-                         features_dir=tmp_path / "features")
+    other = embed_cohort(
+        replace(fast, wsi=WsiConfig(tile_size=64, min_tissue=0.9)),
+        data,
+        "train",
+        features_dir=tmp_path / "features",
+    )
     assert other.cache_key != report.cache_key and other.n_embedded == 2
 
 
 def test_the_tiling_a_cache_records_reads_back_as_the_same_settings():
     from feature_extraction.wsi import WsiConfig
 
-    tiling = WsiConfig(tile_size=224, tile_mpp=1.0, min_tissue=0.25, slide_mpp=0.25, saturation_range=(10, 40))
+    tiling = WsiConfig(
+        tile_size=224, tile_mpp=1.0, min_tissue=0.25, slide_mpp=0.25, saturation_range=(10, 40)
+    )
     recorded = json.loads(json.dumps(tiling.as_dict()))  # as cache.json and checkpoints keep it
     assert WsiConfig.from_dict({**recorded, "a_later_field": 1}) == tiling
