@@ -255,17 +255,7 @@ def clam_state_dict(
     the instance loss and subtyping are not in the weights and play no part at inference: they
     get the defaults (dropout 0). Raises PipelineError, naming the keys, when it is not such a
     state dict (another architecture, CLAM without gated attention, another size)."""
-    keys: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        if (
-            "instance_loss_fn" in key
-        ):  # the instance loss's own buffers (SmoothTop1SVM); CLAM's eval drops them
-            continue
-        while key.startswith("module."):  # DataParallel around the whole model
-            key = key[len("module.") :]
-        if key.startswith("attention_net.module."):  # CLAM's relocate(): DataParallel around attention_net
-            key = "attention_net." + key[len("attention_net.module.") :]
-        keys[key] = tensor
+    keys = _unwrapped_keys(state_dict)
     if any(_UNGATED.match(k) for k in keys):
         raise PipelineError(
             f"{source} is a CLAM model without gated attention (Attn_Net: keys "
@@ -294,15 +284,7 @@ def clam_state_dict(
             f"{source}: CLAM of widths {int(in_dim)} -> {int(width)} -> attention {int(hidden.shape[0])} is not one of "
             f"CLAM's sizes ({', '.join(f'{n}: {w} -> {h}' for n, (w, h) in MODEL_SIZES.items())})."
         )
-    instance = {int(m.group(1)) for k in keys if (m := re.match(r"^instance_classifiers\.(\d+)\.weight$", k))}
-    multi = {int(m.group(1)) for k in keys if (m := re.match(r"^classifiers\.(\d+)\.weight$", k))}
-    model_type = "clam_mb" if multi else "clam_sb"
-    if instance:
-        n_classes = len(instance)
-    elif multi:
-        n_classes = len(multi)
-    else:
-        n_classes = int(keys["classifiers.weight"].shape[0]) if "classifiers.weight" in keys else 0
+    model_type, n_classes = _classifier_heads(keys)
     settings: dict[str, Any] = {
         "model_type": model_type,
         "in_dim": int(in_dim),
@@ -330,6 +312,37 @@ def clam_state_dict(
             f"{source} looks like CLAM ({_describe(config)}) but its keys do not fit that model: {detail}."
         )
     return {k: keys[k] for k in expected}, config
+
+
+def _unwrapped_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a CLAM state dict under their names without DataParallel's ``module.``
+    prefixes, less the instance loss's own buffers."""
+    keys: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        # The instance loss's own buffers (SmoothTop1SVM); CLAM's eval drops them.
+        if "instance_loss_fn" in key:
+            continue
+        while key.startswith("module."):  # DataParallel around the whole model
+            key = key[len("module.") :]
+        if key.startswith("attention_net.module."):  # CLAM's relocate(): DataParallel around attention_net
+            key = "attention_net." + key[len("attention_net.module.") :]
+        keys[key] = tensor
+    return keys
+
+
+def _classifier_heads(keys: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """(model_type, n_classes) of CLAM weights: ``classifiers.<c>.weight`` is CLAM-MB, else
+    CLAM-SB; the number of instance classifiers, else of bag classifiers."""
+    instance = {int(m.group(1)) for k in keys if (m := re.match(r"^instance_classifiers\.(\d+)\.weight$", k))}
+    multi = {int(m.group(1)) for k in keys if (m := re.match(r"^classifiers\.(\d+)\.weight$", k))}
+    model_type = "clam_mb" if multi else "clam_sb"
+    if instance:
+        n_classes = len(instance)
+    elif multi:
+        n_classes = len(multi)
+    else:
+        n_classes = int(keys["classifiers.weight"].shape[0]) if "classifiers.weight" in keys else 0
+    return model_type, n_classes
 
 
 def load_checkpoint(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from clam.checkpoints import load_checkpoint, model_from_checkpoint
 from clam.crossval import cross_validate
@@ -39,6 +40,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+_Add = Callable[..., None]  # add(group, name, **add_argument options), the default filled in
+
+
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The spec's arguments (first group) and the extras. ``defaults=False`` leaves unset
     arguments out of the namespace, to tell which ones the user typed."""
@@ -54,140 +58,162 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
         kwargs["default"] = getattr(base, dest) if defaults else argparse.SUPPRESS
         group.add_argument(name, **kwargs)
 
-    spec = parser.add_argument_group("data, model and training (the specification)")
+    # The order of the calls is the order of --help.
+    _specification_arguments(parser.add_argument_group("data, model and training (the specification)"), add)
+    extra = parser.add_argument_group("features, model variant, run control")
+    _feature_arguments(extra, add)
+    _model_variant_arguments(extra, add)
+    _run_control_arguments(extra, add)
+    return parser
+
+
+def _specification_arguments(group: argparse._ArgumentGroup, add: _Add) -> None:
+    """The arguments the specification names: data, model and training."""
     add(
-        spec,
+        group,
         "--data_dir",
         help="cohort folder with EGFR_positive/, EGFR_negative/ (and optional _cnn folders); "
         "for --split test, C-S-EGFR_positive/ and C-S-EGFR_negative/ "
         "(default: <project root>/train, or <project root>/test with --split test)",
     )
-    add(spec, "--split", choices=SPLITS, help="which class folders to read")
+    add(group, "--split", choices=SPLITS, help="which class folders to read")
     add(
-        spec,
+        group,
         "--max_tiles",
         type=int,
         help="maximum number of tiles per bag: the seeded subset stage 1 embeds, which picks the feature cache; "
         "bags of a cache embedded with more are cut to that same subset; 0 = all tiles",
     )
     add(
-        spec,
+        group,
         "--num_workers",
         type=int,
         help="data-loading worker processes (used when bags stream from disk)",
     )
-    add(spec, "--model_size", choices=tuple(MODEL_SIZES), help="small: attention hidden width 256; big: 384")
-    add(spec, "--dropout", type=float, help="dropout rate")
+    add(group, "--model_size", choices=tuple(MODEL_SIZES), help="small: attention hidden width 256; big: 384")
+    add(group, "--dropout", type=float, help="dropout rate")
     add(
-        spec,
+        group,
         "--k_sample",
         type=int,
         help="CLAM's k_sample (the spec calls it 'number of attention heads', which it is not): how many "
         "highest- and how many lowest-attention instances of each bag train the instance-level "
         "classifiers. CLAM-SB has one attention branch, CLAM-MB one per class. Clamped to half the bag",
     )
-    add(spec, "--n_classes", type=int, help="number of classes")
-    add(spec, "--num_epochs", type=int, help="number of training epochs")
+    add(group, "--n_classes", type=int, help="number of classes")
+    add(group, "--num_epochs", type=int, help="number of training epochs")
     add(
-        spec, "--batch_size", type=int, help="bags per optimiser step (padded and masked in one forward pass)"
+        group,
+        "--batch_size",
+        type=int,
+        help="bags per optimiser step (padded and masked in one forward pass)",
     )
-    add(spec, "--learning_rate", type=float, help="Adam learning rate")
+    add(group, "--learning_rate", type=float, help="Adam learning rate")
 
-    extra = parser.add_argument_group("features, model variant, run control")
+
+def _feature_arguments(group: argparse._ArgumentGroup, add: _Add) -> None:
+    """Which features: the cache, the backbone and its weights, or a folder of bags and their labels."""
     add(
-        extra,
+        group,
         "--features_dir",
         help="feature cache root (default: <project root>/features), one cache folder "
         "(holding cache.json), or with --labels_csv any folder of <slide_id>.h5 bags",
     )
     add(
-        extra, "--backbone", help="backbone of the features; slides missing from the cache are embedded first"
+        group, "--backbone", help="backbone of the features; slides missing from the cache are embedded first"
     )
-    add(extra, "--weights", help="backbone weights: imagenet, random or a weights file")
-    add(extra, "--labels_csv", help="CSV of slide_id,label[,patient_id] for the bags in --features_dir")
-    add(extra, "--model_type", choices=MODEL_TYPES, help="CLAM single-branch or multi-branch")
+    add(group, "--weights", help="backbone weights: imagenet, random or a weights file")
+    add(group, "--labels_csv", help="CSV of slide_id,label[,patient_id] for the bags in --features_dir")
+
+
+def _model_variant_arguments(group: argparse._ArgumentGroup, add: _Add) -> None:
+    """The model variant, its losses and the training choices beyond the specification."""
+    add(group, "--model_type", choices=MODEL_TYPES, help="CLAM single-branch or multi-branch")
     add(
-        extra,
+        group,
         "--bag_weight",
         type=float,
         help="loss = bag_weight x bag loss + (1 - bag_weight) x instance loss",
     )
     add(
-        extra,
+        group,
         "--inst_loss",
         dest="instance_loss",
         choices=INSTANCE_LOSSES,
         help="instance loss: cross-entropy or smooth top-1 SVM (CLAM's svm)",
     )
     add(
-        extra,
+        group,
         "--subtyping",
         action="store_true",
         help="also train the other classes' instance classifiers to reject their top instances (CLAM's --subtyping)",
     )
-    add(extra, "--weight_decay", type=float, help="Adam weight decay")
+    add(group, "--weight_decay", type=float, help="Adam weight decay")
     add(
-        extra,
+        group,
         "--val_fraction",
         type=float,
         help="fraction of each class's patients held out for validation (0: none)",
     )
     add(
-        extra,
+        group,
         "--feature_norm",
         choices=FEATURE_NORMS,
         help="standard: standardise each feature dimension with the training instances' mean and std (stored "
         "in the model, applied wherever it is used); none: raw features, as CLAM",
     )
     add(
-        extra,
+        group,
         "--sample_tiles",
         type=int,
         help="instances drawn afresh from each bag every training epoch (validation: one fixed draw); "
         "0 = off: every instance of the bag, in training and validation",
     )
     add(
-        extra,
+        group,
         "--balance",
         choices=BALANCE_CHOICES,
         help="class imbalance: weighted loss, balanced sampling, or none",
     )
     add(
-        extra,
+        group,
         "--seed",
         type=int,
         help="seed of the split, the model initialisation and the tile draws; also of the --max_tiles subset "
         "of each slide, and so it picks the feature cache (see docs/training.md)",
     )
-    add(extra, "--device", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def _run_control_arguments(group: argparse._ArgumentGroup, add: _Add) -> None:
+    """Device, stopping, memory, resuming, output, progress and cross-validation."""
+    add(group, "--device", help="auto, cpu, cuda, cuda:N or mps")
     add(
-        extra,
+        group,
         "--patience",
         type=int,
         help="stop after this many epochs without a lower validation loss (default: off)",
     )
     add(
-        extra,
+        group,
         "--in_memory",
         choices=("auto", "yes", "no"),
         help="read the whole cache into memory once (auto: when it fits easily)",
     )
-    add(extra, "--resume", help="checkpoint_epoch_N.pt to continue from, in its own run folder")
+    add(group, "--resume", help="checkpoint_epoch_N.pt to continue from, in its own run folder")
     add(
-        extra, "--output_dir", help="where run folders are created (default: <project root>/clam/checkpoints)"
+        group, "--output_dir", help="where run folders are created (default: <project root>/clam/checkpoints)"
     )
-    add(extra, "--no_progress", dest="progress", action="store_false", help="no progress bars")
+    add(group, "--no_progress", dest="progress", action="store_false", help="no progress bars")
     add(
-        extra,
+        group,
         "--folds",
         type=int,
         help="K >= 2: patient-level, label-stratified K-fold cross-validation, one "
         "run per fold in one parent run folder (0: a single run)",
     )
     add(
-        extra, "--splits", help="cross-validation splits file (splits.csv of an earlier --folds run) to reuse"
+        group, "--splits", help="cross-validation splits file (splits.csv of an earlier --folds run) to reuse"
     )
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[str]]:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from feature_extraction.atomic import atomic_write_json
 from feature_extraction.errors import PipelineError, cli_main
 from feature_extraction.layout import SPLIT_FOLDERS, SPLITS, default_data_dir, discover_slides, slide_id_for
-from feature_extraction.sources import SlideSource, TileError, is_whole_slide_file
+from feature_extraction.sources import SlideSource, TileError, TileRef, is_whole_slide_file
 from feature_extraction.wsi import WsiConfig, add_wsi_arguments, require_openslide, wsi_config_from_args
 from feature_extraction.wsi_plan import list_wsi_tiles, plot_plan
 
@@ -103,30 +103,7 @@ def tile_slide(
     if listed.reason:
         return TiledSlide(slide.slide_id, slide.path, tiles_dir, "skipped", message=listed.reason)
 
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-
-    def write(tile) -> bool:
-        try:
-            image = tile.load()
-        except TileError:
-            return False
-        image.save(staging / tile_file_name(slide, tile.x, tile.y), format="PNG")
-        return True
-
-    # OpenSlide reads and PNG encoding release the GIL, so threads share the slide handle.
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        written = list(
-            tqdm(
-                pool.map(write, listed.tiles),
-                total=len(listed.tiles),
-                desc=slide.slide_id,
-                unit="tile",
-                leave=False,
-                disable=None,
-            )
-        )
+    written = _write_tiles(slide, listed.tiles, staging, num_workers)
     if not any(written):
         shutil.rmtree(staging)
         return TiledSlide(
@@ -155,6 +132,34 @@ def tile_slide(
         message,
         listed.attrs,
     )
+
+
+def _write_tiles(slide: SlideSource, tiles: Sequence[TileRef], staging: Path, num_workers: int) -> list[bool]:
+    """Write ``tiles`` as PNGs into a fresh ``staging`` folder; per tile, whether it could be read."""
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+
+    def write(tile: TileRef) -> bool:
+        try:
+            image = tile.load()
+        except TileError:
+            return False
+        image.save(staging / tile_file_name(slide, tile.x, tile.y), format="PNG")
+        return True
+
+    # OpenSlide reads and PNG encoding release the GIL, so threads share the slide handle.
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        return list(
+            tqdm(
+                pool.map(write, tiles),
+                total=len(tiles),
+                desc=slide.slide_id,
+                unit="tile",
+                leave=False,
+                disable=None,
+            )
+        )
 
 
 def slides_from_files(
