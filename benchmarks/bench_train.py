@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
 
 from feature_extraction.bags import FEATURES, bag_path, write_bag  # noqa: E402
-from feature_extraction.cache import CACHE_JSON, collect_manifest, write_manifest  # noqa: E402
+from feature_extraction.cache import CACHE_JSON, collect_manifest  # noqa: E402
+from feature_extraction.manifest import write_manifest  # noqa: E402
 
 SECTION = "## Training"
 CACHE_KEY = "benchmark-random-bags"

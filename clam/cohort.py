@@ -15,10 +15,11 @@ from clam.data import BagRecord, records_from_cache, records_from_labels_csv, va
 from clam.eval_config import EvaluateConfig
 from clam.inference import LoadedModel
 from feature_extraction.bags import bag_path
-from feature_extraction.cache import STATUS_FAILED, is_cache_dir, read_cache_config, read_manifest
+from feature_extraction.cache import is_cache_dir, read_cache_config
 from feature_extraction.embed import CacheKeyMismatch, EmbedConfig, embed_cohort
 from feature_extraction.errors import PipelineError
 from feature_extraction.layout import default_data_dir, default_features_dir, discover_slides
+from feature_extraction.manifest import STATUS_FAILED, read_manifest
 
 log = logging.getLogger(__name__)
 

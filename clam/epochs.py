@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from clam.data import BagDataset, collate_bags
+from clam.bag_dataset import BagDataset, collate_bags
 from clam.loading import LoaderPlan, epoch_order
 from clam.metrics import epoch_metrics
 from clam.model import clam_loss

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clam.bag_dataset import BagDataset
 from clam.baselines import PooledBaseline
 from clam.checkpoints import CLAM_STATE_DICT, model_from_checkpoint
-from clam.data import BagDataset, BagRecord
+from clam.data import BagRecord
 from clam.loading import plan_loading
 from clam.metrics import default_class_names, summarize
 from clam.run_files import SLIDE_ID_COLUMNS, baseline_column, probability_column

@@ -17,14 +17,13 @@ from typing import Any
 
 import torch
 
+from clam.bag_dataset import BagDataset, feature_statistics
 from clam.baselines import comparison, fit_baseline, pool_bags
 from clam.baselines import describe as describe_baseline
 from clam.checkpoints import load_checkpoint, read_checkpoint, saved_progress, set_rng_state
 from clam.data import (
     BagChanged,
-    BagDataset,
     BagSet,
-    feature_statistics,
     is_cache_dir,
     limit_tiles,
     read_cache_config,

@@ -13,8 +13,9 @@ backbone, weight digest, transform, input size, and the tile subset rule (``max_
 hub or from a file give the same features. Train and test slides of one configuration
 share the folder; the manifest's ``split`` column tells them apart.
 
-The manifest is never edited in place: it is derived from the bags and failure records on
-disk and replaced atomically under the lock ``.locks/manifest.csv.lock``, so concurrent
+The manifest is never edited in place: ``collect_manifest`` derives its rows from the bags and
+failure records on disk, and ``feature_extraction.manifest`` (its columns, reading it, and
+replacing it atomically under the lock ``.locks/manifest.csv.lock``) writes them, so concurrent
 processes cannot corrupt it and the temporary file of a writer killed mid-write is known to be
 dead. Per-slide lock files (``feature_extraction.locks``) keep two processes from embedding
 the same slide; ``sweep_leftovers`` removes what a killed process left.
@@ -28,10 +29,8 @@ slide's bag current, or has it failed in this run?) for stage 1; ``is_cache_dir`
 from __future__ import annotations
 
 import contextlib
-import csv
 import glob
 import hashlib
-import io
 import json
 import re
 import time
@@ -40,20 +39,25 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from feature_extraction.atomic import atomic_write_json, atomic_write_text
+from feature_extraction.atomic import atomic_write_json
 from feature_extraction.bags import BAG_SUFFIX, BagAttrs, bag_path, read_bag_attrs
 from feature_extraction.errors import BagError, PipelineError
 from feature_extraction.layout import SlideSource, list_slide_tiles
 from feature_extraction.locks import LOCK_DIR, LOCK_STALE_SECONDS, SlideLocks
+from feature_extraction.manifest import (
+    MANIFEST_LOCK,
+    STATUS_FAILED,
+    STATUS_INVALID,
+    STATUS_OK,
+    ManifestRow,
+    read_manifest,
+)
 
 CACHE_FORMAT = 1  # bump when the meaning of a cached feature changes without a config change
 CACHE_JSON = "cache.json"
-MANIFEST_CSV = "manifest.csv"
 FAILED_DIR = ".failed"
 # ".<slide_id>.h5.<pid>.tmp" (atomic.temp_path_for of a bag) or ".<slide_id>.spill.<pid>.tmp"
 _SLIDE_TEMPORARY = re.compile(rf"^\.(.+)\.(?:{re.escape(BAG_SUFFIX[1:])}|spill)\.\d+\.tmp$")
-MANIFEST_LOCK = "manifest.csv"  # held (in LOCK_DIR) while manifest.csv is replaced; slide ids all hold "__"
-MANIFEST_LOCK_WAIT_SECONDS = 60.0
 _FAILURE_TEMPORARY = re.compile(r"^\.(.+)\.json\.\d+\.tmp$")  # in .failed/: atomic.temp_path_for of a record
 _MANIFEST_TEMPORARY = re.compile(r"^\.manifest\.csv\.\d+\.tmp$")  # atomic.temp_path_for of manifest.csv
 
@@ -138,45 +142,6 @@ def read_cache_config(cache_dir: str | Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- manifest
 
-MANIFEST_FIELDS = (
-    "slide_id",
-    "patient_id",
-    "class_folder",
-    "label",
-    "split",
-    "n_tiles",
-    "file",
-    "status",
-    "tiles_digest",
-    "n_available",
-    "n_skipped",
-    "source",
-    "error",
-)
-STATUS_OK, STATUS_FAILED, STATUS_INVALID = "ok", "failed", "invalid"
-
-
-@dataclass(frozen=True)
-class ManifestRow:
-    """One slide of the cache. ``status`` is "ok" (bag present and valid), "failed" (no
-    readable tile; ``error`` says why) or "invalid" (a bag that cannot be read or belongs to
-    another key). ``n_tiles`` is the number of instances in the bag (0 without a bag);
-    ``file`` is the bag's absolute path."""
-
-    slide_id: str
-    patient_id: str
-    class_folder: str
-    label: int
-    split: str
-    n_tiles: int
-    file: Path
-    status: str
-    tiles_digest: str = ""
-    n_available: int = 0
-    n_skipped: int = 0
-    source: str = ""
-    error: str = ""
-
 
 def collect_manifest(cache_dir: str | Path) -> list[ManifestRow]:
     """Derive the manifest from the bags and failure records on disk, sorted by (split, slide_id)."""
@@ -236,79 +201,6 @@ def _row_from_attrs(slide_id: str, path: Path, attrs: BagAttrs) -> ManifestRow:
         n_skipped=attrs.n_skipped,
         source=attrs.source,
     )
-
-
-def write_manifest(cache_dir: str | Path, rows: list[ManifestRow]) -> Path:
-    """Replace ``manifest.csv`` atomically; ``file`` is stored relative to the cache folder.
-
-    A manifest that already reads so is left alone, so a complete cache on a read-only
-    file system can be reused; any other failure to write raises PipelineError naming the path."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        values = {f: getattr(row, f) for f in MANIFEST_FIELDS}
-        values["file"] = Path(row.file).name
-        writer.writerow(values)
-    path = Path(cache_dir) / MANIFEST_CSV
-    text = buffer.getvalue()
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        if path.read_text(encoding="utf-8") == text:
-            return path
-    try:
-        # Under a lock, so that the sweep can tell a killed writer's temporary file from a live one's.
-        locks = SlideLocks(Path(cache_dir))
-        deadline = time.monotonic() + MANIFEST_LOCK_WAIT_SECONDS
-        while not locks.try_acquire(MANIFEST_LOCK):
-            if time.monotonic() > deadline:
-                raise PipelineError(
-                    f"{locks.directory / (MANIFEST_LOCK + '.lock')} has been held for "
-                    f"{MANIFEST_LOCK_WAIT_SECONDS:.0f} s; delete it if no other run is active, "
-                    "then rerun"
-                )
-            time.sleep(0.05)
-        try:
-            atomic_write_text(path, text)
-        finally:
-            locks.release(MANIFEST_LOCK)
-    except OSError as error:
-        raise PipelineError(f"cannot write {path} ({error}); pass a writable --features_dir") from error
-    return path
-
-
-def read_manifest(cache_dir: str | Path) -> list[ManifestRow]:
-    """The rows of ``manifest.csv`` with ``file`` made absolute. Raises PipelineError if absent."""
-    cache_dir = Path(cache_dir)
-    path = cache_dir / MANIFEST_CSV
-    if not path.is_file():
-        raise PipelineError(
-            f"{path} does not exist: run `python -m feature_extraction.embed` to build the cache"
-        )
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(MANIFEST_FIELDS[:8]) - set(reader.fieldnames or ())
-        if missing:
-            raise PipelineError(f"{path} lacks columns {sorted(missing)}; rerun the embedding to rebuild it")
-        rows = []
-        for record in reader:
-            rows.append(
-                ManifestRow(
-                    slide_id=record["slide_id"],
-                    patient_id=record["patient_id"],
-                    class_folder=record["class_folder"],
-                    label=int(record["label"]),
-                    split=record["split"],
-                    n_tiles=int(record["n_tiles"]),
-                    file=cache_dir / record["file"],
-                    status=record["status"],
-                    tiles_digest=record.get("tiles_digest", ""),
-                    n_available=int(record.get("n_available") or 0),
-                    n_skipped=int(record.get("n_skipped") or 0),
-                    source=record.get("source", ""),
-                    error=record.get("error", ""),
-                )
-            )
-    return rows
 
 
 # ----------------------------------------------------------------------------------- freshness

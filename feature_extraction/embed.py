@@ -23,14 +23,7 @@ from typing import Any
 
 from feature_extraction.backbones import BACKBONES, DEFAULT_BACKBONE, LoadedBackbone, describe, load_backbone
 from feature_extraction.bags import read_bag_attrs
-from feature_extraction.cache import (
-    STATUS_OK,
-    ExtractionConfig,
-    ManifestRow,
-    collect_manifest,
-    open_cache,
-    write_manifest,
-)
+from feature_extraction.cache import ExtractionConfig, collect_manifest, open_cache
 from feature_extraction.errors import PipelineError, cli_main
 from feature_extraction.extractor import EmbeddingRun, Outcome, shard_order
 from feature_extraction.layout import (
@@ -40,6 +33,7 @@ from feature_extraction.layout import (
     discover_slides,
     list_slide_tiles,
 )
+from feature_extraction.manifest import STATUS_OK, ManifestRow, write_manifest
 from feature_extraction.reporting import configure_cli_logging
 from feature_extraction.runtime import (
     DEVICES,

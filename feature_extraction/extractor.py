@@ -32,7 +32,6 @@ from feature_extraction import __version__
 from feature_extraction.backbones import LoadedBackbone
 from feature_extraction.bags import BagAttrs, bag_path, write_bag
 from feature_extraction.cache import (
-    STATUS_OK,
     ExtractionConfig,
     clear_failure,
     remove_stale_temporaries,
@@ -42,6 +41,7 @@ from feature_extraction.cache import (
 )
 from feature_extraction.errors import PipelineError, os_error_text
 from feature_extraction.locks import LOCK_DIR, SlideLocks
+from feature_extraction.manifest import STATUS_OK
 from feature_extraction.runtime import ComputePlan, OnnxRunner, TorchRunner, build_runner
 from feature_extraction.sources import SlideTiles, TileRef, TileTransform
 

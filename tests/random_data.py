@@ -3,7 +3,7 @@
 Caches are built through the real API, as stage 1 builds them: an ``ExtractionConfig`` (so the
 cache key is the real key of a real configuration), ``cache.open_cache`` (the folder and its
 ``cache.json``), ``bags.write_bag`` with ``BagAttrs`` at ``bags.bag_path``, and the manifest
-rebuilt from the bags by ``cache.collect_manifest`` / ``cache.write_manifest``. Positive bags carry
+rebuilt from the bags by ``cache.collect_manifest`` / ``manifest.write_manifest``. Positive bags carry
 a planted signal in some instances, so a model can learn the labels in a few epochs.
 
 Tile cohorts (``write_cohort``, ``write_tile``) are PNG tiles in the spec's folder layout, for
@@ -23,9 +23,10 @@ import numpy as np
 from PIL import Image
 
 from feature_extraction.bags import BagAttrs, bag_path, read_attrs, read_bag, write_bag
-from feature_extraction.cache import ExtractionConfig, collect_manifest, open_cache, write_manifest
+from feature_extraction.cache import ExtractionConfig, collect_manifest, open_cache
 from feature_extraction.embed import EmbedConfig
 from feature_extraction.layout import SPLIT_FOLDERS, slide_id_for
+from feature_extraction.manifest import write_manifest
 from feature_extraction.sources import SUBSET_RULE, TileTransform
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from random_data import RandomSlide, random_bag_attrs
 
-from feature_extraction import bags, cache
+from feature_extraction import bags, manifest
 from feature_extraction import locks as locks_module
 from feature_extraction.bags import (
     BagAttrs,
@@ -34,13 +34,12 @@ from feature_extraction.cache import (
     find_cache,
     open_cache,
     read_cache_config,
-    read_manifest,
     slide_status,
     sweep_leftovers,
     write_failure,
-    write_manifest,
 )
 from feature_extraction.errors import BagError, PipelineError
+from feature_extraction.manifest import read_manifest, write_manifest
 from feature_extraction.sources import SlideSource
 
 CONFIG = ExtractionConfig(
@@ -237,7 +236,7 @@ def test_current_bag_needs_the_same_key_and_tiles(tmp_path):
 def test_slide_status_is_ok_for_a_current_bag_and_failed_only_for_a_failure_of_this_run(tmp_path):
     cache_dir = open_cache(tmp_path, CONFIG)
     _bag(cache_dir, "EGFR_positive__P1", digest="d1")
-    assert slide_status(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "d1") == cache.STATUS_OK
+    assert slide_status(cache_dir, "EGFR_positive__P1", CONFIG.cache_key, "d1") == manifest.STATUS_OK
     record = dict(
         slide_id="EGFR_negative__P2",
         cache_key=CONFIG.cache_key,
@@ -247,7 +246,7 @@ def test_slide_status_is_ok_for_a_current_bag_and_failed_only_for_a_failure_of_t
     )
     write_failure(cache_dir, record)
     status = lambda **kw: slide_status(cache_dir, "EGFR_negative__P2", CONFIG.cache_key, "d2", **kw)  # noqa: E731
-    assert status(failed_since=time.time() - 10) == cache.STATUS_FAILED
+    assert status(failed_since=time.time() - 10) == manifest.STATUS_FAILED
     assert status(failed_since=time.time() + 60) is None  # recorded by an earlier run: retried
     assert status() is None
     assert slide_status(cache_dir, "EGFR_negative__P2", CONFIG.cache_key, "changed", failed_since=0.0) is None
@@ -375,7 +374,7 @@ def test_the_manifest_is_replaced_under_a_lock_and_a_killed_writers_temp_file_is
     assert not list(cache_dir.glob(".manifest.csv.*")) and not list((cache_dir / ".locks").iterdir())
 
     (cache_dir / ".locks" / "manifest.csv.lock").write_text("another-node 778 0\n")  # a live writer elsewhere
-    monkeypatch.setattr(cache, "MANIFEST_LOCK_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(manifest, "MANIFEST_LOCK_WAIT_SECONDS", 0.2)
     with pytest.raises(PipelineError, match="manifest.csv.lock has been held"):
         write_manifest(cache_dir, [])
     (cache_dir / ".locks" / "manifest.csv.lock").unlink()

@@ -19,12 +19,10 @@ from random_data import (
     write_random_cache,
 )
 
+from clam.bag_dataset import BagDataset, collate_bags, instance_rows
 from clam.data import (
-    BagDataset,
     BagRecord,
-    collate_bags,
     find_cache,
-    instance_rows,
     read_cache_config,
     records_from_cache,
     records_from_labels_csv,
@@ -34,10 +32,10 @@ from clam.data import (
 from clam.loading import epoch_order, inverse_frequency_weights, plan_loading
 from clam.splits import assign_patient_folds, patient_labels, read_split, train_val_split, write_split
 from feature_extraction.bags import bag_path, read_attrs, write_bag
-from feature_extraction.cache import read_manifest
 from feature_extraction.embed import EmbedConfig
 from feature_extraction.errors import BagError, PipelineError
 from feature_extraction.layout import discover_slides
+from feature_extraction.manifest import read_manifest
 from feature_extraction.sources import SlideSource
 
 

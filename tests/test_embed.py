@@ -23,10 +23,11 @@ from feature_extraction import embed as embed_module
 from feature_extraction import extractor
 from feature_extraction.backbones import load_backbone
 from feature_extraction.bags import COORD_SENTINEL, read_bag, validate_bag
-from feature_extraction.cache import read_cache_config, read_manifest
+from feature_extraction.cache import read_cache_config
 from feature_extraction.embed import EmbedConfig, embed_cohort, format_summary, main
 from feature_extraction.errors import PipelineError
 from feature_extraction.extractor import Outcome, compact_rows
+from feature_extraction.manifest import read_manifest
 from feature_extraction.runtime import NormalizedBackbone, onnxruntime_available, plan_compute, resolve_device
 from feature_extraction.sources import select_subset
 

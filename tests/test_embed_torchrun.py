@@ -17,8 +17,8 @@ from PIL import Image
 from random_data import FAST, ROOT
 
 from feature_extraction.bags import read_bag
-from feature_extraction.cache import read_manifest
 from feature_extraction.embed import embed_cohort
+from feature_extraction.manifest import read_manifest
 
 
 def _torchrun() -> str | None:

@@ -34,10 +34,10 @@ from random_data import FAST, ROOT, assert_same_bags, write_cohort
 
 from feature_extraction import bags as bags_module
 from feature_extraction.bags import read_bag, validate_bag, write_bag
-from feature_extraction.cache import read_manifest
 from feature_extraction.embed import embed_cohort, main
 from feature_extraction.errors import BagError, PipelineError
 from feature_extraction.layout import discover_slides
+from feature_extraction.manifest import read_manifest
 
 CLI = ["--backbone", "resnet18", "--weights", "random", "--runtime", "torch", "--num_workers", "0", "--quiet"]
 
@@ -461,7 +461,7 @@ def test_a_class_folder_of_loose_tiles_is_named(tmp_path, capsys):
 #   manifest  manifest.csv complete under its hidden temp name, not yet renamed
 _PAUSED_EMBED = """
 import os, pathlib, runpy, sys, threading, time
-from feature_extraction import bags, cache, sources as tiles
+from feature_extraction import bags, cache, manifest, sources as tiles
 kind, at, marker = os.environ["PAUSE_KIND"], int(os.environ["PAUSE_AT"]), os.environ["PAUSE_MARKER"]
 seen, mutex = [0], threading.Lock()
 
@@ -487,7 +487,7 @@ def load(self):
 
 def try_acquire(self, slide_id):
     taken = real_acquire(self, slide_id)
-    if taken and slide_id != cache.MANIFEST_LOCK:
+    if taken and slide_id != manifest.MANIFEST_LOCK:
         event("lock", slide_id)
     return taken
 
@@ -502,7 +502,7 @@ def write_bytes(self, data):
 def replace(src, dst, *args, **kwargs):
     if str(dst).endswith(bags.BAG_SUFFIX):
         event("full_bag", src)
-    elif os.path.basename(str(dst)) == cache.MANIFEST_CSV:
+    elif os.path.basename(str(dst)) == manifest.MANIFEST_CSV:
         event("manifest", src)
     return real_replace(src, dst, *args, **kwargs)
 
@@ -1120,7 +1120,7 @@ def test_a_bag_replaced_under_a_running_training_is_named(train_cohort, tmp_path
 #   config           config.json complete under its temp name, not yet renamed
 _PAUSED_TRAIN = """
 import os, pathlib, runpy, sys, time
-from clam import data
+from clam import bag_dataset
 kind, at, marker = os.environ["PAUSE_KIND"], int(os.environ["PAUSE_AT"]), os.environ["PAUSE_MARKER"]
 seen = [0]
 
@@ -1135,7 +1135,7 @@ def event(name, detail):
         while True:
             time.sleep(1)  # the parent sends SIGKILL now
 
-real_collate, real_write_bytes, real_replace = data.collate_bags, pathlib.Path.write_bytes, os.replace
+real_collate, real_write_bytes, real_replace = bag_dataset.collate_bags, pathlib.Path.write_bytes, os.replace
 
 def collate(items):
     event("batch", len(items))
@@ -1159,7 +1159,7 @@ def replace(src, dst, *args, **kwargs):
         event("config", src)
     return real_replace(src, dst, *args, **kwargs)
 
-data.collate_bags, pathlib.Path.write_bytes, os.replace = collate, write_bytes, replace
+bag_dataset.collate_bags, pathlib.Path.write_bytes, os.replace = collate, write_bytes, replace
 sys.argv[0] = "clam.train"
 runpy.run_module("clam.train", run_name="__main__", alter_sys=True)
 """

@@ -13,9 +13,9 @@ import pytest
 import torch
 from random_data import cohort_slides, transform_cache, write_random_cache
 
+from clam.bag_dataset import feature_statistics
 from clam.baselines import PooledBaseline, comparison, fit_baseline, pool_bags
 from clam.checkpoints import model_from_checkpoint, read_checkpoint
-from clam.data import feature_statistics
 from clam.model import ModelConfig, model_from_config
 from clam.run_record import RunState
 from clam.train import TrainConfig, train

@@ -311,7 +311,7 @@ def test_the_model_computes_the_instance_loss_in_eval_mode_when_asked():
 
 
 def test_validation_logs_the_instance_loss_and_accuracy_and_monitors_the_bag_loss(project, tmp_path):
-    from clam.data import BagDataset
+    from clam.bag_dataset import BagDataset
     from clam.splits import read_split
     from clam.training import load_bags
 
@@ -348,7 +348,7 @@ def test_validation_logs_the_instance_loss_and_accuracy_and_monitors_the_bag_los
 def test_max_tiles_cuts_bags_to_the_embedding_subset_and_sample_tiles_draws_per_epoch(
     project, tmp_path, caplog
 ):
-    from clam.data import BagDataset
+    from clam.bag_dataset import BagDataset
     from clam.training import load_bags
     from feature_extraction.bags import read_bag
     from feature_extraction.sources import select_subset
@@ -609,7 +609,8 @@ def test_a_fresh_cohort_is_embedded_first_then_trained(tiny_cohort, tmp_path, ca
 
 def auc_on_test_split(checkpoint: Path, cache_dir: Path) -> float | None:
     """ROC AUC of ``checkpoint`` on the test split of ``cache_dir`` (every instance, as validation uses them)."""
-    from clam.data import BagDataset, collate_bags, read_cache_config, records_from_cache, validate_records
+    from clam.bag_dataset import BagDataset, collate_bags
+    from clam.data import read_cache_config, records_from_cache, validate_records
     from clam.metrics import roc_auc
 
     model, saved = model_from_checkpoint(checkpoint, "cpu")
