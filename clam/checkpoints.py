@@ -1,5 +1,6 @@
 """The training checkpoint: the one place that builds it (``build_checkpoint``) and reads it
-(``read_checkpoint``), and loads its weights (``load_checkpoint``, ``model_from_checkpoint``).
+(``read_checkpoint``; ``saved_run``, ``saved_progress`` and ``saved_baseline`` are the typed views of
+what it says), and loads its weights (``load_checkpoint``, ``model_from_checkpoint``).
 
 A checkpoint holds the specification's ``model_state_dict``, ``optimizer_state_dict``, ``epoch``,
 ``loss`` and ``args`` (``CHECKPOINT_KEYS``) and, to rebuild the model, evaluate it and resume
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 
 from clam.baselines import PooledBaseline
+from clam.metrics import default_class_names
 from clam.model import CLAM_SB, MODEL_SIZES, ModelConfig, model_from_config
 from feature_extraction.atomic import atomic_output
 from feature_extraction.errors import PipelineError
@@ -122,6 +124,57 @@ def saved_progress(checkpoint: dict[str, Any]) -> SavedProgress:
         best_loss=float(saved.get("best_loss", math.inf)),
         epochs_since_best=int(saved.get("epochs_since_best", 0)),
         history=list(checkpoint.get("history", [])),
+    )
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """What a checkpoint (``read_checkpoint``'s or ``model_from_checkpoint``'s) says about the run
+    that wrote it: read here, so that no other module picks keys out of the dict.
+
+    ``checkpoint_format`` is "clam.train" for our checkpoints and ``CLAM_STATE_DICT`` for a bare
+    CLAM state dict (which has no arguments, cache, class names or epoch: those are empty)."""
+
+    checkpoint_format: str
+    epoch: int | None
+    args: dict[str, Any]
+    model_config: dict[str, Any]
+    cache: dict[str, Any]  # the feature cache's configuration (cache.json) and folder
+    class_names: tuple[str, ...]
+    baseline: dict[str, Any]  # clam.baselines' record: method, params, validation metrics
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model_config.get("in_dim") or 0)
+
+    @property
+    def cache_key(self) -> str | None:
+        return self.cache.get("cache_key") or None
+
+    @property
+    def is_clam_state_dict(self) -> bool:
+        return self.checkpoint_format == CLAM_STATE_DICT
+
+
+def saved_run(checkpoint: dict[str, Any]) -> SavedRun:
+    """The typed view of a checkpoint's description of its run (``SavedRun``)."""
+    args = dict(checkpoint.get("args") or {})
+    model_config = dict(checkpoint.get("model_config") or {})
+    n_classes = int(model_config.get("n_classes") or args.get("n_classes") or 2)
+    names = checkpoint.get("class_names") or default_class_names(n_classes)
+    epoch = checkpoint.get("epoch")
+    return SavedRun(
+        checkpoint_format=str(checkpoint.get("checkpoint_format") or "clam.train"),
+        epoch=None if epoch is None else int(epoch),
+        args=args,
+        model_config=model_config,
+        cache=dict(checkpoint.get("cache") or {}),
+        class_names=tuple(str(name) for name in names),
+        baseline=dict(checkpoint.get("baseline") or {}),
     )
 
 

@@ -75,7 +75,7 @@ def evaluate(config: EvaluateConfig) -> EvaluationResult:
         raise PipelineError(f"unknown split {config.split!r}: use one of {', '.join(SPLITS)}")
     loaded = _load(config)
     if loaded.is_clam_state_dict:
-        settings = loaded.checkpoint["model_config"]
+        settings = loaded.saved.model_config
         log.info(
             f"{loaded.path} is a bare CLAM state dict; model from its tensor shapes: "
             + ", ".join(f"{k} {settings[k]}" for k in ("model_type", "model_size", "in_dim", "n_classes"))
@@ -218,9 +218,9 @@ def _metrics(
     names = list(loaded.class_names)
     return {
         "checkpoint": str(loaded.path),
-        "checkpoint_format": loaded.checkpoint.get("checkpoint_format") or "clam.train",
-        "epoch": loaded.checkpoint.get("epoch"),
-        "model_config": loaded.checkpoint.get("model_config"),
+        "checkpoint_format": loaded.saved.checkpoint_format,
+        "epoch": loaded.saved.epoch,
+        "model_config": loaded.saved.model_config or None,
         "cache_key": cohort.cache_key,
         "cache_dir": str(cohort.cache_dir),
         "data_dir": None if config.labels_csv else str(config.data_dir or default_data_dir(config.split)),
@@ -242,7 +242,7 @@ def _baseline_metrics(
     config: EvaluateConfig, loaded: LoadedModel, slides: list[dict], patients: list[dict]
 ) -> dict[str, Any] | None:
     """The baseline's metrics on the same slides and patients as CLAM's, with the same bootstrap."""
-    saved = loaded.checkpoint.get("baseline") or {}
+    saved = loaded.saved.baseline
     names = list(loaded.class_names)
     if not slides or baseline_column(names[0]) not in slides[0]:
         return None

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from clam.bag_dataset import BagDataset
 from clam.baselines import PooledBaseline
-from clam.checkpoints import CLAM_STATE_DICT, model_from_checkpoint
+from clam.checkpoints import SavedRun, model_from_checkpoint, saved_run
 from clam.data import BagRecord
 from clam.loading import plan_loading
-from clam.metrics import default_class_names, summarize
+from clam.metrics import summarize
 from clam.run_files import SLIDE_ID_COLUMNS, baseline_column, probability_column
 from feature_extraction.atomic import atomic_write_text
 from feature_extraction.runtime import resolve_device
@@ -31,26 +31,44 @@ from feature_extraction.runtime import resolve_device
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model rebuilt from a checkpoint, in eval mode on ``device``, and what it was trained on."""
+    """A model rebuilt from a checkpoint, in eval mode on ``device``, and what it was trained on
+    (``saved``: the checkpoint's description of its run, read by clam.checkpoints)."""
 
     model: torch.nn.Module
     checkpoint: dict[str, Any]
     path: Path
     device: torch.device
-    n_classes: int
-    feature_dim: int
-    class_names: tuple[str, ...]
-    cache_key: str | None
-    cache: dict[str, Any]  # the cache's configuration as recorded in the checkpoint
+    saved: SavedRun
 
     @property
     def args(self) -> dict[str, Any]:
-        return dict(self.checkpoint.get("args") or {})
+        return self.saved.args
+
+    @property
+    def cache(self) -> dict[str, Any]:
+        """The feature cache's configuration as the checkpoint records it."""
+        return self.saved.cache
+
+    @property
+    def cache_key(self) -> str | None:
+        return self.saved.cache_key
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.saved.class_names
+
+    @property
+    def n_classes(self) -> int:
+        return self.saved.n_classes
+
+    @property
+    def feature_dim(self) -> int:
+        return self.saved.feature_dim
 
     @property
     def is_clam_state_dict(self) -> bool:
         """Weights of mahmoodlab/CLAM (a bare state dict): no cache, class names, epoch or split."""
-        return self.checkpoint.get("checkpoint_format") == CLAM_STATE_DICT
+        return self.saved.is_clam_state_dict
 
 
 @dataclass(frozen=True)
@@ -69,20 +87,8 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device = "auto")
     path = Path(checkpoint_path)
     resolved = resolve_device(device)
     model, checkpoint = model_from_checkpoint(path, resolved)
-    config = checkpoint.get("model_config") or {}
-    n_classes = int(config.get("n_classes") or checkpoint.get("args", {}).get("n_classes") or 2)
-    names = checkpoint.get("class_names") or default_class_names(n_classes)
-    cache = dict(checkpoint.get("cache") or {})
     return LoadedModel(
-        model=model,
-        checkpoint=checkpoint,
-        path=path,
-        device=resolved,
-        n_classes=n_classes,
-        feature_dim=int(config.get("in_dim") or 0),
-        class_names=tuple(str(n) for n in names),
-        cache_key=cache.get("cache_key") or None,
-        cache=cache,
+        model=model, checkpoint=checkpoint, path=path, device=resolved, saved=saved_run(checkpoint)
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from clam.checkpoints import SavedProgress
+from clam.checkpoints import SavedProgress, saved_run
 from clam.model import FEATURE_NORMS, INSTANCE_LOSSES, MODEL_SIZES, MODEL_TYPES, ModelConfig
 from feature_extraction.errors import PipelineError
 from feature_extraction.layout import SPLITS
@@ -145,12 +145,12 @@ def config_for_resume(config: TrainConfig, checkpoint: dict, explicit: frozenset
     checkpoint the same way: with the default ``explicit=frozenset()`` the run continues exactly
     as it was started (its own ``num_epochs``, ``patience``, device, ...), whatever else
     ``config`` holds."""
-    saved = checkpoint.get("args")
-    if not isinstance(saved, dict):
+    saved = saved_run(checkpoint)
+    if not saved.args:
         raise PipelineError(f"checkpoint {config.resume} has no training arguments; it cannot be resumed.")
-    merged = fields_of_args(saved)
+    merged = fields_of_args(saved.args)
     # A run from before --feature_norm existed trained on raw features.
-    merged.setdefault("feature_norm", (checkpoint.get("model_config") or {}).get("feature_norm", "none"))
+    merged.setdefault("feature_norm", saved.model_config.get("feature_norm", "none"))
     # A run from before --sample_tiles drew --max_tiles instances of each bag every epoch.
     merged.setdefault("sample_tiles", merged.get("max_tiles", 0))
     conflicts = [

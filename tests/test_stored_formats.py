@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from clam.checkpoints import model_from_checkpoint
+from clam.checkpoints import model_from_checkpoint, saved_run
 from clam.model import build_model
 from clam.train import load_checkpoint  # the import the specification shows
 from feature_extraction.bags import read_bag, validate_bag
@@ -60,6 +60,18 @@ def test_old_checkpoint_rebuilds_the_same_model():
     probs = _probabilities(model)
     for slide_id, expected in EXPECTED.items():
         assert probs[slide_id] == pytest.approx(expected["prob_positive"], abs=1e-5)
+
+
+def test_old_checkpoint_describes_its_run():
+    _, checkpoint = model_from_checkpoint(FIXTURE / "run" / "checkpoint_epoch_2.pt", torch.device("cpu"))
+    saved = saved_run(checkpoint)
+    assert saved.checkpoint_format == "clam.train" and not saved.is_clam_state_dict
+    assert (
+        saved.epoch == 2 and saved.class_names == ("EGFR_negative", "EGFR_positive") and saved.n_classes == 2
+    )
+    assert saved.feature_dim == 512 and saved.cache_key == CACHE_KEY
+    assert saved.cache["backbone"] == "resnet18" and saved.args["num_epochs"] == 2
+    assert saved.model_config["model_type"] == "clam_sb" and saved.baseline["method"]
 
 
 def test_old_checkpoint_loads_with_the_spec_signature():
