@@ -15,7 +15,7 @@ from pathlib import Path
 
 from clam.eval_config import DEFAULT_TOP_K, add_input_arguments, config_from_args, parse_attention
 from clam.evaluation import explain
-from clam.run_files import ATTENTION_PREFIX, BEST_NAME, fold_name, newest_run
+from clam.run_files import ATTENTION_PREFIX, BEST_NAME, fold_name, is_crossval_run, newest_run
 from feature_extraction.errors import PipelineError, cli_main
 
 
@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_crossval(run_dir: Path) -> None:
+    example = Path(run_dir) / fold_name(1) / BEST_NAME
+    raise PipelineError(
+        f"{run_dir} is a cross-validation run, with one model per fold: name one, e.g. --checkpoint {example}."
+    )
+
+
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -51,12 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = newest_run()
         print(chosen.describe())
         if chosen.crossval:
-            example = chosen.run_dir / fold_name(1) / BEST_NAME
-            raise PipelineError(
-                f"{chosen.run_dir} is a cross-validation run, with one model per fold: "
-                f"name one, e.g. --checkpoint {example}."
-            )
+            _refuse_crossval(chosen.run_dir)
         args.checkpoint = chosen.checkpoint
+    elif is_crossval_run(args.checkpoint):
+        _refuse_crossval(args.checkpoint)
     config = config_from_args(args, attention=parse_attention(args.slides), output_prefix=ATTENTION_PREFIX)
     out_dir = explain(config)
     print(f"attention maps: {out_dir}")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from random_data import cohort_slides, write_random_cache
 
+from clam import attention as attention_cli
 from clam.crossval import cross_validate, evaluate_folds
 from clam.data import BagRecord
 from clam.eval_config import EvaluateConfig
@@ -118,7 +119,7 @@ def test_too_many_folds_refused():
 # ---------------------------------------------------------------- training and evaluation
 
 
-def test_cross_validation_run_summary_and_evaluation(tmp_path, cache):
+def test_cross_validation_run_summary_and_evaluation(tmp_path, cache, capsys):
     parent = cross_validate(quick(tmp_path, cache), n_bootstrap=50)
     for k in (1, 2, 3):
         fold = parent / f"fold_{k}"
@@ -219,6 +220,13 @@ def test_cross_validation_run_summary_and_evaluation(tmp_path, cache):
         mean = np.mean([float(f[i]["prob_EGFR_positive"]) for f in fold_preds])
         assert float(row["prob_EGFR_positive"]) == pytest.approx(mean, abs=2e-6)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ensemble"]["per_patient"]["n"] == 12
+
+    # attention maps need one model: the parent folder is refused with a fold's checkpoint named
+    code = attention_cli.main(
+        ["--checkpoint", str(parent), "--labels_csv", str(labels_csv), "--features_dir", str(cache)]
+    )
+    assert code == 2
+    assert f"--checkpoint {parent / 'fold_1' / 'best_model.pt'}" in capsys.readouterr().err
 
 
 def test_single_class_fold_is_reported_not_crashed(tmp_path, cache):
