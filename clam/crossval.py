@@ -360,15 +360,61 @@ def evaluate_folds(config: EvaluateConfig) -> EvaluationResult:
             "method": "mean probability of the fold models",
             **per_level_metrics(slides, patients, names, config.n_bootstrap, config.seed),
         },
+        "baseline": _ensemble_baseline(slides, patients, names, config),
+        "leakage": ensemble_leakage({name: r.metrics.get("leakage") for name, r in results.items()}),
         "folds": {
-            name: {k: r.metrics.get(k) for k in ("checkpoint", "epoch", "per_slide", "per_patient")}
+            name: {
+                k: r.metrics.get(k)
+                for k in ("checkpoint", "epoch", "per_slide", "per_patient", "baseline", "leakage")
+            }
             for name, r in results.items()
         },
         "created": datetime.now().isoformat(timespec="seconds"),
     }
+    if metrics["leakage"]["folds_with_leakage"]:
+        log.warning(metrics["leakage"]["message"])
+    elif metrics["leakage"]["message"]:
+        log.info(metrics["leakage"]["message"])
     write_json(output_dir / METRICS_JSON, metrics)
     for name, r in [*((n, r.metrics) for n, r in results.items()), ("ensemble", metrics["ensemble"])]:
         auc = r["per_patient"]["auc"]["auc"]
         log.info(f"{name}: per-patient AUC {'undefined' if auc is None else f'{auc:.3f}'}")
     log.info(f"results: {output_dir}")
     return EvaluationResult(output_dir, metrics, slides, patients)
+
+
+def _ensemble_baseline(
+    slides: list[dict[str, Any]], patients: list[dict[str, Any]], names: Sequence[str], config: EvaluateConfig
+) -> dict[str, Any] | None:
+    """The fold baselines' ensemble (the mean of their probabilities), on the same slides and with the
+    same bootstrap as the models' ensemble; None when a fold has no baseline."""
+    if not slides or baseline_column(names[0]) not in slides[0]:
+        return None
+    return {
+        "method": "mean probability of the fold baselines (logistic regression on pooled features)",
+        **per_level_metrics(slides, patients, names, config.n_bootstrap, config.seed, column=baseline_column),
+    }
+
+
+def ensemble_leakage(folds: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    """metrics.json's ``leakage`` of an ensemble: every fold model that trained or validated on some
+    of the evaluated slides (or their patients) leaks into the ensemble's predictions of them."""
+    leaking = {
+        name: leakage["n_slides"] for name, leakage in folds.items() if leakage and leakage.get("n_slides")
+    }
+    unchecked = [name for name, leakage in folds.items() if not (leakage and leakage.get("checked"))]
+    message = None
+    if leaking:
+        message = (
+            f"the ensemble is not a held-out estimate: fold models {', '.join(sorted(leaking))} trained or "
+            f"validated on up to {max(leaking.values())} of the evaluated slides (or their patients). The "
+            "cross-validation run's own held-out estimate is its summary.json (pooled_oof)."
+        )
+    elif unchecked:
+        message = f"note: folds {', '.join(unchecked)} were not checked for leakage."
+    return {
+        "folds_with_leakage": sorted(leaking),
+        "n_slides_by_fold": leaking,
+        "unchecked": unchecked,
+        "message": message,
+    }

@@ -204,18 +204,30 @@ def ensemble_rows(
     models_slides: Sequence[Sequence[dict[str, Any]]], class_names: Sequence[str]
 ) -> list[dict[str, Any]]:
     """predictions.csv rows of the ensemble of several models (each a list of rows of the same
-    slides in the same order): the mean of their probabilities, argmax prediction."""
+    slides in the same order): the mean of their probabilities, argmax prediction; and, when every
+    model's rows carry the baseline's probabilities, the mean of those as the baseline ensemble."""
     columns = [probability_column(n) for n in class_names]
+    baseline_columns = [baseline_column(n) for n in class_names]
+    with_baseline = all(
+        slides and all(slides[0].get(c) not in (None, "") for c in baseline_columns)
+        for slides in models_slides
+    )
     rows = []
     for i, row in enumerate(models_slides[0]):
         probs = np.mean([[float(slides[i][c]) for c in columns] for slides in models_slides], axis=0)
         predicted = int(np.argmax(probs))
+        baseline = (
+            np.mean([[float(slides[i][c]) for c in baseline_columns] for slides in models_slides], axis=0)
+            if with_baseline
+            else []
+        )
         rows.append(
             {
                 **{k: row[k] for k in SLIDE_ID_COLUMNS},
                 **{c: float(p) for c, p in zip(columns, probs)},
                 "predicted": predicted,
                 "predicted_name": class_names[predicted],
+                **{c: float(p) for c, p in zip(baseline_columns, baseline)},
             }
         )
     return rows

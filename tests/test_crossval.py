@@ -219,7 +219,21 @@ def test_cross_validation_run_summary_and_evaluation(tmp_path, cache, capsys):
     for i, row in enumerate(ensemble):
         mean = np.mean([float(f[i]["prob_EGFR_positive"]) for f in fold_preds])
         assert float(row["prob_EGFR_positive"]) == pytest.approx(mean, abs=2e-6)
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ensemble"]["per_patient"]["n"] == 12
+    top = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert top["ensemble"]["per_patient"]["n"] == 12
+    # every fold model trained on some of these patients: the ensemble says it is no held-out estimate
+    assert top["leakage"]["folds_with_leakage"] == ["fold_1", "fold_2", "fold_3"]
+    assert "not a held-out estimate" in top["leakage"]["message"]
+    assert all(top["folds"][f"fold_{k}"]["leakage"]["n_slides"] > 0 for k in (1, 2, 3))
+    # the fold baselines' ensemble, beside the models' on the same slides
+    base = np.mean(
+        [[float(f[i]["baseline_prob_EGFR_positive"]) for f in fold_preds] for i in range(len(ensemble))],
+        axis=1,
+    )
+    assert [float(r["baseline_prob_EGFR_positive"]) for r in ensemble] == pytest.approx(
+        base.tolist(), abs=2e-6
+    )
+    assert top["baseline"]["per_patient"]["n"] == 12
 
     # attention maps need one model: the parent folder is refused with a fold's checkpoint named
     code = attention_cli.main(
