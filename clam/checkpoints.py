@@ -7,8 +7,10 @@ A checkpoint holds the specification's ``model_state_dict``, ``optimizer_state_d
 bit-exactly (``EXTRA_KEYS``): ``model_config``, ``cache``, ``class_names``, ``metrics`` (the last
 epoch's), ``history``, ``run_state`` (best epoch and loss, epochs since the best), ``rng_state``,
 ``versions`` (of python, torch and the libraries), ``format_version`` (``FORMAT_VERSION``),
-``baseline`` (clam.baselines, fitted beside the model) and ``feature_norm`` (the summary of the
-standardisation statistics, which are buffers in ``model_state_dict``). Only tensors and plain
+``baseline`` (clam.baselines, fitted beside the model), ``feature_norm`` (the summary of the
+standardisation statistics, which are buffers in ``model_state_dict``) and ``bag_versions`` (which
+version of each training and validation bag the run read, ``clam.data.bag_versions``, so that
+--resume refuses a slide re-embedded since). Only tensors and plain
 Python values are stored, so ``torch.load(..., weights_only=True)`` reads them without running any
 pickled code. Every file is written under a temporary name and renamed into place. A checkpoint
 of a newer format version than this code knows is refused; older ones (and those without a
@@ -57,6 +59,7 @@ EXTRA_KEYS = (
     "format_version",
     "baseline",
     "feature_norm",
+    "bag_versions",
 )
 # ``checkpoint_format`` of the dictionary read_model_file returns for a bare CLAM state dict
 # (checkpoints of clam.train have no such key).
@@ -87,6 +90,7 @@ def build_checkpoint(
     versions: dict[str, str],
     baseline: dict[str, Any],
     feature_norm: dict[str, Any],
+    bag_versions: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint of one epoch: exactly ``CHECKPOINT_KEYS + EXTRA_KEYS`` (module docstring),
     with the current random state and ``FORMAT_VERSION``."""
@@ -111,6 +115,7 @@ def build_checkpoint(
         "format_version": FORMAT_VERSION,
         "baseline": baseline,
         "feature_norm": feature_norm,
+        "bag_versions": bag_versions or {},
     }
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from feature_extraction.bags import BAG_SUFFIX, read_tile_names, validate_bag
+from feature_extraction.bags import BAG_SUFFIX, read_bag_attrs, read_tile_names, validate_bag
 from feature_extraction.cache import (
     as_int,
     covered_slides,
@@ -70,6 +70,29 @@ def bag_stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def bag_versions(records: Sequence[BagRecord]) -> dict[str, str]:
+    """Which version of each bag a run trains on, by slide id, to tell on --resume whether a slide
+    was re-embedded since: a stage-1 bag's embedding time, tile-list digest and instance count, or
+    another tool's bag's size in bytes (it records neither)."""
+    versions = {}
+    for record in records:
+        try:
+            attrs = read_bag_attrs(record.path)
+            versions[record.slide_id] = f"{attrs.embedded_at}|{attrs.tiles_digest}|{attrs.n_instances}"
+        except BagError:  # not written by stage 1 (a CLAM, TRIDENT or STAMP bag), or unreadable
+            try:
+                versions[record.slide_id] = f"size {os.path.getsize(record.path)}"
+            except OSError:
+                versions[record.slide_id] = "missing"
+    return versions
+
+
+def changed_since(saved: dict[str, str], records: Sequence[BagRecord]) -> list[str]:
+    """The slide ids of ``records`` whose bag is not the version ``saved`` (``bag_versions``) names."""
+    current = bag_versions([r for r in records if r.slide_id in saved])
+    return sorted(slide_id for slide_id, version in current.items() if saved[slide_id] != version)
 
 
 class BagChanged(BagError):

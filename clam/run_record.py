@@ -109,6 +109,7 @@ def save_epoch(
     run_info: dict,
     baseline: dict | None = None,
     last_saved: Path | None = None,
+    bag_versions: dict[str, str] | None = None,
 ) -> Path:
     """best_model.pt when this epoch is the best, then config.json, then checkpoint_epoch_N.pt;
     returns the checkpoint's path. The checkpoint goes last: once it exists, everything of epoch N
@@ -127,6 +128,7 @@ def save_epoch(
         versions=run_info["versions"],
         baseline=baseline or {},
         feature_norm=run_info["feature_norm"],
+        bag_versions=bag_versions,
     )
     path = run_dir / checkpoint_name(state.epoch)
     writes = (

@@ -24,6 +24,8 @@ from clam.checkpoints import load_checkpoint, read_checkpoint, saved_progress, s
 from clam.data import (
     BagChanged,
     BagSet,
+    bag_versions,
+    changed_since,
     is_cache_dir,
     limit_tiles,
     read_cache_config,
@@ -71,6 +73,7 @@ class _Run:
     info: dict[str, Any]
     baseline: dict[str, Any]
     last_saved: Path | None  # the newest complete checkpoint
+    bag_versions: dict[str, str]  # of the training and validation bags (clam.data.bag_versions)
 
 
 def train(
@@ -115,6 +118,7 @@ def _set_up(
         run_dir = Path(config.resume).parent
         remove_stale_temps(run_dir)  # a killed run's half-written checkpoint
         split = read_split(run_dir / SPLIT_FILE, bags.records)
+        _refuse_changed_bags(resumed.get("bag_versions") or {}, [*split.train, *split.val], config.resume)
     else:
         split = split or make_split(bags, config)
         run_dir = _start_run_folder(run_dir, config, split)
@@ -163,7 +167,22 @@ def _set_up(
         info,
         baseline,
         Path(config.resume) if resumed is not None else None,
+        bag_versions([*split.train, *split.val]),
     )
+
+
+def _refuse_changed_bags(saved: dict[str, str], records: list, checkpoint: str | Path) -> None:
+    """--resume continues one model on the features it started on: a bag re-embedded since the
+    checkpoint (checkpoints from before ``bag_versions`` are not checked) stops the run."""
+    changed = changed_since(saved, records)
+    if changed:
+        examples = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise PipelineError(
+            f"{len(changed)} of the bags that {checkpoint} trained or validated on changed since it was "
+            f"saved (re-embedded, e.g. by a rerun of `python -m feature_extraction.embed`): {examples}. "
+            "Resuming would train one model on two versions of the features. Start a new run on the "
+            "current bags (the same command without --resume), or restore the bags the run started on."
+        )
 
 
 def _train_epochs(run: _Run, config: TrainConfig) -> None:
@@ -207,7 +226,15 @@ def _train_epochs(run: _Run, config: TrainConfig) -> None:
             state.status = "stopped early" if epoch < config.num_epochs else "finished"
             run.info["baseline"].update(compare_with_baseline(state, run.info["baseline"], len(run.val_set)))
         run.last_saved = save_epoch(
-            run.run_dir, run.model, run.optimizer, config, state, run.info, run.baseline, run.last_saved
+            run.run_dir,
+            run.model,
+            run.optimizer,
+            config,
+            state,
+            run.info,
+            run.baseline,
+            run.last_saved,
+            run.bag_versions,
         )
         log.info(state.summary_line(config.num_epochs))
 

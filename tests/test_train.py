@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from random_data import (
 from clam.checkpoints import model_from_checkpoint
 from clam.run_record import RunState
 from clam.train import TrainConfig, load_checkpoint, main, train
-from feature_extraction.bags import bag_path
+from feature_extraction.bags import bag_path, read_attrs, read_bag, write_bag
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_KEYS = {"model_state_dict", "optimizer_state_dict", "epoch", "loss", "args"}
@@ -273,6 +274,22 @@ def test_resume_refuses_to_change_the_run(project, tmp_path, capsys):
     assert "--learning_rate (run: 0.0001, given: 0.01)" in capsys.readouterr().err
     assert main(["--resume", checkpoint, "--num_epochs", "2", "--no_progress"]) == 0  # more epochs is fine
     assert (run / "checkpoint_epoch_2.pt").is_file()
+
+
+def test_resume_refuses_bags_re_embedded_since_the_checkpoint(project, tmp_path, capsys):
+    run = train(quick(tmp_path, num_epochs=1))
+    checkpoint = str(run / "checkpoint_epoch_1.pt")
+    saved = torch.load(checkpoint, weights_only=True)["bag_versions"]
+    trained = sorted(r["slide_id"] for r in csv.DictReader(open(run / "split.csv")) if r["set"] == "train")
+    assert set(trained) <= set(saved)
+    # a rerun of stage 1 rewrites one bag: same features, another embedding time
+    bag = next((project / "features").glob(f"*/{trained[0]}.h5"))
+    old = read_bag(bag)
+    write_bag(bag, old.features, old.coords, old.tile_names, {**read_attrs(bag), "embedded_at": "2030-01-01"})
+    assert main(["--resume", checkpoint, "--num_epochs", "2", "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"1 of the bags that {checkpoint} trained or validated on changed" in err and trained[0] in err
+    assert not (run / "checkpoint_epoch_2.pt").exists()
 
 
 # ---------------------------------------------------------------- instance loss and accuracy
