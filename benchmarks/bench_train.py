@@ -129,10 +129,11 @@ def run_reference(cache_dir: Path, epochs: int, device_name: str) -> dict:
     from sklearn.metrics import roc_auc_score
     from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
-    from clam.data import read_cache_config, records_from_cache, validate_records
+    from clam.data import records_from_cache, validate_records
     from clam.model import ModelConfig, model_from_config
     from clam.splits import train_val_split
     from clam.train import TrainConfig
+    from feature_extraction.cache import read_cache_config
     from feature_extraction.runtime import resolve_device
 
     defaults = TrainConfig()
@@ -282,9 +283,10 @@ def run_child(
 def epoch_flops(cache_dir: Path, feature_dim: int) -> float:
     """Forward + backward FLOPs of one training pass and one validation pass of CLAM-SB small
     over the real instances (matrix multiplies only; the rest is under 1%)."""
-    from clam.data import read_cache_config, records_from_cache, validate_records
+    from clam.data import records_from_cache, validate_records
     from clam.splits import train_val_split
     from clam.train import TrainConfig
+    from feature_extraction.cache import read_cache_config
 
     defaults = TrainConfig()
     bags = validate_records(

@@ -13,8 +13,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from clam.eval_config import DEFAULT_TOP_K, add_input_arguments, config_from_args, parse_attention
+from clam.eval_config import add_input_arguments, config_from_args, parse_attention
 from clam.evaluation import explain
+from clam.heatmaps import DEFAULT_TOP_K
 from clam.run_files import ATTENTION_PREFIX, BEST_NAME, fold_name, is_crossval_run, newest_run
 from feature_extraction.errors import PipelineError, cli_main
 

@@ -24,13 +24,13 @@ from pathlib import Path
 
 from clam.crossval import evaluate_folds
 from clam.eval_config import (
-    DEFAULT_TOP_K,
     EvaluateConfig,
     add_input_arguments,
     config_from_args,
     parse_attention,
 )
 from clam.evaluation import evaluate
+from clam.heatmaps import DEFAULT_TOP_K
 from clam.metrics import DEFAULT_N_BOOTSTRAP
 from clam.run_files import is_crossval_run, newest_run
 from feature_extraction.errors import PipelineError, cli_main

@@ -42,7 +42,7 @@ from typing import Any
 from feature_extraction.atomic import atomic_write_json
 from feature_extraction.bags import BAG_SUFFIX, BagAttrs, bag_path, read_bag_attrs
 from feature_extraction.errors import BagError, PipelineError
-from feature_extraction.layout import SlideSource, list_slide_tiles
+from feature_extraction.layout import list_slide_tiles
 from feature_extraction.locks import LOCK_DIR, LOCK_STALE_SECONDS, SlideLocks
 from feature_extraction.manifest import (
     MANIFEST_LOCK,
@@ -52,6 +52,7 @@ from feature_extraction.manifest import (
     ManifestRow,
     read_manifest,
 )
+from feature_extraction.sources import SlideSource
 
 CACHE_FORMAT = 1  # bump when the meaning of a cached feature changes without a config change
 CACHE_JSON = "cache.json"

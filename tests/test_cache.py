@@ -28,7 +28,6 @@ from feature_extraction.bags import (
 )
 from feature_extraction.cache import (
     ExtractionConfig,
-    SlideLocks,
     collect_manifest,
     current_bag,
     find_cache,
@@ -39,6 +38,7 @@ from feature_extraction.cache import (
     write_failure,
 )
 from feature_extraction.errors import BagError, PipelineError
+from feature_extraction.locks import SlideLocks
 from feature_extraction.manifest import read_manifest, write_manifest
 from feature_extraction.sources import SlideSource
 

@@ -22,8 +22,6 @@ from random_data import (
 from clam.bag_dataset import BagDataset, collate_bags, instance_rows
 from clam.data import (
     BagRecord,
-    find_cache,
-    read_cache_config,
     records_from_cache,
     records_from_labels_csv,
     resolve_cache,
@@ -32,6 +30,7 @@ from clam.data import (
 from clam.loading import epoch_order, inverse_frequency_weights, plan_loading
 from clam.splits import assign_patient_folds, patient_labels, read_split, train_val_split, write_split
 from feature_extraction.bags import bag_path, read_attrs, write_bag
+from feature_extraction.cache import find_cache, read_cache_config
 from feature_extraction.embed import EmbedConfig
 from feature_extraction.errors import BagError, PipelineError
 from feature_extraction.layout import discover_slides
