@@ -27,7 +27,7 @@ from clam.loading import class_counts
 from clam.metrics import default_class_names, format_number
 from clam.run_files import BEST_NAME, CONFIG_NAME, SPLIT_FILE, checkpoint_name, write_json
 from clam.train_config import TrainConfig, config_args
-from feature_extraction.errors import write_failure
+from feature_extraction.errors import write_error
 
 
 @dataclass
@@ -149,7 +149,7 @@ def save_epoch(
             ]
             intact = f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} intact. " if kept else ""
             then = way_on(last_saved)
-            raise write_failure(target, error, f"{intact}{then[0].upper()}{then[1:]}") from error
+            raise write_error(target, error, f"{intact}{then[0].upper()}{then[1:]}") from error
     return path
 
 

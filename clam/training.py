@@ -26,9 +26,7 @@ from clam.data import (
     BagSet,
     bag_versions,
     changed_since,
-    is_cache_dir,
     limit_tiles,
-    read_cache_config,
     records_from_cache,
     records_from_labels_csv,
     resolve_cache,
@@ -50,7 +48,8 @@ from clam.run_record import RunState, describe_run, run_info, save_epoch, way_on
 from clam.splits import TrainValSplit, read_split, train_val_split, write_split
 from clam.train_config import TrainConfig, check_config, config_for_resume, nothing_to_resume
 from feature_extraction.atomic import remove_stale_temps
-from feature_extraction.errors import Interrupted, PipelineError, write_failure
+from feature_extraction.cache import is_cache_dir, read_cache_config
+from feature_extraction.errors import Interrupted, PipelineError, write_error
 from feature_extraction.layout import default_data_dir, default_features_dir
 from feature_extraction.runtime import resolve_device
 
@@ -250,7 +249,7 @@ def _start_run_folder(run_dir: Path | None, config: TrainConfig, split: TrainVal
         run_dir = make_run_dir(output_dir) if run_dir is None else run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise write_failure(
+        raise write_error(
             output_dir,
             error,
             "No run was started: pass a writable --output_dir, or run the command again once that is fixed.",
@@ -261,7 +260,7 @@ def _start_run_folder(run_dir: Path | None, config: TrainConfig, split: TrainVal
     except OSError as error:
         with contextlib.suppress(OSError):
             run_dir.rmdir()  # nothing else is in it yet
-        raise write_failure(
+        raise write_error(
             run_dir / SPLIT_FILE,
             error,
             "Nothing was trained: run the command again once that is fixed, or pass another --output_dir.",

@@ -53,7 +53,7 @@ def write_advice(folder: str | Path, error: OSError) -> str:
     return f"check the disk and the permissions of {folder}"
 
 
-def write_failure(path: str | Path, error: OSError, then: str = "", what: str = "cannot write") -> WriteError:
+def write_error(path: str | Path, error: OSError, then: str = "", what: str = "cannot write") -> WriteError:
     """A WriteError: ``what`` ``path``, the cause, what to do about it and, if given, ``then``
     (what the user does next, e.g. how to resume)."""
     folder = Path(path) if what != "cannot write" else Path(path).parent
@@ -81,7 +81,7 @@ def cli_main(main):
         except OSError as error:
             if error.errno not in WRITE_ERRNOS or not error.filename:
                 raise
-            failure = write_failure(
+            failure = write_error(
                 error.filename,
                 error,
                 "Files written before it are intact; run the command again once that is fixed.",
