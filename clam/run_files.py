@@ -77,9 +77,9 @@ INDEX_COLUMNS = (
     "note",
 )
 # The leading columns of predictions.csv (then prob_<class>..., predicted, predicted_name, n_tiles,
-# baseline_prob_<class>...) and of predictions_patient.csv (then prob_<class>..., predicted, ...).
+# baseline_prob_<class>...). predictions_patient.csv starts with patient_id, n_slides, slide_ids,
+# label, label_name (clam.inference.aggregate_patients), then prob_<class>..., predicted, ...
 SLIDE_ID_COLUMNS = ("slide_id", "patient_id", "class_folder", "label", "label_name")
-PATIENT_ID_COLUMNS = ("patient_id", "n_slides", "slide_ids", "label", "label_name")
 
 
 def checkpoint_name(epoch: int) -> str:
