@@ -1,4 +1,10 @@
-"""The one exception type for problems a user can cause and fix."""
+"""The errors a user can cause and fix, and how a command line reports them.
+
+``PipelineError`` (with ``BagError`` for an unusable bag and ``WriteError`` for a file that could
+not be written) carries a message saying what was found and what to do; ``write_error`` builds a
+``WriteError`` from an OSError. ``Interrupted`` is a Ctrl-C with what to run to continue.
+``cli_main`` wraps every command's ``main``: it installs the logging handler
+(``reporting.configure_cli_logging``) and prints these errors without a traceback."""
 
 from __future__ import annotations
 
