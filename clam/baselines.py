@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 POOLS = ("mean", "max")
 C_REGULARISATION = 1.0
@@ -96,9 +98,6 @@ def fit_baseline(
     pooled: np.ndarray, labels: Sequence[int], n_classes: int, pool: str = "mean", seed: int = 0
 ) -> PooledBaseline | None:
     """Fit the baseline; None when the training bags hold fewer than two classes."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     y = np.asarray(labels, dtype=int)
     if len(np.unique(y)) < 2:
         return None
