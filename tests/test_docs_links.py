@@ -85,8 +85,8 @@ def test_the_common_tasks_of_the_index_link_to_sections():
 
 def test_slugs_follow_github():
     assert (
-        slug("Tile folders from slides: `python -m feature_extraction.tile`")
-        == "tile-folders-from-slides-python--m-feature_extractiontile"
+        slug("Tile folders from slides: `python -m feature_extraction.tile_slides`")
+        == "tile-folders-from-slides-python--m-feature_extractiontile_slides"
     )
     assert slug("Leakage: slides the model has seen") == "leakage-slides-the-model-has-seen"
     assert (
