@@ -138,7 +138,7 @@ def build_example_cohort(
     Raises PipelineError when a split folder already holds files (other than a README.md)
     and ``force`` is False. With ``force`` the spec's class folders and the ground-truth file
     of that split are deleted first; nothing else in the folder is touched. By default each
-    label has ``min(4, patients_per_label // 2)`` (at least 1) ``_cnn`` slides, half of them
+    label has ``min(4, n_train_patients // 4)`` (at least 1) ``_cnn`` slides, half of them
     (at least 1) from patients who also have a plain folder."""
     config = preset_config(
         difficulty,

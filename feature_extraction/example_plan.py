@@ -149,7 +149,7 @@ def preset_config(
 ) -> CohortConfig:
     """A validated CohortConfig: ``difficulty`` names a preset of DIFFICULTIES; the knobs left at
     None take the preset's value (``signal_fraction`` may be one number or a (low, high) range).
-    By default each label has ``min(4, patients_per_label // 2)`` (at least 1) ``_cnn`` slides,
+    By default each label has ``min(4, n_train_patients // 4)`` (at least 1) ``_cnn`` slides,
     half of them (at least 1) from patients who also have a plain folder. PipelineError names a
     setting out of range."""
     if difficulty not in DIFFICULTIES:
