@@ -16,7 +16,14 @@ from pathlib import Path
 from clam.eval_config import add_input_arguments, config_from_args, parse_attention
 from clam.evaluation import explain
 from clam.heatmaps import DEFAULT_TOP_K
-from clam.run_files import ATTENTION_PREFIX, BEST_NAME, fold_name, is_crossval_run, newest_run
+from clam.run_files import (
+    ATTENTION_PREFIX,
+    BEST_NAME,
+    default_runs_dir,
+    fold_name,
+    is_crossval_run,
+    newest_run,
+)
 from feature_extraction.errors import PipelineError, cli_main
 
 
@@ -26,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attention scores, top/bottom-k montages and heatmaps for chosen slides, "
         "without computing metrics. Slides missing from the feature cache are embedded first.",
     )
-    add_input_arguments(parser)
+    add_input_arguments(
+        parser,
+        f"checkpoint to explain; of a --folds run, one fold's (RUN/{fold_name(1)}/{BEST_NAME}) "
+        f"(default: the newest run under {default_runs_dir()}: its {BEST_NAME})",
+    )
     parser.add_argument(
         "--slides", nargs="+", default=["all"], help="slide ids to explain (default: all slides of the split)"
     )

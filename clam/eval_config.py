@@ -11,7 +11,7 @@ from typing import Any
 
 from clam.heatmaps import DEFAULT_TOP_K
 from clam.metrics import DEFAULT_N_BOOTSTRAP
-from clam.run_files import BEST_NAME, EVAL_PREFIX, default_runs_dir
+from clam.run_files import EVAL_PREFIX
 from feature_extraction.layout import SPLITS
 
 ALL = "all"
@@ -43,16 +43,10 @@ class EvaluateConfig:
     progress: bool = True
 
 
-def add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments shared by ``clam.evaluate`` and ``clam.attention``."""
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
-        help=f"checkpoint to evaluate, or the parent run folder of a --folds run (every "
-        f"fold's model and their ensemble) (default: the newest run under "
-        f"{default_runs_dir()}: its {BEST_NAME}, or its folds for a --folds run)",
-    )
+def add_input_arguments(parser: argparse.ArgumentParser, checkpoint_help: str) -> None:
+    """The arguments shared by ``clam.evaluate`` and ``clam.attention``; ``checkpoint_help`` is
+    the command's own help for ``--checkpoint`` (only evaluation takes a cross-validation run)."""
+    parser.add_argument("--checkpoint", type=Path, default=None, help=checkpoint_help)
     parser.add_argument(
         "--data_dir",
         type=Path,

@@ -32,7 +32,7 @@ from clam.eval_config import (
 from clam.evaluation import evaluate
 from clam.heatmaps import DEFAULT_TOP_K
 from clam.metrics import DEFAULT_N_BOOTSTRAP
-from clam.run_files import is_crossval_run, newest_run
+from clam.run_files import BEST_NAME, default_runs_dir, is_crossval_run, newest_run
 from feature_extraction.errors import PipelineError, cli_main
 
 
@@ -42,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a CLAM checkpoint on a cohort: predictions, metrics with bootstrap CIs, ROC and "
         "confusion-matrix figures, attention maps. See docs/evaluation.md.",
     )
-    add_input_arguments(parser)
+    add_input_arguments(
+        parser,
+        f"checkpoint to evaluate, or the parent run folder of a --folds run (every fold's model and "
+        f"their ensemble) (default: the newest run under {default_runs_dir()}: its {BEST_NAME}, or its "
+        "folds for a --folds run)",
+    )
     parser.add_argument(
         "--output_dir",
         type=Path,
