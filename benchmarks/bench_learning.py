@@ -67,6 +67,7 @@ from report import machine, write_section  # noqa: E402
 
 from clam.metrics import format_auc, format_number  # noqa: E402
 from clam.run_files import fold_dirs  # noqa: E402  (the fold folders of a cross-validation run, in order)
+from feature_extraction.runtime import available_cores  # noqa: E402
 
 SECTION = "## Learning"
 DEFAULT_WORKDIR = Path("/tmp/bench_learning")
@@ -1143,7 +1144,7 @@ def section(
             ),
             "",
         ]
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     lines += [
         (
             f"`{command}` on {machine()}, torch {torch.__version__}, {args.device_resolved}, {time.strftime('%Y-%m-%d')}, "

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import re
 from pathlib import Path
+
+from feature_extraction.runtime import available_cores
 
 
 def write_section(path: Path, section: str, text: str) -> None:
@@ -31,5 +32,5 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    text = f"{cpu}, {len(os.sched_getaffinity(0))} cores"
+    text = f"{cpu}, {available_cores()} cores"
     return f"{torch.cuda.get_device_name(0)}; {text}" if torch.cuda.is_available() else text
