@@ -205,8 +205,8 @@ def _row_from_attrs(slide_id: str, path: Path, attrs: BagAttrs) -> ManifestRow:
 
 
 # ----------------------------------------------------------------------------------- freshness
-# Whether a bag is current is decided here only: stage 1 (what to embed) and clam.data (which
-# cache to train from, what is missing) ask these functions.
+# Whether a bag is current is decided here only: stage 1 (what to embed) and stage 2 (clam.data:
+# which cache to train from, what is missing; clam.cohort: is a folder a cache) ask these functions.
 
 
 def is_cache_dir(path: str | Path) -> bool:
