@@ -377,8 +377,7 @@ def evaluate_folds(config: EvaluateConfig) -> EvaluationResult:
         log.info(metrics["leakage"]["message"])
     write_json(output_dir / METRICS_JSON, metrics)
     for name, r in [*((n, r.metrics) for n, r in results.items()), ("ensemble", metrics["ensemble"])]:
-        auc = r["per_patient"]["auc"]["auc"]
-        log.info(f"{name}: per-patient AUC {'undefined' if auc is None else f'{auc:.3f}'}")
+        log.info(f"{name}: per-patient AUC {format_number(r['per_patient']['auc']['auc'], 'undefined')}")
     log.info(f"results: {output_dir}")
     return EvaluationResult(output_dir, metrics, slides, patients)
 
