@@ -75,9 +75,8 @@ class ClamOutput:
     probs: torch.Tensor  # (B, C), softmax of logits
     attention: torch.Tensor  # (B, K, N), softmax over each bag's valid instances, 0 at padding
     attention_raw: torch.Tensor  # (B, K, N), before the softmax, 0 at padding
-    instance_loss: (
-        torch.Tensor | None
-    )  # mean over bags; None without labels, or in eval mode unless instance_eval
+    # Scalar mean over bags; None without labels, or in eval mode unless forward's instance_eval=True.
+    instance_loss: torch.Tensor | None
     # (2,): correct and all predictions of the instance classifiers on the top and bottom k_sample
     # instances (CLAM's clustering accuracy); computed with instance_loss, else None.
     instance_hits: torch.Tensor | None = None
