@@ -80,8 +80,8 @@ def make_loader(
         collate_fn=collate_bags,
         num_workers=plan.num_workers,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(config.seed),
-    )  # seeds worker processes only
+        generator=torch.Generator().manual_seed(config.seed),  # seeds worker processes only
+    )
 
 
 def train_one_epoch(

@@ -166,9 +166,8 @@ def _explain(
     prediction: SlidePrediction, names: Sequence[str], out_dir: Path, data_dir: Path | None, top_k: int
 ) -> dict[str, Any]:
     record = prediction.record
-    bag = read_bag(
-        record.path
-    )  # tile names, coordinates and attributes; the features were read by the loader
+    # For its tile names, coordinates and attributes; the features were read by the loader.
+    bag = read_bag(record.path)
     slide = heatmaps.slide_attention(
         record.slide_id,
         record.patient_id,

@@ -77,9 +77,8 @@ class SlidePrediction:
     probs: np.ndarray  # (C,)
     attention: np.ndarray  # (K, N), K = 1 (CLAM-SB) or C (CLAM-MB)
     attention_raw: np.ndarray  # (K, N)
-    pooled: dict[str, np.ndarray] = field(
-        default_factory=dict
-    )  # "mean" / "max" of the bag's raw features, (D,)
+    # "mean" / "max" of the bag's raw features, (D,)
+    pooled: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def load_model(checkpoint_path: str | Path, device: str | torch.device = "auto") -> LoadedModel:

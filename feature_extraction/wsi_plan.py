@@ -75,9 +75,8 @@ class SlidePlan:
     level0_magnification: float
     dimensions: tuple[int, int]  # level-0 (width, height)
     config: WsiConfig
-    mask: np.ndarray | None = field(
-        repr=False
-    )  # (h, w) bool tissue mask on the thumbnail; None from the plan cache
+    # (h, w) bool tissue mask on the thumbnail; None from the plan cache
+    mask: np.ndarray | None = field(repr=False)
     mask_scale: float = 0.0  # mask px per level-0 px
     saturation_threshold: int = 0
 
