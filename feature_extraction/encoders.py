@@ -12,6 +12,9 @@ Sources cited below (read for the facts, no code copied):
 - [UNI]: mahmoodlab/UNI README and the model cards of MahmoodLab/UNI and MahmoodLab/UNI2-h.
 - [Virchow2]: model card of paige-ai/Virchow2. [H-optimus]: model cards of bioptimus/H-optimus-0
   and bioptimus/H-optimus-1. [GigaPath]: model card and config.json of prov-gigapath/prov-gigapath.
+- [Phikon-v2]: model card and file list of owkin/phikon-v2 ("ViT-L/16 via DINOv2", Owkin
+  non-commercial licence, model.safetensors); [CONCH]: mahmoodlab/CONCH's AttentionalPooler, and
+  [TRIDENT conchv1_5]: TRIDENT's CONCH v1.5 vision tower (trunk, attn_pool_contrast, ln_contrast).
 - [CTransPath]: Xiyue-Wang/TransPath (``ctran.py``) and [TRIDENT]'s copy of its ConvStem.
 - Parameter counts: the published figure (model card or paper), checked against the network
   built here on the meta device (tests/test_encoders.py, within 1%).
@@ -152,6 +155,85 @@ def _swin_filter(state: dict, model: nn.Module) -> dict:
     from timm.models.swin_transformer import checkpoint_filter_fn  # timm is there: the model was built
 
     return checkpoint_filter_fn(state, model)
+
+
+def _phikon_v2() -> nn.Module:
+    """Phikon-v2 [Phikon-v2]: a transformers Dinov2Model, ViT-L/16 at 224 px, whose embedding is the
+    class token after the final LayerNorm (``last_hidden_state[:, 0]``, its ``pooler_output``)."""
+    try:
+        import transformers  # optional: only this encoder needs it (kept lazy)
+    except ImportError as error:
+        raise PipelineError(f"phikon_v2 needs transformers: {INSTALL_HINT}") from error
+
+    class Dinov2ClassToken(transformers.Dinov2Model):
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return super().forward(pixel_values=pixel_values).pooler_output
+
+    # The card's "ViT-L/16 via DINOv2"; the values the card's config.json would add are not verified
+    # here: weights of another shape are refused with the keys named, never loaded partly.
+    config = transformers.Dinov2Config(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=16, image_size=224
+    )
+    return Dinov2ClassToken(config)
+
+
+class AttentionalPooler(nn.Module):
+    """CoCa's attentional pooler as CONCH uses it [CONCH]: learned queries attend (multi-head, scaled
+    dot product, no residual, no MLP) over the layer-normalised tokens of the trunk."""
+
+    def __init__(self, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 1) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_queries, d_model))
+        self.heads = n_head
+        self.scale = (d_model // n_head) ** -0.5
+        self.ln_k = nn.LayerNorm(context_dim)
+        self.ln_q = nn.LayerNorm(d_model)
+        self.to_q = nn.Linear(d_model, d_model, bias=False)
+        self.to_kv = nn.Linear(context_dim, d_model * 2, bias=False)
+        self.to_out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch = tokens.shape[0]
+        context = self.ln_k(tokens)
+        q = self.to_q(self.ln_q(self.query)).expand(batch, -1, -1)
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
+        attention = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.to_out((attention @ v).transpose(1, 2).flatten(2))
+
+
+class ConchVisionTower(nn.Module):
+    """CONCH v1.5's image encoder [TRIDENT conchv1_5]: a ViT-L/16 trunk (LayerScale 1.0) at 448 px, its
+    tokens pooled by one attentional query, then a LayerNorm: (N, 3, 448, 448) -> (N, 768)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = _timm().create_model(
+            "vit_large_patch16_224", pretrained=False, num_classes=0, img_size=448, init_values=1.0
+        )
+        self.attn_pool_contrast = AttentionalPooler(d_model=768, context_dim=1024, n_head=8, n_queries=1)
+        self.ln_contrast = nn.LayerNorm(768)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
+
+
+def _conch_filter(state: dict, model: nn.Module) -> dict:
+    """The published trunk is built for 224 px (a 14 x 14 grid of position embeddings) and run at
+    448 px: its position embeddings are resampled once to 28 x 28 here, as the authors' forward
+    does on every call (DINO's bicubic resampling with a scale factor of (28 + 0.1) / 14)."""
+    key = "trunk.pos_embed"
+    grid = model.trunk.patch_embed.grid_size[0]
+    if key in state and state[key].shape[1] == 1 + 14 * 14 and grid != 14:
+        cls, patches = state[key][:, :1], state[key][:, 1:]
+        patches = patches.float().reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+        scale = (grid + 0.1) / 14
+        patches = nn.functional.interpolate(
+            patches, scale_factor=(scale, scale), mode="bicubic", align_corners=False
+        )
+        patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(cls.dtype)
+        state = {**state, key: torch.cat([cls, patches], dim=1)}
+    return state
 
 
 ENCODERS: dict[str, Encoder] = {
@@ -317,7 +399,53 @@ ENCODERS: dict[str, Encoder] = {
             ),
             resize_size=256,
         ),
+        Encoder(
+            "conch_v15",
+            448,  # [TRIDENT] Resize(448) + CenterCrop(448), ImageNet mean/std
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            768,  # the attentional pooler's one query, after ln_contrast [TRIDENT conchv1_5]
+            ConchVisionTower,
+            EncoderCard(
+                architecture="ViT-L/16 at 448 px + attentional pooler (CONCH v1.5 vision tower)",
+                params=306_711_296,  # no published figure found; built here (trunk with a 28 x 28 grid)
+                tokens="attentional pooling of all tokens (one query)",
+                resize="resize to 448, centre crop 448",
+                licence="CC-BY-NC-ND-4.0, gated",  # MahmoodLab's terms for its models [UNI]
+                hub_repo="MahmoodLab/conchv1_5",
+                weight_files=("pytorch_model_vision.bin",),
+                gated=True,
+            ),
+            state_filter=_conch_filter,
+        ),
+        Encoder(
+            "phikon_v2",
+            224,  # [Phikon-v2] via [TRIDENT]: Resize(224) + CenterCrop(224), ImageNet mean/std
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            1024,
+            _phikon_v2,
+            EncoderCard(
+                architecture="ViT-L/16, DINOv2 (transformers Dinov2Model)",
+                params=303_351_808,  # [Phikon-v2] ViT-L, about 303M (built here 303,351,808)
+                tokens="class token",
+                resize="resize to 224, centre crop 224",
+                licence="Owkin non-commercial licence",
+                hub_repo="owkin/phikon-v2",
+                weight_files=("model.safetensors",),
+                library="transformers",
+            ),
+        ),
     )
 }
 
-__all__ = ["ENCODERS", "ClassAndMeanTokens", "ConvStem", "Encoder", "EncoderCard", "timm_available"]
+__all__ = [
+    "ENCODERS",
+    "AttentionalPooler",
+    "ClassAndMeanTokens",
+    "ConchVisionTower",
+    "ConvStem",
+    "Encoder",
+    "EncoderCard",
+    "timm_available",
+]

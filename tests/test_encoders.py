@@ -62,6 +62,8 @@ def tiny_vit(monkeypatch):
 @pytest.mark.parametrize("name", sorted(ENCODERS))
 def test_each_encoder_has_its_published_size_and_output_dimension(name):
     spec = BACKBONES[name]
+    if spec.card.library == "transformers":
+        pytest.importorskip("transformers")
     with torch.device("meta"):
         model = spec.builder().eval()
         out = model(torch.zeros(2, 3, spec.input_size, spec.input_size))
@@ -329,6 +331,21 @@ def test_a_checkpoint_of_one_encoder_is_refused_on_another_encoders_cache(tmp_pa
     )
     with pytest.raises(PipelineError, match=uni_key):
         evaluate(config)
+
+
+def test_conch_v15_position_embeddings_of_the_224_px_trunk_are_resampled_to_448_px():
+    with torch.device("meta"):
+        model = BACKBONES["conch_v15"].builder()
+    cls, grid = torch.randn(1, 1, 8), torch.randn(1, 14 * 14, 8)
+    state = {"trunk.pos_embed": torch.cat([cls, grid], dim=1), "ln_contrast.weight": torch.ones(768)}
+    resampled = BACKBONES["conch_v15"].state_filter(state, model)
+    assert resampled["trunk.pos_embed"].shape == (1, 1 + 28 * 28, 8)
+    assert torch.equal(resampled["trunk.pos_embed"][:, :1], cls)  # the class token's embedding is kept
+    assert resampled["ln_contrast.weight"] is state["ln_contrast.weight"]
+    as_saved = {"trunk.pos_embed": resampled["trunk.pos_embed"]}  # a file saved at 448 px is left alone
+    assert (
+        BACKBONES["conch_v15"].state_filter(as_saved, model)["trunk.pos_embed"] is as_saved["trunk.pos_embed"]
+    )
 
 
 def test_describe_names_random_encoder_weights(tiny_vit):
