@@ -276,11 +276,13 @@ def _hub_weights_file(spec: BackboneSpec, asked: str) -> Path:
 
 def _encoder_with_weights(spec: BackboneSpec, state: dict[str, torch.Tensor], source: str) -> nn.Module:
     """The encoder built on the meta device, ``state`` assigned to it (no second copy in memory)
-    after a strict check: every key present, none unexpected, every shape right."""
+    after a strict check: every key present, none unexpected, every shape right. Half-precision
+    files are widened to float32 (the runtimes choose the precision, not the file)."""
     with torch.device("meta"):
         module = spec.builder()
     if spec.state_filter is not None:
         state = spec.state_filter(state, module)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     problems = fit_problems(module.state_dict(), state)
     if problems:
         raise PipelineError(
@@ -288,12 +290,12 @@ def _encoder_with_weights(spec: BackboneSpec, state: dict[str, torch.Tensor], so
             f"({spec.card.hub_repo} {', '.join(spec.card.weight_files)}), or choose the --backbone these "
             "weights belong to."
         )
-    module.load_state_dict(state, strict=True, assign=True)
+    module.load_state_dict(state, strict=False, assign=True)  # strict: checked above, with clearer words
     if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
         # Buffers the network computes itself (a Swin's attention indices) are not in the file:
         # small networks like these are built for real and the weights copied in.
         module = spec.builder()
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=False)
     return module
 
 

@@ -178,6 +178,14 @@ def test_a_saved_random_encoder_round_trips_with_identical_features_and_digest(s
         assert torch.equal(loaded.module(x), reference.module(x))
 
 
+def test_a_half_precision_file_loads_as_float32(tiny_vit, tmp_path):
+    reference = load_backbone("tiny_vit", "random")
+    torch.save({k: v.half() for k, v in reference.module.state_dict().items()}, tmp_path / "half.bin")
+    loaded = load_backbone("tiny_vit", tmp_path / "half.bin")
+    assert {p.dtype for p in loaded.module.parameters()} == {torch.float32}
+    assert loaded.weights_digest != reference.weights_digest  # rounded values: another cache
+
+
 def test_ctranspath_weights_round_trip_through_a_file(tmp_path):
     reference = load_backbone("ctranspath", "random")
     torch.save({"model": reference.module.state_dict()}, tmp_path / "ctranspath.pth")  # the authors' wrapper
