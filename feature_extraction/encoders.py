@@ -1,8 +1,8 @@
 """Pathology foundation-model encoders: their published architectures, inputs and weight files.
 
-Each ``Encoder`` builds its network with ``timm`` (an optional extra:
-``pip install 'clam-egfr[encoders]'``) exactly as its authors publish it, so their weight files
-load key for key. ``feature_extraction.backbones`` registers them next to the ResNets; weights
+Each ``Encoder`` builds its network with ``timm`` (``transformers`` for Phikon-v2; both an optional
+extra: ``pip install 'clam-egfr[encoders]'``) exactly as its authors publish it, so their weight
+files load key for key. ``feature_extraction.backbones`` registers them next to the ResNets; weights
 come from ``feature_extraction.weights``.
 
 Sources cited below (read for the facts, no code copied):
@@ -16,8 +16,9 @@ Sources cited below (read for the facts, no code copied):
   non-commercial licence, model.safetensors); [CONCH]: mahmoodlab/CONCH's AttentionalPooler, and
   [TRIDENT conchv1_5]: TRIDENT's CONCH v1.5 vision tower (trunk, attn_pool_contrast, ln_contrast).
 - [CTransPath]: Xiyue-Wang/TransPath (``ctran.py``) and [TRIDENT]'s copy of its ConvStem.
-- Parameter counts: the published figure (model card or paper), checked against the network
-  built here on the meta device (tests/test_encoders.py, within 1%).
+- Parameter counts: ``EncoderCard.params`` is the count of the network as its authors' code builds
+  it (the same count was taken independently with timm 1.0.31); the comment beside it gives the
+  published figure, which tests/test_encoders.py checks at the precision it is published with.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class EncoderCard:
     """What ``--list_backbones`` shows, and where an encoder's weights come from."""
 
     architecture: str
-    params: int  # the published parameter count
+    params: int  # the parameter count of the published architecture
     tokens: str  # which tokens (or pooling) form the embedding
     resize: str  # the published resize / crop rule
     licence: str

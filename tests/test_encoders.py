@@ -59,6 +59,18 @@ def tiny_vit(monkeypatch):
     return "tiny_vit"
 
 
+# Published parameter counts and half a unit of their last digit, where a figure is published
+# (model card, paper or TRIDENT's table; see feature_extraction/encoders.py).
+PUBLISHED = {
+    "ctranspath": (27.5e6, 0.05e6),
+    "virchow2": (632e6, 0.5e6),
+    "h_optimus_0": (1.1e9, 0.05e9),
+    "gigapath": (1.13e9, 0.005e9),
+    "phikon_v2": (303e6, 0.5e6),
+    "uni_v1": (303e6, 0.5e6),
+}
+
+
 @pytest.mark.parametrize("name", sorted(ENCODERS))
 def test_each_encoder_has_its_published_size_and_output_dimension(name):
     spec = BACKBONES[name]
@@ -69,6 +81,9 @@ def test_each_encoder_has_its_published_size_and_output_dimension(name):
         out = model(torch.zeros(2, 3, spec.input_size, spec.input_size))
     params = sum(p.numel() for p in model.parameters())
     assert abs(params - spec.card.params) <= 0.01 * spec.card.params, (params, spec.card.params)
+    if name in PUBLISHED:
+        figure, precision = PUBLISHED[name]
+        assert abs(params - figure) <= max(precision, 0.01 * figure), (params, figure)
     assert out.shape == (2, spec.feature_dim)
     assert spec.card.hub_repo and spec.card.weight_files and spec.card.licence
     assert spec.default_weights == "hub"
