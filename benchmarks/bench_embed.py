@@ -251,7 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         paths = build_cohort(workdir / "train", n_tiles)
         features_dir = workdir / "features"
         backbone = load_backbone(args.backbone, "random")  # speed does not depend on the weight values
-        plan = plan_compute(args.device, args.precision, args.runtime, args.batch_size, num_workers)
+        plan = plan_compute(
+            args.device,
+            args.precision,
+            args.runtime,
+            args.batch_size,
+            num_workers,
+            cpu_onnx=backbone.spec.cpu_onnx,
+        )
         common = EmbedConfig(
             backbone=args.backbone,
             weights="random",

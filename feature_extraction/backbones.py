@@ -94,6 +94,7 @@ class BackboneSpec:
     card: EncoderCard | None = None
     resize_size: int = 0
     state_filter: Callable[[dict, nn.Module], dict] | None = field(default=None, compare=False)
+    cpu_onnx: bool = True  # --runtime auto on a CPU: ONNX Runtime (faster here), else eager PyTorch
 
     @property
     def default_weights(self) -> str:
@@ -170,6 +171,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             card=e.card,
             resize_size=e.resize_size,
             state_filter=e.state_filter,
+            cpu_onnx=e.cpu_onnx,
         )
         for e in ENCODERS.values()
     },

@@ -183,7 +183,12 @@ def embed_cohort(
 
     # Bad options fail before any work.
     plan = plan_compute(
-        config.device, config.precision, config.runtime, config.batch_size, config.num_workers
+        config.device,
+        config.precision,
+        config.runtime,
+        config.batch_size,
+        config.num_workers,
+        cpu_onnx=loaded.spec.cpu_onnx,
     )
     job = EmbeddingRun(
         cache_dir,
@@ -382,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime",
         choices=RUNTIMES,
         default="auto",
-        help="auto: ONNX Runtime on a CPU when installed, else PyTorch (default: auto)",
+        help="auto: ONNX Runtime on a CPU when installed for the ResNets, else PyTorch (default: auto)",
     )
     parser.add_argument(
         "--overwrite",

@@ -71,6 +71,9 @@ class Encoder:
     resize_size: int = 0  # > input_size: resize the tile to this, then centre-crop input_size
     # Keys of a published file that the network recomputes and does not store, and renames.
     state_filter: Callable[[dict, nn.Module], dict] | None = field(default=None, compare=False)
+    # On a CPU, ONNX Runtime ran CTransPath (Swin) 3x and UNI (ViT-L) 1.3x slower than eager PyTorch
+    # (benchmarks/bench_embed.py, 2-core Xeon): --runtime auto runs them eagerly.
+    cpu_onnx: bool = False
 
 
 def timm_available() -> bool:

@@ -166,11 +166,21 @@ def test_when_the_onnx_export_fails_the_runtime_falls_back_to_torch(tmp_path, mo
     caplog.set_level(logging.INFO)
     data = he_cohort(tmp_path / "train")
     config = EmbedConfig(
-        backbone="ctranspath", weights="random", runtime="auto", num_workers=0, progress=False
+        backbone="ctranspath", weights="random", runtime="onnxruntime", num_workers=0, progress=False
     )
     report = embed_cohort(dataclasses.replace(config, device="cpu"), data, features_dir=tmp_path / "f")
     assert report.runtime == "torch"
     assert "ONNX Runtime unavailable for ctranspath" in caplog.text and "cannot be exported" in caplog.text
+
+
+def test_on_a_cpu_auto_runs_the_encoders_eagerly_and_the_resnets_through_onnx_runtime(monkeypatch):
+    from feature_extraction import runtime
+
+    monkeypatch.setattr(runtime, "onnxruntime_available", lambda: True)
+    assert not BACKBONES["uni_v1"].cpu_onnx and not BACKBONES["ctranspath"].cpu_onnx
+    assert BACKBONES["resnet50_trunc"].cpu_onnx
+    assert runtime.plan_compute("cpu", cpu_onnx=False).runtime == "torch"
+    assert runtime.plan_compute("cpu", cpu_onnx=True).runtime == "onnxruntime"
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".bin", ".safetensors"])
