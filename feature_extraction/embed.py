@@ -72,7 +72,7 @@ class EmbedConfig:
     embedded anew). ``to_dict`` / ``from_dict`` round-trip it through JSON."""
 
     backbone: str = DEFAULT_BACKBONE
-    weights: str = "imagenet"  # imagenet, random (testing only), or the path of a state-dict file
+    weights: str = "imagenet"  # imagenet (ResNets), hub (encoders), random (testing), or a weights path
     max_tiles: int = 100
     seed: int = 0
     wsi: WsiConfig | None = None

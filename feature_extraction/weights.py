@@ -7,8 +7,8 @@
 - ``check_fit(expected, state, ...)``: strict matching. Any missing or unexpected key, or a wrong
   shape, is a PipelineError that names them: never a silently half-random model.
 - ``hub_cached_file(repo, file)``: the file in the Hugging Face hub cache (``HF_HOME``,
-  ``HF_HUB_CACHE``), never downloaded unless ``allow_download`` and ``HF_HUB_OFFLINE`` is unset;
-  when absent (or gated), a PipelineError says which repository and file to fetch and where to put it.
+  ``HF_HUB_CACHE``), never downloaded during a run; when it is absent (or gated),
+  ``missing_hub_weights_message`` says which repository and file to fetch and where to put them.
 - ``read_weights_map(path)``: a JSON or TOML file mapping encoder names to weight paths (like
   TRIDENT's ``local_ckpts.json``).
 """
@@ -137,33 +137,19 @@ def hub_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def hub_cached_file(
-    repo: str, filename: str, repo_type: str = "model", allow_download: bool = False
-) -> Path | None:
+def hub_cached_file(repo: str, filename: str, repo_type: str = "model") -> Path | None:
     """The path of ``filename`` of hub repository ``repo`` in the local hub cache, or None.
 
-    With ``allow_download`` (and HF_HUB_OFFLINE unset) a missing file is fetched into the cache,
-    with the token of ``huggingface-cli login`` / HF_TOKEN for gated repositories."""
+    Never downloads: a run reads weights that are already here (``missing_hub_weights_message``
+    says how to fetch them)."""
     try:
-        import huggingface_hub  # optional: the encoders extra installs it
+        import huggingface_hub  # optional: the encoders extra installs it (kept lazy)
     except ImportError:
         return _scan_hub_cache(repo, filename, repo_type)
     cached = huggingface_hub.try_to_load_from_cache(
         repo, filename, cache_dir=str(hub_cache_dir()), repo_type=repo_type
     )
-    if isinstance(cached, str):
-        return Path(cached)
-    if not allow_download or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return None
-    try:
-        return Path(
-            huggingface_hub.hf_hub_download(
-                repo, filename, cache_dir=str(hub_cache_dir()), repo_type=repo_type
-            )
-        )
-    except Exception as error:  # gated without a token, no network, no such file
-        log.warning(f"could not download {filename} of {repo} ({type(error).__name__}: {str(error)[:200]})")
-        return None
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def _scan_hub_cache(repo: str, filename: str, repo_type: str) -> Path | None:

@@ -203,6 +203,14 @@ def test_a_saved_random_encoder_round_trips_with_identical_features_and_digest(s
         assert torch.equal(loaded.module(x), reference.module(x))
 
 
+def test_loaded_weights_are_assigned_to_the_meta_built_encoder_not_copied(tiny_vit, tmp_path, monkeypatch):
+    state = load_backbone("tiny_vit", "random").module.state_dict()
+    monkeypatch.setattr(backbones, "read_state_dict", lambda *args, **kwargs: dict(state))
+    (tmp_path / "w.bin").write_bytes(b"read by the patched reader")
+    loaded = load_backbone("tiny_vit", tmp_path / "w.bin").module.state_dict()
+    assert all(loaded[k].data_ptr() == v.data_ptr() for k, v in state.items())  # one copy in memory
+
+
 def test_a_half_precision_file_loads_as_float32(tiny_vit, tmp_path):
     reference = load_backbone("tiny_vit", "random")
     torch.save({k: v.half() for k, v in reference.module.state_dict().items()}, tmp_path / "half.bin")
