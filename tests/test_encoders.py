@@ -229,6 +229,27 @@ def test_ctranspath_weights_round_trip_through_a_file(tmp_path):
         assert torch.equal(loaded.module(x), reference.module(x))
 
 
+def test_ctranspath_weights_in_the_authors_timm_0_5_layout_load(tmp_path):
+    """Their file (timm 0.5.4) ends each stage with its downsample and stores the attention index
+    buffers; timm's converter moves the one and drops the others, and the digest is the same."""
+    import re
+
+    reference = load_backbone("ctranspath", "random")
+    state = reference.module.state_dict()
+    old = {
+        re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", k): v
+        for k, v in state.items()
+    }
+    old["layers.0.blocks.1.attn_mask"] = torch.zeros(64, 49, 49)
+    old["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)
+    assert "layers.0.downsample.reduction.weight" in old
+    torch.save({"model": old}, tmp_path / "CHIEF_CTransPath.pth")
+    assert (
+        load_backbone("ctranspath", tmp_path / "CHIEF_CTransPath.pth").weights_digest
+        == reference.weights_digest
+    )
+
+
 def test_weights_that_do_not_fit_an_encoder_are_refused_naming_the_keys(tiny_vit, tmp_path):
     state = load_backbone("tiny_vit", "random").module.state_dict()
     missing = {k: v for k, v in state.items() if k != "blocks.1.mlp.fc2.weight"}
