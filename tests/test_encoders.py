@@ -211,6 +211,24 @@ def test_loaded_weights_are_assigned_to_the_meta_built_encoder_not_copied(tiny_v
     assert all(loaded[k].data_ptr() == v.data_ptr() for k, v in state.items())  # one copy in memory
 
 
+def test_a_hub_style_folder_loads_through_its_weight_file(tiny_vit, tmp_path):
+    from safetensors.torch import save_file
+
+    reference = load_backbone("tiny_vit", "random")
+    folder = tmp_path / "tiny-vit"
+    folder.mkdir()
+    with pytest.raises(PipelineError, match="holds none of pytorch_model.bin, model.safetensors"):
+        load_backbone("tiny_vit", folder)
+    (folder / "config.json").write_text("{}")
+    save_file(
+        {k: v.contiguous() for k, v in reference.module.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
+    loaded = load_backbone("tiny_vit", folder)
+    assert loaded.weights == "file-tiny_vit"
+    assert loaded.weights_digest == reference.weights_digest
+
+
 def test_a_half_precision_file_loads_as_float32(tiny_vit, tmp_path):
     reference = load_backbone("tiny_vit", "random")
     torch.save({k: v.half() for k, v in reference.module.state_dict().items()}, tmp_path / "half.bin")
