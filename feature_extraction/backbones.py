@@ -25,8 +25,10 @@ never needs twice its size in memory; ``"random"`` initialises them from the fix
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
+import json
 import logging
 import socket
 from collections.abc import Mapping
@@ -95,6 +97,7 @@ class BackboneSpec:
     resize_size: int = 0
     state_filter: Callable[[dict, nn.Module], dict] | None = field(default=None, compare=False)
     cpu_onnx: bool = True  # --runtime auto on a CPU: ONNX Runtime (faster here), else eager PyTorch
+    config_file: str = ""  # a config published next to the weights, which builder(config) takes
 
     @property
     def default_weights(self) -> str:
@@ -172,6 +175,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             resize_size=e.resize_size,
             state_filter=e.state_filter,
             cpu_onnx=e.cpu_onnx,
+            config_file=e.config_file,
         )
         for e in ENCODERS.values()
     },
@@ -220,7 +224,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = Non
         label = IMAGENET_LABEL
     elif str(weights) in (IMAGENET_LABEL, HUB_LABEL):
         path = _hub_weights_file(spec, str(weights))
-        module = _encoder_with_weights(spec, read_state_dict(path), str(path))
+        module = _encoder_with_weights(spec, read_state_dict(path), str(path), _published_config(spec, path))
         label, source = HUB_LABEL, f"hf://{spec.card.hub_repo}/{spec.card.weight_files[0]} ({path})"
     else:
         path = Path(weights).expanduser()
@@ -236,7 +240,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = Non
             module = spec.builder()
             _load_into(module, state, spec, str(path))
         else:
-            module = _encoder_with_weights(spec, state, str(path))
+            module = _encoder_with_weights(spec, state, str(path), _published_config(spec, path))
         label, source = f"file-{_safe_label(path.stem)}", str(path.resolve())
     module.eval().requires_grad_(False)
     return LoadedBackbone(spec, module, label, weights_digest(module), source)
@@ -270,18 +274,41 @@ def _hub_weights_file(spec: BackboneSpec, asked: str) -> Path:
     if path is None:
         raise PipelineError(
             missing_hub_weights_message(
-                spec.name, card.hub_repo, card.weight_files[0], card.gated, card.hub_repo_type
+                spec.name,
+                card.hub_repo,
+                card.weight_files[0],
+                card.gated,
+                card.hub_repo_type,
+                [spec.config_file] if spec.config_file else [],
             )
         )
     return path
 
 
-def _encoder_with_weights(spec: BackboneSpec, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+def _published_config(spec: BackboneSpec, weights_path: Path) -> dict | None:
+    """The config the authors publish next to the weights (``spec.config_file`` in the folder, or
+    beside the file, or in the same hub snapshot), when the encoder has one and it is there."""
+    if not spec.config_file:
+        return None
+    folder = weights_path if weights_path.is_dir() else weights_path.parent
+    path = folder / spec.config_file
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"cannot read {path} ({type(error).__name__}: {error})") from error
+
+
+def _encoder_with_weights(
+    spec: BackboneSpec, state: dict[str, torch.Tensor], source: str, config: dict | None = None
+) -> nn.Module:
     """The encoder built on the meta device, ``state`` assigned to it (no second copy in memory)
     after a strict check: every key present, none unexpected, every shape right. Half-precision
     files are widened to float32 (the runtimes choose the precision, not the file)."""
+    build = spec.builder if config is None else functools.partial(spec.builder, config)
     with torch.device("meta"):
-        module = spec.builder()
+        module = build()
     if spec.state_filter is not None:
         state = spec.state_filter(state, module)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
@@ -296,7 +323,7 @@ def _encoder_with_weights(spec: BackboneSpec, state: dict[str, torch.Tensor], so
     if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
         # Buffers the network computes itself (a Swin's attention indices) are not in the file:
         # small networks like these are built for real and the weights copied in.
-        module = spec.builder()
+        module = build()
         module.load_state_dict(state, strict=False)
     return module
 

@@ -74,6 +74,9 @@ class Encoder:
     # On a CPU, ONNX Runtime ran CTransPath (Swin) 3x and UNI (ViT-L) 1.3x slower than eager PyTorch
     # (benchmarks/bench_embed.py, 2-core Xeon): --runtime auto runs them eagerly.
     cpu_onnx: bool = False
+    # A config file published next to the weights (hub-style folder, hub snapshot) that ``builder``
+    # takes as a dict; "" when the architecture is fixed in code.
+    config_file: str = ""
 
 
 def timm_available() -> bool:
@@ -161,9 +164,10 @@ def _swin_filter(state: dict, model: nn.Module) -> dict:
     return checkpoint_filter_fn(state, model)
 
 
-def _phikon_v2() -> nn.Module:
+def _phikon_v2(config: dict | None = None) -> nn.Module:
     """Phikon-v2 [Phikon-v2]: a transformers Dinov2Model, ViT-L/16 at 224 px, whose embedding is the
-    class token after the final LayerNorm (``last_hidden_state[:, 0]``, its ``pooler_output``)."""
+    class token after the final LayerNorm (``last_hidden_state[:, 0]``, its ``pooler_output``).
+    ``config``: the values of the config.json published with the weights, when at hand."""
     try:
         import transformers  # optional: only this encoder needs it (kept lazy)
     except ImportError as error:
@@ -173,12 +177,14 @@ def _phikon_v2() -> nn.Module:
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
             return super().forward(pixel_values=pixel_values).pooler_output
 
-    # The card's "ViT-L/16 via DINOv2"; the values the card's config.json would add are not verified
-    # here: weights of another shape are refused with the keys named, never loaded partly.
-    config = transformers.Dinov2Config(
+    # Without its config.json: the card's "ViT-L/16 via DINOv2" (the other values are not verified
+    # here; weights of another shape are refused with the keys named, never loaded partly).
+    if config is not None:
+        return Dinov2ClassToken(transformers.Dinov2Config.from_dict(config))
+    default = transformers.Dinov2Config(
         hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=16, image_size=224
     )
-    return Dinov2ClassToken(config)
+    return Dinov2ClassToken(default)
 
 
 class AttentionalPooler(nn.Module):
@@ -439,6 +445,7 @@ ENCODERS: dict[str, Encoder] = {
                 weight_files=("model.safetensors",),
                 library="transformers",
             ),
+            config_file="config.json",
         ),
     )
 }

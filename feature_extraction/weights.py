@@ -160,9 +160,14 @@ def _scan_hub_cache(repo: str, filename: str, repo_type: str) -> Path | None:
 
 
 def missing_hub_weights_message(
-    name: str, repo: str, filename: str, gated: bool, repo_type: str = "model"
+    name: str,
+    repo: str,
+    filename: str,
+    gated: bool,
+    repo_type: str = "model",
+    extra_files: Sequence[str] = (),
 ) -> str:
-    """What to do when ``filename`` of ``repo`` is not in the hub cache."""
+    """What to do when ``filename`` of ``repo`` is not in the hub cache (``extra_files``: fetch them too)."""
     page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo}"
     option = " --repo-type dataset" if repo_type == "dataset" else ""
     access = f"  The repository is gated: accept its terms on {page} while logged in, then\n" if gated else ""
@@ -170,7 +175,7 @@ def missing_hub_weights_message(
         f"the weights of {name} are not in the Hugging Face hub cache ({hub_cache_dir()}), and this "
         "run does not download them.\n"
         f"{access}"
-        f"  fetch them:  huggingface-cli download{option} {repo} {filename}\n"
+        f"  fetch them:  huggingface-cli download{option} {repo} {' '.join([filename, *extra_files])}\n"
         f"  (into the hub cache; HF_HOME or HF_HUB_CACHE move it), or download {page}/resolve/main/{filename}\n"
         f"  anywhere and pass --weights /path/to/{Path(filename).name} (or list it in a --weights_map file).\n"
         "  --weights random tests the pipeline with randomly initialised weights (meaningless features)."

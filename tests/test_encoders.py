@@ -229,6 +229,30 @@ def test_a_hub_style_folder_loads_through_its_weight_file(tiny_vit, tmp_path):
     assert loaded.weights_digest == reference.weights_digest
 
 
+def test_phikon_v2_is_built_from_the_config_published_with_its_weights(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    from feature_extraction.backbones import weights_digest
+
+    config = {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config.update(patch_size=16, image_size=224, intermediate_size=64)
+    torch.manual_seed(0)
+    model = BACKBONES["phikon_v2"].builder(config)
+    folder = tmp_path / "phikon-v2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    loaded = load_backbone("phikon_v2", folder)
+    assert loaded.weights_digest == weights_digest(model)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(loaded.module(x), model.eval()(x)) and loaded.module(x).shape == (1, 32)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(PipelineError, match="download owkin/phikon-v2 model.safetensors config.json"):
+        load_backbone("phikon_v2", "hub")
+
+
 def test_a_half_precision_file_loads_as_float32(tiny_vit, tmp_path):
     reference = load_backbone("tiny_vit", "random")
     torch.save({k: v.half() for k, v in reference.module.state_dict().items()}, tmp_path / "half.bin")
