@@ -3,6 +3,7 @@
     python benchmarks/bench_embed.py --write         # CPU: 400 tiles; GPU: 8192 tiles; writes the page
     python benchmarks/bench_embed.py                 # the same, printed only
     python benchmarks/bench_embed.py --n_tiles 40    # a quick smoke test, printed only
+    python benchmarks/bench_embed.py --backbone uni_v1 --n_tiles 16 --repeats 1   # any registered encoder
 
 The section is printed to stdout; only ``--write`` replaces it in docs/benchmarks.md (or ``--out``).
 
@@ -118,7 +119,7 @@ def peer_rate(
     spec = backbone.spec
     transform = transforms.Compose(
         [
-            transforms.Resize(spec.input_size),
+            transforms.Resize(max(spec.resize_size, spec.input_size)),
             transforms.CenterCrop(spec.input_size),
             transforms.ToTensor(),
             transforms.Normalize(spec.mean, spec.std),
@@ -166,6 +167,20 @@ def limit_rate(backbone, plan, features_dir: Path, n_tiles: int) -> float:
     finally:
         torch.set_num_threads(previous)
         runner.close()
+
+
+def gflop_per_tile(name: str) -> float:
+    """GFLOP of one tile through the backbone, counted by torch's FlopCounterMode on the meta device
+    (multiply-adds count 2; no weights are needed, nothing is computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = BACKBONES[name]
+    with torch.device("meta"):
+        model = spec.builder().eval().requires_grad_(False)
+        tile = torch.zeros(1, 3, spec.input_size, spec.input_size)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(tile)
+    return counter.get_total_flops() / 1e9
 
 
 def decode_ms(paths: list[Path], input_size: int) -> float:
@@ -236,7 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         paths = build_cohort(workdir / "train", n_tiles)
         features_dir = workdir / "features"
         backbone = load_backbone(args.backbone, "random")  # speed does not depend on the weight values
-        plan = plan_compute(args.device, args.precision, args.runtime, args.batch_size, num_workers)
+        plan = plan_compute(
+            args.device,
+            args.precision,
+            args.runtime,
+            args.batch_size,
+            num_workers,
+            cpu_onnx=backbone.spec.cpu_onnx,
+        )
         common = EmbedConfig(
             backbone=args.backbone,
             weights="random",
@@ -286,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             f"`{command}` on {machine()} ({versions()}; load average {load:.2f} when it finished).",
             "",
             f"Median of {args.repeats} interleaved rounds; {n_tiles} H&E-like 256 px PNG tiles, {args.backbone} ({spec.feature_dim}-d) at {spec.input_size} px, "
+            f"{gflop_per_tile(args.backbone):.1f} GFLOP per tile, "
             f"{report.runtime} on {report.plan.describe() if report.plan else plan.describe()}.",
             "",
             "| measurement | tiles/s | ratio |",

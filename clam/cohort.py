@@ -107,11 +107,13 @@ def _embed_missing(
         _check_cache_key(cache_dir, loaded)  # refuse before spending time embedding
     missing = _not_embedded(cache_dir, slide_ids)
     backbone = loaded.cache.get("backbone") or loaded.args.get("backbone")
-    # The cache records what the features really came from ("imagenet", "random", or "file-<stem>" for a
+    # The cache records what the features really came from ("imagenet", "hub", "random", or "file-<stem>" for a
     # weights file, whose path only the arguments hold); --weights may be a default that a cache folder
     # given as --features_dir overrode.
     recorded = loaded.cache.get("weights")
-    weights = recorded if recorded in ("imagenet", "random") else loaded.args.get("weights") or recorded
+    weights = (
+        recorded if recorded in ("imagenet", "hub", "random") else loaded.args.get("weights") or recorded
+    )
     max_tiles, seed = int(loaded.cache.get("max_tiles", 0)), int(loaded.cache.get("seed", 0))
     log.info(
         f"feature cache: {len(missing)} of {len(slide_ids)} slides of {data_dir} are not in {cache_dir}; "

@@ -17,14 +17,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from clam.checkpoints import load_checkpoint, model_from_checkpoint
 from clam.crossval import cross_validate
 from clam.model import FEATURE_NORMS, INSTANCE_LOSSES, MODEL_SIZES, MODEL_TYPES
 from clam.train_config import BALANCE_CHOICES, TrainConfig
 from clam.training import train
+from feature_extraction.backbones import BACKBONES, resolve_weights
 from feature_extraction.errors import cli_main
 from feature_extraction.layout import SPLITS
+from feature_extraction.weights import read_weights_map
 
 __all__ = ["TrainConfig", "train", "main", "load_checkpoint", "model_from_checkpoint"]
 
@@ -120,9 +123,22 @@ def _feature_arguments(group: argparse._ArgumentGroup, add: _Add) -> None:
         "(holding cache.json), or with --labels_csv any folder of <slide_id>.h5 bags",
     )
     add(
-        group, "--backbone", help="backbone of the features; slides missing from the cache are embedded first"
+        group,
+        "--backbone",
+        help="backbone of the features (the ResNets or a foundation-model encoder: `python -m "
+        "feature_extraction.embed --list_backbones`); slides missing from the cache are embedded first",
     )
-    add(group, "--weights", help="backbone weights: imagenet, random or a weights file")
+    add(
+        group,
+        "--weights",
+        help="backbone weights: imagenet (the ResNets), hub (the encoders' default: the Hugging Face hub "
+        "cache), random, or a weights file",
+    )
+    group.add_argument(
+        "--weights_map",
+        default=None,
+        help="JSON or TOML file mapping backbone names to weight files, used when --weights is not given",
+    )
     add(group, "--labels_csv", help="CSV of slide_id,label[,patient_id] for the bags in --features_dir")
 
 
@@ -218,9 +234,13 @@ def _run_control_arguments(group: argparse._ArgumentGroup, add: _Add) -> None:
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[str]]:
     """(configuration, names of the arguments given on the command line)."""
-    namespace = build_parser().parse_args(argv)
-    explicit = frozenset(vars(build_parser(defaults=False).parse_args(argv)))
-    return TrainConfig(**vars(namespace)), explicit
+    values = vars(build_parser().parse_args(argv))
+    explicit = frozenset(vars(build_parser(defaults=False).parse_args(argv))) - {"weights_map"}
+    weights_map = values.pop("weights_map")
+    if "weights" not in explicit and values["backbone"] in BACKBONES:  # the backbone's own default
+        mapping = read_weights_map(Path(weights_map)) if weights_map else {}
+        values["weights"] = resolve_weights(values["backbone"], None, mapping)
+    return TrainConfig(**values), explicit
 
 
 @cli_main

@@ -12,16 +12,27 @@ Weights (``load_backbone(name, weights)``):
 - ``"random"``: initialised from a fixed seed, BatchNorm statistics calibrated on seeded
   noise (see ``_calibrate_batchnorm_on_noise``), so the digest and the cache are the same on
   every run. Only when asked for; never a silent fallback.
-- a path: a local state-dict file (``torch.load(weights_only=True)``); a full ResNet's
-  weights also fit the truncated model, and ``module.``-style prefixes are stripped.
+- a path: a local state-dict file (``torch.load(weights_only=True)``, or ``.safetensors``) or a
+  hub-style folder; a full ResNet's weights also fit the truncated model, and ``module.``-style
+  prefixes are stripped.
+- ``"hub"`` (the foundation-model encoders of ``feature_extraction.encoders``, their default): the
+  authors' file from the Hugging Face hub cache, never downloaded during a run; absent, a
+  PipelineError says which repository and file to fetch. Their weights must fit key for key.
+
+The encoders are built on the meta device and their weights assigned, not copied, so a ViT-g
+never needs twice its size in memory; ``"random"`` initialises them from the fixed seed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
+import json
+import logging
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,15 +40,20 @@ import torch
 import torchvision
 from torch import nn
 
+from feature_extraction.encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, EncoderCard
 from feature_extraction.errors import PipelineError
+from feature_extraction.weights import (
+    HUB_LABEL,
+    fit_problems,
+    hub_cached_file,
+    missing_hub_weights_message,
+    read_state_dict,
+)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_SEED = 20210301  # fixed: "random" weights must be the same tensors on every run
 RANDOM_LABEL = "random"
 IMAGENET_LABEL = "imagenet"
-_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.", "resnet.", "net.")
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+log = logging.getLogger(__name__)
 
 
 class ResNetTrunk(nn.Module):
@@ -63,7 +79,12 @@ class ResNetTrunk(nn.Module):
 @dataclass(frozen=True)
 class BackboneSpec:
     """A named backbone: ``builder()`` returns the untrained module mapping
-    (N, 3, input_size, input_size) normalised float images to (N, feature_dim) features."""
+    (N, 3, input_size, input_size) normalised float images to (N, feature_dim) features.
+
+    ``imagenet_weights``: the torchvision weights whose state dict fits ``builder()``'s full net
+    (the ResNets). ``card``: a foundation-model encoder's published facts and weight files (its
+    weights default to ``"hub"``). ``resize_size``: when larger than ``input_size``, tiles are
+    resized to it and centre-cropped to ``input_size``."""
 
     name: str
     input_size: int
@@ -71,9 +92,16 @@ class BackboneSpec:
     std: tuple[float, float, float]
     feature_dim: int
     builder: Callable[[], nn.Module]
-    imagenet_weights: Callable[
-        [], torchvision.models.WeightsEnum
-    ]  # whose state dict fits builder()'s full net
+    imagenet_weights: Callable[[], torchvision.models.WeightsEnum] | None = None
+    card: EncoderCard | None = None
+    resize_size: int = 0
+    state_filter: Callable[[dict, nn.Module], dict] | None = field(default=None, compare=False)
+    cpu_onnx: bool = True  # --runtime auto on a CPU: ONNX Runtime (faster here), else eager PyTorch
+    config_file: str = ""  # a config published next to the weights, which builder(config) takes
+
+    @property
+    def default_weights(self) -> str:
+        return IMAGENET_LABEL if self.card is None else HUB_LABEL
 
 
 def _resnet(arch: str, last_layer: str) -> Callable[[], nn.Module]:
@@ -83,7 +111,7 @@ def _resnet(arch: str, last_layer: str) -> Callable[[], nn.Module]:
     return build
 
 
-BACKBONES: dict[str, BackboneSpec] = {
+RESNETS: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
         # CLAM's standard: ResNet-50 through layer3 (conv4_x), average pooled, 1024 features.
@@ -116,6 +144,42 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
     )
 }
+# What --list_backbones says of the ResNets (parameter counts of the networks as built here).
+_TORCHVISION_LICENCE = "BSD-3-Clause (torchvision), ImageNet weights"
+RESNET_CARDS: dict[str, EncoderCard] = {
+    "resnet50_trunc": EncoderCard(
+        "ResNet-50 to layer3, average pooled (CLAM)",
+        8_543_296,
+        "pooled",
+        "resize to 224",
+        _TORCHVISION_LICENCE,
+    ),
+    "resnet50": EncoderCard(
+        "ResNet-50, average pooled", 23_508_032, "pooled", "resize to 224", _TORCHVISION_LICENCE
+    ),
+    "resnet18": EncoderCard(
+        "ResNet-18, average pooled", 11_176_512, "pooled", "resize to 224", _TORCHVISION_LICENCE
+    ),
+}
+BACKBONES: dict[str, BackboneSpec] = {
+    **RESNETS,
+    **{
+        e.name: BackboneSpec(
+            e.name,
+            e.input_size,
+            e.mean,
+            e.std,
+            e.feature_dim,
+            e.builder,
+            card=e.card,
+            resize_size=e.resize_size,
+            state_filter=e.state_filter,
+            cpu_onnx=e.cpu_onnx,
+            config_file=e.config_file,
+        )
+        for e in ENCODERS.values()
+    },
+}
 DEFAULT_BACKBONE = "resnet50_trunc"
 
 
@@ -143,34 +207,125 @@ def get_spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
-def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path = IMAGENET_LABEL) -> LoadedBackbone:
-    """Build backbone ``name`` with ``weights`` ("imagenet", "random" or a state-dict path).
+def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None) -> LoadedBackbone:
+    """Build backbone ``name`` with ``weights``: "imagenet" (the ResNets), "hub" (the encoders), "random",
+    or a state-dict file or hub-style folder; None: the backbone's default ("imagenet" or "hub").
 
     Raises PipelineError when the weights cannot be had or do not fit the backbone."""
     spec = get_spec(name)
+    weights = spec.default_weights if weights is None else weights
     if str(weights) == RANDOM_LABEL:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_SEED)
-            module = spec.builder()
-        _calibrate_batchnorm_on_noise(module)
+        module = _random_module(spec)
         label, source = RANDOM_LABEL, f"random(seed={RANDOM_SEED}, batchnorm calibrated on seeded noise)"
-    elif str(weights) == IMAGENET_LABEL:
+    elif str(weights) == IMAGENET_LABEL and spec.imagenet_weights is not None:
         module = spec.builder()
         state, source = _imagenet_state_dict(spec)
         _load_into(module, state, spec, source)
         label = IMAGENET_LABEL
+    elif str(weights) in (IMAGENET_LABEL, HUB_LABEL):
+        path = _hub_weights_file(spec, str(weights))
+        module = _encoder_with_weights(spec, read_state_dict(path), str(path), _published_config(spec, path))
+        label, source = HUB_LABEL, f"hf://{spec.card.hub_repo}/{spec.card.weight_files[0]} ({path})"
     else:
         path = Path(weights).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise PipelineError(
-                f"weights file {path} does not exist. Pass --weights imagenet, --weights random, "
-                "or the path of a state-dict file (.pth/.pt) of a torchvision-style ResNet."
+                f"weights file {path} does not exist. Pass --weights {spec.default_weights}, --weights random, "
+                "or the path of a state-dict file (.pth/.bin/.safetensors) or hub-style folder of "
+                f"{spec.name}."
             )
-        module = spec.builder()
-        _load_into(module, _read_state_dict(path), spec, str(path))
+        files = spec.card.weight_files if spec.card else ()
+        state = read_state_dict(path, [Path(f).name for f in files])
+        if spec.card is None:
+            module = spec.builder()
+            _load_into(module, state, spec, str(path))
+        else:
+            module = _encoder_with_weights(spec, state, str(path), _published_config(spec, path))
         label, source = f"file-{_safe_label(path.stem)}", str(path.resolve())
     module.eval().requires_grad_(False)
     return LoadedBackbone(spec, module, label, weights_digest(module), source)
+
+
+def _random_module(spec: BackboneSpec) -> nn.Module:
+    """The backbone initialised from the fixed seed, its BatchNorms calibrated on seeded noise."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        module = spec.builder()
+    # The ResNets keep the small noise images their digests were first taken with; a Swin needs its size.
+    if spec.card is None:
+        _calibrate_batchnorm_on_noise(module)
+    else:
+        _calibrate_batchnorm_on_noise(module, n_images=4, size=spec.input_size)
+    return module
+
+
+def _hub_weights_file(spec: BackboneSpec, asked: str) -> Path:
+    card = spec.card
+    if card is not None and asked == IMAGENET_LABEL:
+        raise PipelineError(
+            f"{spec.name} has no ImageNet weights: pass --weights hub (its authors' weights, from the Hugging "
+            "Face hub cache), --weights PATH (their file) or --weights random"
+        )
+    if card is None or not card.hub_repo:
+        raise PipelineError(
+            f"{spec.name} has no {asked} weights: pass --weights PATH (a state-dict file) or --weights random"
+        )
+    path = hub_cached_file(card.hub_repo, card.weight_files[0], card.hub_repo_type)
+    if path is None:
+        raise PipelineError(
+            missing_hub_weights_message(
+                spec.name,
+                card.hub_repo,
+                card.weight_files[0],
+                card.gated,
+                card.hub_repo_type,
+                [spec.config_file] if spec.config_file else [],
+            )
+        )
+    return path
+
+
+def _published_config(spec: BackboneSpec, weights_path: Path) -> dict | None:
+    """The config the authors publish next to the weights (``spec.config_file`` in the folder, or
+    beside the file, or in the same hub snapshot), when the encoder has one and it is there."""
+    if not spec.config_file:
+        return None
+    folder = weights_path if weights_path.is_dir() else weights_path.parent
+    path = folder / spec.config_file
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"cannot read {path} ({type(error).__name__}: {error})") from error
+
+
+def _encoder_with_weights(
+    spec: BackboneSpec, state: dict[str, torch.Tensor], source: str, config: dict | None = None
+) -> nn.Module:
+    """The encoder built on the meta device, ``state`` assigned to it (no second copy in memory)
+    after a strict check: every key present, none unexpected, every shape right. Half-precision
+    files are widened to float32 (the runtimes choose the precision, not the file)."""
+    build = spec.builder if config is None else functools.partial(spec.builder, config)
+    with torch.device("meta"):
+        module = build()
+    if spec.state_filter is not None:
+        state = spec.state_filter(state, module)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    problems = fit_problems(module.state_dict(), state)
+    if problems:
+        raise PipelineError(
+            f"weights from {source} do not fit {spec.name} ({problems}). Pass the weights its authors publish "
+            f"({spec.card.hub_repo} {', '.join(spec.card.weight_files)}), or choose the --backbone these "
+            "weights belong to."
+        )
+    module.load_state_dict(state, strict=False, assign=True)  # strict: checked above, with clearer words
+    if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
+        # Buffers the network computes itself (a Swin's attention indices) are not in the file:
+        # small networks like these are built for real and the weights copied in.
+        module = build()
+        module.load_state_dict(state, strict=False)
+    return module
 
 
 def _calibrate_batchnorm_on_noise(module: nn.Module, n_images: int = 16, size: int = 128) -> None:
@@ -233,63 +388,18 @@ def _imagenet_state_dict(spec: BackboneSpec) -> tuple[dict[str, torch.Tensor], s
             ) from error
         finally:
             socket.setdefaulttimeout(previous)
-    return _read_state_dict(target), url
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise PipelineError(
-            f"cannot read weights file {path} ({type(error).__name__}: {error}). It must be a PyTorch "
-            "state dict saved with torch.save(model.state_dict(), path); a truncated download must be "
-            "downloaded again."
-        ) from error
-    for key in _WRAPPER_KEYS:  # checkpoints often wrap the state dict
-        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
-            loaded = loaded[key]
-            break
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise PipelineError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
-    return _strip_prefixes(dict(loaded))
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in _PREFIXES:
-            if all(key.startswith(prefix) for key in state):
-                state = {key[len(prefix) :]: value for key, value in state.items()}
-                changed = True
-    return state
+    return read_state_dict(target), url
 
 
 def _load_into(module: nn.Module, state: dict[str, torch.Tensor], spec: BackboneSpec, source: str) -> None:
-    """Load ``state`` into ``module``; keys of layers the module does not have (a full ResNet's
+    """Load ``state`` into a ResNet ``module``; keys of layers the module does not have (a full ResNet's
     layer4/fc for a truncated one) are allowed, anything else missing or unexpected is an error."""
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     kept_layers = {k.split(".")[0] for k in expected}
-    unexpected = [k for k in state if k not in expected and k.split(".")[0] in kept_layers]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if not (set(state) & set(expected)) or missing or unexpected or mismatched:
-        details = "; ".join(
-            part
-            for part in (
-                f"missing {len(missing)} (e.g. {', '.join(missing[:3])})" if missing else "",
-                f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
-                f"wrong shape: {', '.join(mismatched[:3])}" if mismatched else "",
-                "no parameter name in common" if not (set(state) & set(expected)) else "",
-            )
-            if part
-        )
+    problems = fit_problems(expected, state, ignore_unexpected=lambda k: k.split(".")[0] not in kept_layers)
+    if problems:
         raise PipelineError(
-            f"weights from {source} do not fit backbone {spec.name} ({details}). Pass the weights of a "
+            f"weights from {source} do not fit backbone {spec.name} ({problems}). Pass the weights of a "
             f"torchvision {spec.name.split('_')[0]} (a full network's weights also fit {spec.name}), or "
             "choose the --backbone these weights belong to."
         )
@@ -299,6 +409,53 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], spec: Backbone
 def _safe_label(text: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "._" else "_" for c in text)
     return cleaned.strip("._")[:40] or "weights"
+
+
+def resolve_weights(name: str, weights: str | None, weights_map: Mapping[str, str] | None = None) -> str:
+    """The weights to load: ``weights`` when given, else ``name``'s entry of ``weights_map``, else its
+    default ("imagenet" for the ResNets, "hub" for the foundation-model encoders)."""
+    if weights is not None:
+        return str(weights)
+    if weights_map and name in weights_map:
+        return weights_map[name]
+    return get_spec(name).default_weights
+
+
+def weights_found(spec: BackboneSpec, weights_map: Mapping[str, str] | None = None) -> str:
+    """Where ``spec``'s default weights are on this machine ("no" when nowhere), without loading them."""
+    if weights_map and spec.name in weights_map:
+        return "weights map" if Path(weights_map[spec.name]).exists() else "no (weights map path missing)"
+    if spec.card is None:
+        assert spec.imagenet_weights is not None
+        file_name = spec.imagenet_weights().url.rsplit("/", 1)[-1]
+        return (
+            "torch hub cache" if (Path(torch.hub.get_dir()) / "checkpoints" / file_name).is_file() else "no"
+        )
+    card = spec.card
+    return "hub cache" if hub_cached_file(card.hub_repo, card.weight_files[0], card.hub_repo_type) else "no"
+
+
+def backbone_table(weights_map: Mapping[str, str] | None = None) -> str:
+    """Every registered backbone as a text table (name, architecture, input, dim, params, licence,
+    weights found here), from the registry alone: no model is built, no weight is read."""
+    header = ("name", "architecture", "input", "dim", "params", "licence", "weights found")
+    rows = [header]
+    for spec in BACKBONES.values():
+        card = spec.card or RESNET_CARDS[spec.name]
+        crop = f" (crop of {spec.resize_size})" if spec.resize_size > spec.input_size else ""
+        rows.append(
+            (
+                spec.name,
+                card.architecture,
+                f"{spec.input_size} px{crop}",
+                str(spec.feature_dim),
+                f"{card.params / 1e6:,.1f}M",
+                card.licence,
+                weights_found(spec, weights_map),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def describe(backbone: LoadedBackbone) -> str:
@@ -312,6 +469,11 @@ def describe(backbone: LoadedBackbone) -> str:
 
 __all__ = [
     "BACKBONES",
+    "RESNETS",
+    "RESNET_CARDS",
+    "backbone_table",
+    "resolve_weights",
+    "weights_found",
     "BackboneSpec",
     "DEFAULT_BACKBONE",
     "LoadedBackbone",

@@ -21,7 +21,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from feature_extraction.backbones import BACKBONES, DEFAULT_BACKBONE, LoadedBackbone, describe, load_backbone
+from feature_extraction.backbones import (
+    BACKBONES,
+    DEFAULT_BACKBONE,
+    LoadedBackbone,
+    backbone_table,
+    describe,
+    load_backbone,
+    resolve_weights,
+)
 from feature_extraction.bags import read_bag_attrs
 from feature_extraction.cache import ExtractionConfig, collect_manifest, open_cache
 from feature_extraction.errors import PipelineError, cli_main
@@ -44,6 +52,7 @@ from feature_extraction.runtime import (
     rank_and_world,
 )
 from feature_extraction.sources import SUBSET_RULE, SlideSource, SlideTiles, TileTransform
+from feature_extraction.weights import read_weights_map
 from feature_extraction.wsi import WsiConfig, add_wsi_arguments, require_openslide, wsi_config_from_args
 from feature_extraction.wsi_plan import PLAN_CACHE_FOLDER
 
@@ -63,7 +72,7 @@ class EmbedConfig:
     embedded anew). ``to_dict`` / ``from_dict`` round-trip it through JSON."""
 
     backbone: str = DEFAULT_BACKBONE
-    weights: str = "imagenet"  # imagenet, random (testing only), or the path of a state-dict file
+    weights: str = "imagenet"  # imagenet (ResNets), hub (encoders), random (testing), or a weights path
     max_tiles: int = 100
     seed: int = 0
     wsi: WsiConfig | None = None
@@ -174,7 +183,12 @@ def embed_cohort(
 
     # Bad options fail before any work.
     plan = plan_compute(
-        config.device, config.precision, config.runtime, config.batch_size, config.num_workers
+        config.device,
+        config.precision,
+        config.runtime,
+        config.batch_size,
+        config.num_workers,
+        cpu_onnx=loaded.spec.cpu_onnx,
     )
     job = EmbeddingRun(
         cache_dir,
@@ -221,7 +235,7 @@ def _extraction_config(
 ) -> tuple[ExtractionConfig, TileTransform]:
     """The cache configuration of ``config`` with these weights, and the tile transform."""
     spec = loaded.spec
-    transform = TileTransform(spec.input_size, spec.mean, spec.std)
+    transform = TileTransform(spec.input_size, spec.mean, spec.std, spec.resize_size)
     extraction = ExtractionConfig(
         backbone=spec.name,
         weights=loaded.weights,
@@ -328,7 +342,8 @@ def format_summary(report: EmbedReport, max_names: int = 20) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m feature_extraction.embed",
-        description="Embed every tile with a ResNet backbone into one HDF5 bag per slide (a reusable feature cache).",
+        description="Embed every tile with a backbone (CLAM's ResNet-50 or a pathology foundation model) into one "
+        "HDF5 bag per slide (a reusable feature cache).",
     )
     parser.add_argument(
         "--data_dir", type=Path, default=None, help="cohort folder (default: <project root>/<split>)"
@@ -357,18 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiles per forward pass (default: 256 on a GPU, 16 with ONNX Runtime, 8 eager on a CPU)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the max_tiles subset (default: 0)")
-    parser.add_argument(
-        "--backbone",
-        choices=sorted(BACKBONES),
-        default=DEFAULT_BACKBONE,
-        help=f"feature extractor (default: {DEFAULT_BACKBONE}, CLAM's ResNet-50 to layer3, 1024-d)",
-    )
-    parser.add_argument(
-        "--weights",
-        default="imagenet",
-        help="imagenet (torchvision's, from the torch hub cache), random (testing only), "
-        "or the path of a state-dict file (default: imagenet)",
-    )
+    _add_backbone_arguments(parser)
     parser.add_argument(
         "--features_dir", type=Path, default=None, help="cache root (default: <project root>/features)"
     )
@@ -383,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime",
         choices=RUNTIMES,
         default="auto",
-        help="auto: ONNX Runtime on a CPU when installed, else PyTorch (default: auto)",
+        help="auto: ONNX Runtime on a CPU when installed for the ResNets, else PyTorch (default: auto)",
     )
     parser.add_argument(
         "--overwrite",
@@ -397,13 +401,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """--backbone, --weights, --weights_map and --list_backbones."""
+    parser.add_argument(
+        "--backbone",
+        choices=sorted(BACKBONES),
+        default=DEFAULT_BACKBONE,
+        help=f"feature extractor (default: {DEFAULT_BACKBONE}, CLAM's ResNet-50 to layer3, 1024-d)",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="imagenet (the ResNets: torchvision's, from the torch hub cache), hub (the foundation-model "
+        "encoders: their authors' file from the Hugging Face hub cache), random (testing only), or a "
+        "state-dict file (.pth/.bin/.safetensors) or hub-style folder (default: the --weights_map entry "
+        "of the backbone, else imagenet for the ResNets and hub for the encoders)",
+    )
+    parser.add_argument(
+        "--weights_map",
+        type=Path,
+        default=None,
+        help='JSON or TOML file mapping backbone names to weight files, e.g. {"uni_v1": "/models/uni.bin"}; '
+        "used when --weights is not given",
+    )
+    parser.add_argument(
+        "--list_backbones",
+        action="store_true",
+        help="print every backbone (architecture, input, dim, params, licence, weights found here) and exit",
+    )
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_cli_logging(quiet=args.quiet or rank_and_world()[0] != 0)  # one rank's log lines under torchrun
+    weights_map = read_weights_map(args.weights_map) if args.weights_map else {}
+    if args.list_backbones:
+        print(backbone_table(weights_map))
+        return 0
     config = EmbedConfig(
         backbone=args.backbone,
-        weights=args.weights,
+        weights=resolve_weights(args.backbone, args.weights, weights_map),
         max_tiles=args.max_tiles,
         seed=args.seed,
         wsi=wsi_config_from_args(args),

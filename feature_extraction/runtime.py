@@ -4,8 +4,9 @@ Runners take a batch of uint8 tiles shaped (N, H, W, 3) (as decoded, never norma
 the host) and return float32 features (N, D). Normalisation and the NHWC -> NCHW view are
 inside the model (``NormalizedBackbone``), so the same graph serves every runtime.
 
-- CPU: ONNX Runtime when it is installed (about 2x eager PyTorch on a 2-core Zen 3, see
-  docs/benchmarks.md). The backbone is exported once per weights digest and input size to
+- CPU: ONNX Runtime when it is installed (about 2x eager PyTorch on a 2-core Zen 3 for the
+  ResNets, see docs/benchmarks.md); the foundation-model encoders run eager PyTorch unless asked,
+  which was faster for them here (``BackboneSpec.cpu_onnx``). The backbone is exported once per weights digest and input size to
   ``<features_dir>/.onnx/`` and checked against eager PyTorch before first use.
 - CPU without ONNX Runtime, or ``runtime="torch"``: eager PyTorch, channels_last.
 - CUDA / MPS: eager PyTorch, channels_last, autocast (fp16 by default, bf16 on request),
@@ -152,6 +153,7 @@ def plan_compute(
     runtime: str = "auto",
     batch_size: int | None = None,
     num_workers: int = 4,
+    cpu_onnx: bool = True,
 ) -> ComputePlan:
     """Choose device, precision, runtime, batch size, decode workers and compute threads.
 
@@ -160,7 +162,8 @@ def plan_compute(
     started (one for up to 8 threads, two for 9 to 16, ...; threads: ``thread_budget``) and the
     backbone keeps every core: its threads stop spinning (ONNX Runtime) when idle, so the
     worker's short bursts do not stall it. On an accelerator decoding is the bottleneck:
-    every requested worker is used."""
+    every requested worker is used. ``cpu_onnx=False``: "auto" runs eager PyTorch on a CPU too
+    (the backbones ONNX Runtime does not speed up here, ``BackboneSpec.cpu_onnx``)."""
     if precision not in PRECISIONS:
         raise PipelineError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if runtime not in RUNTIMES:
@@ -184,7 +187,8 @@ def plan_compute(
                 "--runtime onnxruntime needs onnxruntime, onnx and onnxscript: pip install 'clam-egfr[cpu]'"
             )
     if runtime == "auto":
-        runtime = "onnxruntime" if on_cpu and precision == "fp32" and onnxruntime_available() else "torch"
+        onnx = cpu_onnx and on_cpu and precision == "fp32" and onnxruntime_available()
+        runtime = "onnxruntime" if onnx else "torch"
     if on_cpu:
         threads = thread_budget()
         workers = min(max(0, num_workers), math.ceil(threads / CPU_CORES_PER_DECODE_WORKER))

@@ -286,19 +286,23 @@ def _describe(error: Exception, path: Path) -> str:
 @dataclass(frozen=True)
 class TileTransform:
     """Tile -> backbone input: the centred square of the tile resized (bilinear, antialiased)
-    to ``input_size`` pixels, as uint8 HWC. ``mean``/``std`` normalisation happens on the
-    device, inside the model wrapper, so workers ship 4x fewer bytes."""
+    to ``input_size`` pixels, as uint8 HWC. With ``resize_size`` larger than ``input_size`` the
+    square is resized to ``resize_size`` and its centre ``input_size`` pixels kept (resize then
+    centre crop, in one resampling of the matching centre of the tile). ``mean``/``std``
+    normalisation happens on the device, inside the model wrapper, so workers ship 4x fewer bytes."""
 
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_size: int = 0  # 0 (or input_size): no crop
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """(input_size, input_size, 3) uint8 array of the RGB ``image``."""
         size = self.input_size
         width, height = image.size
-        if (width, height) != (size, size):
-            side = min(width, height)
+        cropped = self.resize_size > size
+        if (width, height) != (size, size) or cropped:
+            side = min(width, height) * (size / self.resize_size if cropped else 1.0)
             box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
             image = image.resize((size, size), Image.BILINEAR, box=box)
         return np.asarray(image, dtype=np.uint8)
@@ -307,7 +311,12 @@ class TileTransform:
         """A stable text that changes whenever the transform's output would change."""
         mean = ",".join(f"{v:g}" for v in self.mean)
         std = ",".join(f"{v:g}" for v in self.std)
+        crop = (
+            f"resize({self.resize_size},bilinear,antialias,PIL)|center_crop({self.input_size})"
+            if self.resize_size > self.input_size
+            else f"resize({self.input_size},bilinear,antialias,PIL)"
+        )
         return (
-            f"rgb(alpha->white,16bit->8bit)|center_square|resize({self.input_size},bilinear,antialias,PIL)"
+            f"rgb(alpha->white,16bit->8bit)|center_square|{crop}"
             f"|to_float(/255)|normalize(mean=[{mean}],std=[{std}])"
         )

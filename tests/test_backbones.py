@@ -9,13 +9,13 @@ import torch
 import torchvision
 
 from feature_extraction import backbones
-from feature_extraction.backbones import BACKBONES, load_backbone, weights_digest
+from feature_extraction.backbones import RESNETS, load_backbone, weights_digest
 from feature_extraction.errors import PipelineError
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_each_backbone_outputs_its_declared_feature_dim(name):
-    spec = BACKBONES[name]
+@pytest.mark.parametrize("name", sorted(RESNETS))
+def test_each_resnet_outputs_its_declared_feature_dim(name):  # the encoders: tests/test_encoders.py
+    spec = RESNETS[name]
     model = spec.builder().eval()
     with torch.inference_mode():
         out = model(torch.zeros(2, 3, 64, 64))  # any size: global average pooling

@@ -35,7 +35,7 @@ def fake_embed(bench, monkeypatch, tmp_path: Path) -> list[str]:
         tile.write_bytes(b"")
         return [tile] * n_tiles
 
-    spec = SimpleNamespace(feature_dim=1024, input_size=224)
+    spec = SimpleNamespace(feature_dim=1024, input_size=224, cpu_onnx=True)
     plan = SimpleNamespace(
         device="cpu",
         batch_size=16,
