@@ -33,7 +33,6 @@ from feature_extraction.cache import (
     find_cache,
     is_cache_dir,
     is_usable,
-    read_cache_config,  # noqa: F401 - only tests/test_train.py still imports it from here; remove with that
 )
 from feature_extraction.embed import EmbedConfig, embed_cohort
 from feature_extraction.errors import BagError, PipelineError

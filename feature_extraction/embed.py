@@ -199,8 +199,8 @@ def embed_cohort(
         plan,
         newer_than=started if config.overwrite else None,
         run_started=started,
-        progress=config.progress and rank == 0,
-    )  # one progress bar under torchrun
+        progress=config.progress and rank == 0,  # one progress bar under torchrun
+    )
     listings = []
     for slide in slides:
         try:

@@ -627,8 +627,9 @@ def test_a_fresh_cohort_is_embedded_first_then_trained(tiny_cohort, tmp_path, ca
 def auc_on_test_split(checkpoint: Path, cache_dir: Path) -> float | None:
     """ROC AUC of ``checkpoint`` on the test split of ``cache_dir`` (every instance, as validation uses them)."""
     from clam.bag_dataset import BagDataset, collate_bags
-    from clam.data import read_cache_config, records_from_cache, validate_records
+    from clam.data import records_from_cache, validate_records
     from clam.metrics import roc_auc
+    from feature_extraction.cache import read_cache_config
 
     model, saved = model_from_checkpoint(checkpoint, "cpu")
     args = saved["args"]
