@@ -28,7 +28,9 @@ def load_script(name: str):
     return module
 
 
-def fake_embed(bench, monkeypatch, tmp_path: Path) -> list[str]:
+def canned_embedding(bench, monkeypatch, tmp_path: Path) -> None:
+    """The names bench_embed and bench_encoders share: tiles, backbone, plan, embed_cohort, limit."""
+
     def build_cohort(root, n_tiles, *args, **kwargs):
         tile = root / "EGFR_positive" / "P0000" / "tile_x0_y0.png"
         tile.parent.mkdir(parents=True)
@@ -38,6 +40,7 @@ def fake_embed(bench, monkeypatch, tmp_path: Path) -> list[str]:
     spec = SimpleNamespace(feature_dim=1024, input_size=224, cpu_onnx=True)
     plan = SimpleNamespace(
         device="cpu",
+        runtime="onnxruntime",
         batch_size=16,
         num_workers=1,
         compute_threads=2,
@@ -48,11 +51,15 @@ def fake_embed(bench, monkeypatch, tmp_path: Path) -> list[str]:
     monkeypatch.setattr(bench, "load_backbone", lambda *a, **k: SimpleNamespace(spec=spec))
     monkeypatch.setattr(bench, "plan_compute", lambda *a, **k: plan)
     monkeypatch.setattr(bench, "embed_cohort", lambda *a, **k: report)
-    monkeypatch.setattr(bench, "decode_ms", lambda *a, **k: 1.8)
     monkeypatch.setattr(bench, "limit_rate", lambda *a, **k: 62.6)
-    monkeypatch.setattr(bench, "peer_rate", lambda *a, **k: 19.9)
     monkeypatch.setattr(bench, "machine", lambda: "a test machine")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # each run's own work folder, removed after it
+
+
+def fake_embed(bench, monkeypatch, tmp_path: Path) -> list[str]:
+    canned_embedding(bench, monkeypatch, tmp_path)
+    monkeypatch.setattr(bench, "decode_ms", lambda *a, **k: 1.8)
+    monkeypatch.setattr(bench, "peer_rate", lambda *a, **k: 19.9)
     return ["--n_tiles", "4", "--repeats", "1", "--device", "cpu"]
 
 
@@ -92,7 +99,19 @@ def fake_learning(bench, monkeypatch, tmp_path: Path) -> list[str]:
     return ["--variants", bench.VARIANTS[0].name, "--device", "cpu", "--workdir", str(tmp_path / "work")]
 
 
-FAKES = {"bench_embed": fake_embed, "bench_train": fake_train, "bench_learning": fake_learning}
+def fake_encoders(bench, monkeypatch, tmp_path: Path) -> list[str]:
+    canned_embedding(bench, monkeypatch, tmp_path)  # the names it shares with bench_embed
+    monkeypatch.setattr(bench, "gflop_per_tile", lambda name: 9.0)
+    monkeypatch.setattr(bench, "versions", lambda: "test versions")
+    return ["--backbones", "resnet50_trunc:4,ctranspath:2", "--device", "cpu"]
+
+
+FAKES = {
+    "bench_embed": fake_embed,
+    "bench_encoders": fake_encoders,
+    "bench_train": fake_train,
+    "bench_learning": fake_learning,
+}
 
 
 def test_every_benchmark_script_is_covered():
@@ -113,7 +132,7 @@ def test_the_page_is_written_only_with_write(name, monkeypatch, tmp_path, capsys
     printed = capsys.readouterr().out
     assert f"{bench.SECTION}\n" in printed  # the section goes to stdout
     assert page.read_text(encoding="utf-8") == original
-    if name != "bench_learning":
+    if name in ("bench_embed", "bench_train"):  # the scripts that once wrote by default
         assert bench.main(argv + ["--out", str(page), "--no_write"]) == 0  # old command lines still run
         assert page.read_text(encoding="utf-8") == original
 
@@ -122,6 +141,6 @@ def test_the_page_is_written_only_with_write(name, monkeypatch, tmp_path, capsys
     assert written != original
     own = written.split(f"{bench.SECTION}\n", 1)[1].split("\n## ", 1)[0]
     assert "test" in own  # the canned figures are in the script's own section
-    for other in {"## Embedding", "## Training", "## Learning"} - {bench.SECTION}:
+    for other in {"## Embedding", "## Encoders", "## Training", "## Learning"} - {bench.SECTION}:
         assert original.split(f"{other}\n", 1)[1].split("\n## ", 1)[0] in written  # other sections kept
     assert PAGE.stat().st_mtime_ns == real_page  # the real page was never touched
