@@ -174,9 +174,9 @@ def section(rows: list[Row], command: str, repeats: int, runtime: str) -> str:
         base = rows[0]
         lines += [
             "",
-            f"Limit relative to `{base.name}` (same run): "
+            f"In this run `{base.name}`'s limit is "
             + ", ".join(
-                f"`{row.name}` {row.median('limit') / base.median('limit'):.2f} x" for row in rows[1:]
+                f"{base.median('limit') / row.median('limit'):.3g} x `{row.name}`'s" for row in rows[1:]
             )
             + ".",
         ]
