@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dataclasses import replace  # noqa: E402
 
-from report import machine, write_section  # noqa: E402
+from report import machine, publish  # noqa: E402
 
 from feature_extraction.backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone  # noqa: E402
 from feature_extraction.embed import EmbedConfig, embed_cohort  # noqa: E402
@@ -336,10 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    print(text)
-    if args.write:
-        write_section(args.out, SECTION, text)
-        print(f"wrote the {SECTION} section of {args.out}")
+    publish(text, SECTION, args.out, args.write)
     return 0
 
 

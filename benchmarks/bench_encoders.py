@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_embed import build_cohort, gflop_per_tile, limit_rate, versions  # noqa: E402
-from report import machine, write_section  # noqa: E402
+from report import machine, publish  # noqa: E402
 
 from feature_extraction.backbones import BACKBONES, load_backbone  # noqa: E402
 from feature_extraction.embed import EmbedConfig, embed_cohort  # noqa: E402
@@ -226,10 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     given = argv if argv is not None else sys.argv[1:]
     command = "python benchmarks/bench_encoders.py" + (" " + shlex.join(given) if given else "")
     text = section(rows, command, args.repeats, args.runtime)
-    print(text)
-    if args.write:
-        write_section(args.out, SECTION, text)
-        print(f"wrote the {SECTION} section of {args.out}")
+    publish(text, SECTION, args.out, args.write)
     return 0
 
 

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, write_section  # noqa: E402
+from report import machine, publish  # noqa: E402
 
 from clam.metrics import format_auc, format_number  # noqa: E402
 from clam.run_files import fold_dirs  # noqa: E402  (the fold folders of a cross-validation run, in order)
@@ -1314,10 +1314,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     text = section(args, weights, weights_note, rows, prepared, witness, checks, size, total)
-    print(text)
-    if args.write:
-        write_section(args.out, SECTION, text)
-        print(f"wrote the {SECTION} section of {args.out}")
+    publish(text, SECTION, args.out, args.write)
     return 0
 
 

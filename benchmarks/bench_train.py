@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, write_section  # noqa: E402
+from report import machine, publish  # noqa: E402
 
 from feature_extraction.bags import FEATURES, bag_path, write_bag  # noqa: E402
 from feature_extraction.cache import CACHE_JSON, collect_manifest  # noqa: E402
@@ -420,10 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     floor_seconds = {"flops": flops, "bs1": flops / rates["bs1"], "bs16": flops / rates["bs16"]}
     text = section(args, results, floor_seconds, rates)
-    print(text)
-    if args.write:
-        write_section(args.out, SECTION, text)
-        print(f"wrote the {SECTION} section of {args.out}")
+    publish(text, SECTION, args.out, args.write)
     return 0
 
 

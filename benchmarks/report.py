@@ -20,6 +20,14 @@ def write_section(path: Path, section: str, text: str) -> None:
     path.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
 
 
+def publish(text: str, section: str, out: Path, write: bool) -> None:
+    """Print a script's section; with ``write`` (its --write flag) also replace it in ``out``."""
+    print(text)
+    if write:
+        write_section(out, section, text)
+        print(f"wrote the {section} section of {out}")
+
+
 def machine() -> str:
     """The CPU model and the cores this process may use, after the GPU's name when there is one."""
     import torch
