@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from feature_extraction.bags import BAG_SUFFIX, read_bag_attrs, read_tile_names, validate_bag
+from feature_extraction.bags import BAG_SUFFIX, BagAttrs, read_tile_names, validate_bag
 from feature_extraction.cache import (
     as_int,
     covered_slides,
@@ -49,7 +49,9 @@ class BagRecord:
 
     ``rows``: the rows of the bag in use (sorted), when ``limit_tiles`` cut it to the ``--max_tiles``
     subset; None: every row. ``n_instances`` counts the rows in use. ``stamp``: the file's identity
-    when it was validated (``bag_stamp``), so a bag replaced during training is noticed."""
+    when it was validated (``bag_stamp``), so a bag replaced during training is noticed.
+    ``version``: which embedding of the slide the bag holds (``bag_version``), recorded in the
+    run's checkpoints so that --resume notices a slide re-embedded since."""
 
     slide_id: str
     patient_id: str
@@ -59,6 +61,7 @@ class BagRecord:
     n_instances: int = 0
     rows: tuple[int, ...] | None = None
     stamp: tuple[int, int, int] | None = None
+    version: str = ""
 
 
 def bag_stamp(path: Path) -> tuple[int, int, int] | None:
@@ -71,27 +74,23 @@ def bag_stamp(path: Path) -> tuple[int, int, int] | None:
     return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
+def bag_version(attrs: BagAttrs | None, stamp: tuple[int, int, int] | None) -> str:
+    """Which embedding of its slide a bag holds: a stage-1 bag's embedding time, tile-list digest
+    and instance count (a re-embedded slide gets another), or another tool's bag's size in bytes
+    (it records neither)."""
+    if attrs is not None:
+        return f"{attrs.embedded_at}|{attrs.tiles_digest}|{attrs.n_instances}"
+    return f"size {stamp[1]}" if stamp else "missing"
+
+
 def bag_versions(records: Sequence[BagRecord]) -> dict[str, str]:
-    """Which version of each bag a run trains on, by slide id, to tell on --resume whether a slide
-    was re-embedded since: a stage-1 bag's embedding time, tile-list digest and instance count, or
-    another tool's bag's size in bytes (it records neither)."""
-    versions = {}
-    for record in records:
-        try:
-            attrs = read_bag_attrs(record.path)
-            versions[record.slide_id] = f"{attrs.embedded_at}|{attrs.tiles_digest}|{attrs.n_instances}"
-        except BagError:  # not written by stage 1 (a CLAM, TRIDENT or STAMP bag), or unreadable
-            try:
-                versions[record.slide_id] = f"size {os.path.getsize(record.path)}"
-            except OSError:
-                versions[record.slide_id] = "missing"
-    return versions
+    """The validated ``records``' versions by slide id, as a run's checkpoint stores them."""
+    return {record.slide_id: record.version for record in records}
 
 
 def changed_since(saved: dict[str, str], records: Sequence[BagRecord]) -> list[str]:
-    """The slide ids of ``records`` whose bag is not the version ``saved`` (``bag_versions``) names."""
-    current = bag_versions([r for r in records if r.slide_id in saved])
-    return sorted(slide_id for slide_id, version in current.items() if saved[slide_id] != version)
+    """The slide ids of validated ``records`` whose bag is not the version ``saved`` names."""
+    return sorted(r.slide_id for r in records if r.slide_id in saved and saved[r.slide_id] != r.version)
 
 
 class BagChanged(BagError):
@@ -324,7 +323,9 @@ def validate_records(
                 f"bag {record.path}: label attribute {typed.label} disagrees with the manifest's "
                 f"{record.label}. Re-embed this slide."
             )
-        checked.append(replace(record, n_instances=summary.n_instances, stamp=stamp))
+        checked.append(
+            replace(record, n_instances=summary.n_instances, stamp=stamp, version=bag_version(typed, stamp))
+        )
     _check_patient_labels(checked)
     return BagSet(
         tuple(checked),
