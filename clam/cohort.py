@@ -41,8 +41,6 @@ def cohort_bags(config: EvaluateConfig, loaded: LoadedModel) -> Cohort:
     Raises PipelineError when the cache (or a bag) has another key than the checkpoint's, when
     a bag's feature dimension differs from the model's, or when nothing can be evaluated."""
     if config.labels_csv is not None:
-        if config.features_dir is None:
-            raise PipelineError("--labels_csv needs --features_dir: the folder holding <slide_id>.h5 bags.")
         records = records_from_labels_csv(config.labels_csv, config.features_dir)
         cache_dir = Path(config.features_dir)
         return _validated(records, cache_dir, loaded, {}, config.progress)

@@ -249,8 +249,10 @@ def _parse_label(value, source: Path) -> int:
         ) from None
 
 
-def records_from_labels_csv(labels_csv: Path, bags_dir: Path) -> list[BagRecord]:
+def records_from_labels_csv(labels_csv: Path, bags_dir: Path | None) -> list[BagRecord]:
     """Bags ``bags_dir/<slide_id>.h5`` labelled by a CSV with columns slide_id, label[, patient_id]."""
+    if not bags_dir:
+        raise PipelineError("--labels_csv needs --features_dir: the folder holding <slide_id>.h5 bags.")
     labels_csv, bags_dir = Path(labels_csv), Path(bags_dir)
     if not labels_csv.is_file():
         raise PipelineError(f"labels CSV {labels_csv} does not exist.")

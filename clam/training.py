@@ -310,10 +310,8 @@ def load_bags(config: TrainConfig, limit: bool = True) -> BagSet:
 
 def _validated_bags(config: TrainConfig) -> BagSet:
     if config.labels_csv:
-        if not config.features_dir:
-            raise PipelineError("--labels_csv needs --features_dir: the folder holding <slide_id>.h5 bags.")
+        records = records_from_labels_csv(Path(config.labels_csv), config.features_dir)
         bags_dir = Path(config.features_dir)
-        records = records_from_labels_csv(Path(config.labels_csv), bags_dir)
         cache_config = read_cache_config(bags_dir) if is_cache_dir(bags_dir) else {}
         return validate_records(records, bags_dir, config.n_classes, cache_config, config.progress)
     features_dir = Path(config.features_dir) if config.features_dir else default_features_dir()
