@@ -74,6 +74,7 @@ from clam.run_files import (
 from clam.splits import TrainValSplit
 from clam.train_config import TrainConfig
 from clam.training import load_bags, train
+from clam.training_report import render_training_report
 from feature_extraction.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,8 @@ def cross_validate(config: TrainConfig, n_bootstrap: int = DEFAULT_N_BOOTSTRAP) 
     )
     write_json(parent / SUMMARY_JSON, summary)
     _write_rows(parent / SUMMARY_CSV, rows + [{"fold": stat, **summary[stat]} for stat in ("mean", "std")])
-    log.info(summary_text(summary))
+    page = render_training_report(parent)  # links each fold's own page
+    log.info(summary_text(summary) + (f"\ntraining report: {page}" if page else ""))
     return parent
 
 

@@ -7,11 +7,13 @@ A training run (``python -m clam.train``)::
         split.csv                          slide_id, patient_id, label, set (train / val / test)
         checkpoint_epoch_N.pt              after every epoch N = 1, 2, ...
         best_model.pt                      the epoch with the lowest validation loss
+        training.html, curves.png          the run's page and its curves (clam.training_report)
+        tensorboard/                       with --tensorboard: TensorBoard event files
 
 A cross-validation run (``--folds K``) is a parent run folder holding ``splits.csv`` (slide_id,
 patient_id, label, fold, fold_1..fold_K), one run folder per fold (``fold_1`` ... ``fold_K``),
-``oof_predictions.csv`` (per patient), ``oof_predictions_slide.csv``, ``summary.csv`` and
-``summary.json``.
+``oof_predictions.csv`` (per patient), ``oof_predictions_slide.csv``, ``summary.csv``,
+``summary.json`` and ``training.html`` (a page linking the folds' pages).
 
 An evaluation (``python -m clam.evaluate``) writes ``eval_<timestamp>/`` (``attention_<timestamp>/``
 for ``python -m clam.attention``) inside the run folder: ``predictions.csv``,
@@ -42,6 +44,9 @@ CONFIG_NAME = "config.json"
 SPLIT_FILE = "split.csv"
 SPLIT_COLUMNS = ("slide_id", "patient_id", "label", "set")
 BEST_NAME = "best_model.pt"
+TRAINING_HTML = "training.html"
+CURVES_PNG = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
 
 # ---------------------------------------------------------------- a cross-validation run
 SPLITS_FILE = "splits.csv"

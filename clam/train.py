@@ -24,6 +24,7 @@ from clam.crossval import cross_validate
 from clam.model import FEATURE_NORMS, INSTANCE_LOSSES, MODEL_SIZES, MODEL_TYPES
 from clam.train_config import BALANCE_CHOICES, TrainConfig
 from clam.training import train
+from clam.training_report import require_tensorboard
 from feature_extraction.backbones import BACKBONES, resolve_weights
 from feature_extraction.errors import cli_main
 from feature_extraction.layout import SPLITS
@@ -222,6 +223,13 @@ def _run_control_arguments(group: argparse._ArgumentGroup, add: _Add) -> None:
     add(group, "--no_progress", dest="progress", action="store_false", help="no progress bars")
     add(
         group,
+        "--tensorboard",
+        action="store_true",
+        help="also write each epoch's losses, AUCs, balanced accuracies and learning rate for TensorBoard "
+        "under <run folder>/tensorboard (needs the tensorboard package)",
+    )
+    add(
+        group,
         "--folds",
         type=int,
         help="K >= 2: patient-level, label-stratified K-fold cross-validation, one "
@@ -246,6 +254,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[st
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     config, explicit = parse_args(argv)
+    if config.tensorboard:
+        require_tensorboard()  # before any bag is read or embedded
     if config.folds or config.splits:
         cross_validate(config)
     else:

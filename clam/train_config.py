@@ -14,13 +14,14 @@ from typing import Any
 
 from clam.checkpoints import SavedProgress, saved_run
 from clam.model import FEATURE_NORMS, INSTANCE_LOSSES, MODEL_SIZES, MODEL_TYPES, ModelConfig
+from clam.training_report import require_tensorboard
 from feature_extraction.errors import PipelineError
 from feature_extraction.layout import SPLITS
 
 BALANCE_CHOICES = ("loss", "sampler", "none")
 # On --resume these may be given anew, when typed (``explicit``); everything else continues as it was.
 RESUME_OVERRIDES = frozenset(
-    {"num_epochs", "patience", "device", "num_workers", "in_memory", "progress", "resume"}
+    {"num_epochs", "patience", "device", "num_workers", "in_memory", "progress", "resume", "tensorboard"}
 )
 # Fields whose command-line flag and ``args`` key have another name.
 ARG_NAMES = {"instance_loss": "inst_loss"}
@@ -66,6 +67,7 @@ class TrainConfig:
     # Instances drawn from each bag per training epoch (validation: one fixed draw); 0: every instance.
     # ``max_tiles`` is the embedding's subset (which cache, and at most that many tiles per bag).
     sample_tiles: int = 0
+    tensorboard: bool = False  # also write each epoch's scalars under run_dir/tensorboard (needs tensorboard)
 
     def model_config(self, in_dim: int) -> ModelConfig:
         return ModelConfig(
@@ -133,6 +135,8 @@ def check_config(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise PipelineError(message)
+    if config.tensorboard:
+        require_tensorboard()
 
 
 def config_for_resume(config: TrainConfig, checkpoint: dict, explicit: frozenset[str]) -> TrainConfig:

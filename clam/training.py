@@ -47,6 +47,7 @@ from clam.run_files import BEST_NAME, SPLIT_FILE, default_runs_dir, make_run_dir
 from clam.run_record import RunState, describe_run, run_info, save_epoch, way_on
 from clam.splits import TrainValSplit, read_split, train_val_split, write_split
 from clam.train_config import TrainConfig, check_config, config_for_resume, nothing_to_resume
+from clam.training_report import ScalarLog, render_training_report, scalar_log
 from feature_extraction.atomic import remove_stale_temps
 from feature_extraction.cache import is_cache_dir, read_cache_config
 from feature_extraction.errors import Interrupted, PipelineError, write_error
@@ -95,11 +96,13 @@ def train(
             log.info(reason)
             return Path(config.resume).parent
     run = _set_up(config, resumed, split, run_dir)
-    _train_epochs(run, config)
+    with scalar_log(run.run_dir, config.tensorboard) as scalars:
+        _train_epochs(run, config, scalars)
+    page = render_training_report(run.run_dir)  # every epoch, a resumed run's earlier ones too
     verdict = run.info["baseline"]
     log.info(
         f"done: best epoch {run.state.best_epoch} (loss {run.state.best_loss:.4f}) -> "
-        f"{run.run_dir / BEST_NAME}\n{verdict['line']}"
+        f"{run.run_dir / BEST_NAME}\n{verdict['line']}" + (f"\ntraining report: {page}" if page else "")
     )
     if verdict["warning"]:
         log.warning(verdict["warning"])
@@ -184,7 +187,7 @@ def _refuse_changed_bags(saved: dict[str, str], records: list, checkpoint: str |
         )
 
 
-def _train_epochs(run: _Run, config: TrainConfig) -> None:
+def _train_epochs(run: _Run, config: TrainConfig, scalars: ScalarLog) -> None:
     state = run.state
     state.stopped_early = config.patience is not None and state.epochs_since_best >= config.patience
     warned: set[str] = set()
@@ -235,6 +238,7 @@ def _train_epochs(run: _Run, config: TrainConfig) -> None:
             run.last_saved,
             run.bag_versions,
         )
+        scalars.epoch(state.history[-1], run.optimizer.param_groups[0]["lr"])
         log.info(state.summary_line(config.num_epochs))
 
 

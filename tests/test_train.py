@@ -137,6 +137,8 @@ def test_run_layout_and_checkpoint_contents(project):
         "checkpoint_epoch_1.pt",
         "checkpoint_epoch_2.pt",
         "best_model.pt",
+        "training.html",  # the run's page and its curves (tests/test_training_report.py)
+        "curves.png",
     }
     config = json.loads((run / "config.json").read_text())
     history = config["metrics"]
