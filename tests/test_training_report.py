@@ -269,6 +269,13 @@ def test_each_fold_gets_its_page_and_the_parent_links_them(tmp_path, cache):
         assert "../training.html" in [attrs.get("href") for tag, attrs in fold_page.elements if tag == "a"]
         parts = [row[0] for row in fold_page.tables["split-table"][1:]]
         assert parts == ["training", "validation", "held-out test (this fold's patients)"]
+    # a --resume of one fold refreshes the parent's page too
+    resumed = replace(
+        quick(tmp_path, cache, num_epochs=2), resume=str(parent / "fold_1" / "checkpoint_epoch_1.pt")
+    )
+    train(resumed, explicit=frozenset({"num_epochs"}))
+    epochs = {row[0]: row[2] for row in read_page(parent).tables["fold-table"][1:]}
+    assert epochs == {"fold_1": "2", "fold_2": "1"}
 
 
 # ---------------------------------------------------------------- --tensorboard
