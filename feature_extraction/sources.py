@@ -208,12 +208,21 @@ def decode_rgb(path: str | Path) -> Image.Image:
     baseline JPEG, imagecodecs for 8-bit RGB PNG), which gives the same pixels as Pillow; every
     other file, and any file the fast decoder refuses, goes through Pillow (``pil_decode_rgb``)."""
     file = Path(path)
-    if file.is_file() and file.stat().st_size == 0:
+    data = _read_bytes(file)
+    if data == b"":
         raise TileError("empty file (0 bytes)")
-    array = fast_decode(file)
+    array = None if data is None else _fast_decode_bytes(data)
     if array is not None:
         return Image.fromarray(array)
-    return pil_decode_rgb(file)
+    return pil_decode_rgb(file)  # also names the error of a file that cannot be read
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:  # missing, a folder, unreadable: Pillow's attempt names the error
+        return None
 
 
 def pil_decode_rgb(path: str | Path) -> Image.Image:
@@ -271,11 +280,11 @@ def fast_decode(path: Path) -> np.ndarray | None:
     Both libraries decode exactly as Pillow does (libjpeg-turbo with the accurate DCT and fancy
     upsampling; lossless PNG), so the pixels, and the features, do not depend on which one ran:
     tests/test_tiles.py checks that on real H&E tiles."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return None
+    data = _read_bytes(Path(path))
+    return None if data is None else _fast_decode_bytes(data)
+
+
+def _fast_decode_bytes(data: bytes) -> np.ndarray | None:
     try:
         if data.startswith(_JPEG_SIGNATURE):
             return _fast_jpeg(data)
