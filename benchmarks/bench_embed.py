@@ -4,16 +4,21 @@
     python benchmarks/bench_embed.py                 # the same, printed only
     python benchmarks/bench_embed.py --n_tiles 40    # a quick smoke test, printed only
     python benchmarks/bench_embed.py --backbone uni_v1 --n_tiles 16 --repeats 1   # any registered encoder
+    python benchmarks/bench_embed.py --device cuda --precision fp16 --format jpeg --json out.json
 
-The section is printed to stdout; only ``--write`` replaces it in docs/benchmarks.md (or ``--out``).
+The section is printed to stdout; only ``--write`` replaces it in docs/benchmarks.md (or ``--out``);
+``--json`` also writes the figures as JSON (what ``benchmarks/gpu_check.sh`` reads).
 
-Three figures, tiles per second (medians of ``--repeats`` interleaved rounds):
+Four figures, tiles per second (medians of ``--repeats`` interleaved rounds):
 
-- end to end: ``embed_cohort`` on a cohort of 256 px H&E-like PNG tiles, timed over its
+- end to end: ``embed_cohort`` on a cohort of 256 px H&E-like PNG (or ``--format jpeg``) tiles, timed over its
   embedding pass (starting the decode workers, decoding, resizing, the backbone, HDF5
   writes); listing the folders, loading the model and the one-off ONNX export are not timed;
 - limit: the same runner, batch size and threads on uint8 tiles already in memory: what
   the backbone alone allows, the ceiling of the end-to-end figure;
+- decode limit: a DataLoader with the same workers and batch size that only decodes and
+  resizes the same files (``decode_rgb`` and ``TileTransform``, as embed's workers do) and
+  hands the uint8 batches over (pinned on a GPU): what decoding alone allows;
 - peer: CLAM's recipe on the same files: a Dataset that opens each tile with PIL, resizes
   it, ``ToTensor`` + ``Normalize``, a torch DataLoader with the same batch size and workers,
   and the eager fp32 NCHW model (fp32 on a GPU too, as CLAM does).
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
 import shlex
@@ -52,6 +58,7 @@ from feature_extraction.runtime import available_cores, build_runner, plan_compu
 
 SECTION = "## Embedding"
 UNIQUE_TILES = 256  # distinct images; more tiles repeat their bytes (decoding costs the same)
+JPEG_QUALITY = 90
 
 
 def he_tile(rng: np.random.Generator, size: int = 256) -> Image.Image:
@@ -78,19 +85,26 @@ def he_tile(rng: np.random.Generator, size: int = 256) -> Image.Image:
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
 
 
-def build_cohort(root: Path, n_tiles: int, tiles_per_slide: int = 25, seed: int = 0) -> list[Path]:
-    """The spec's train layout with ``n_tiles`` 256 px PNG tiles; returns the tile paths."""
+def build_cohort(
+    root: Path, n_tiles: int, tiles_per_slide: int = 25, seed: int = 0, fmt: str = "png"
+) -> list[Path]:
+    """The spec's train layout with ``n_tiles`` 256 px PNG (or JPEG, quality 90) tiles; returns the
+    tile paths."""
     rng = np.random.default_rng(seed)
     encoded = []
     for _ in range(min(n_tiles, UNIQUE_TILES)):
         buffer = io.BytesIO()
-        he_tile(rng).save(buffer, format="PNG")
+        if fmt == "png":
+            he_tile(rng).save(buffer, format="PNG")
+        else:
+            he_tile(rng).save(buffer, format="JPEG", quality=JPEG_QUALITY)
         encoded.append(buffer.getvalue())
+    suffix = ".png" if fmt == "png" else ".jpg"
     paths = []
     for i in range(n_tiles):
         slide = i // tiles_per_slide
         folder = ("EGFR_positive", "EGFR_negative")[slide % 2]
-        path = root / folder / f"P{slide:04d}" / f"tile_x{(i % tiles_per_slide) * 256}_y0.png"
+        path = root / folder / f"P{slide:04d}" / f"tile_x{(i % tiles_per_slide) * 256}_y0{suffix}"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encoded[i % len(encoded)])
         paths.append(path)
@@ -195,6 +209,49 @@ def decode_ms(paths: list[Path], input_size: int) -> float:
     return (time.perf_counter() - started) / len(sample) * 1000.0
 
 
+class DecodeDataset(Dataset):
+    """What an embed worker does to a tile: ``decode_rgb`` then ``TileTransform``, to uint8 HWC."""
+
+    def __init__(self, paths: list[Path], input_size: int) -> None:
+        from feature_extraction.sources import TileTransform
+
+        self.paths = paths
+        self.transform = TileTransform(input_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from feature_extraction.sources import decode_rgb
+
+        return torch.from_numpy(self.transform(decode_rgb(self.paths[index])).copy())  # a writable copy
+
+
+def decode_rate(paths: list[Path], input_size: int, device: str, batch_size: int, num_workers: int) -> float:
+    """Tiles/s of the decode workers alone: a DataLoader as embed's (workers, batch size, pinned
+    memory on a GPU) that decodes and resizes, with no model behind it."""
+    loader = DataLoader(
+        DecodeDataset(paths, input_size),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.startswith("cuda"),
+    )
+    started = time.perf_counter()
+    for batch in loader:
+        batch.sum()  # touch the pixels, as the copy to the device would
+    return len(paths) / (time.perf_counter() - started)
+
+
+def cohort_paths(train: Path, n_tiles: int) -> list[Path]:
+    """The first ``n_tiles`` tiles (sorted) of an existing cohort in the spec's layout (``--cohort``)."""
+    from feature_extraction.sources import is_tile_image
+
+    paths = sorted(p for p in train.rglob("*") if p.is_file() and is_tile_image(p.name))
+    if not paths:
+        raise SystemExit(f"--cohort {train}: no tile images under it; pass a folder with EGFR_positive/ ...")
+    return paths[:n_tiles]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -233,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="where to write the tiles (default: a temp dir)"
     )
+    parser.add_argument("--format", choices=("png", "jpeg"), default="png", help="tile format (png)")
+    parser.add_argument(
+        "--cohort",
+        type=Path,
+        default=None,
+        help="an existing train folder of tiles (the spec's layout) to measure instead of building one",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     parser.add_argument(
         "--write", action="store_true", help="replace the section in --out (default: print only)"
     )
@@ -248,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_embed_"))
     try:
-        paths = build_cohort(workdir / "train", n_tiles)
+        train = args.cohort or workdir / "train"
+        paths = cohort_paths(train, n_tiles) if args.cohort else build_cohort(train, n_tiles, fmt=args.format)
+        n_tiles = len(paths)
         features_dir = workdir / "features"
         backbone = load_backbone(args.backbone, "random")  # speed does not depend on the weight values
         plan = plan_compute(
@@ -277,19 +344,22 @@ def main(argv: list[str] | None = None) -> int:
         embed_cohort(common, warm, features_dir=features_dir)
 
         decode = decode_ms(paths, backbone.spec.input_size)
-        rates: dict[str, list[float]] = {"end_to_end": [], "limit": [], "peer": []}
+        rates: dict[str, list[float]] = {"end_to_end": [], "limit": [], "decode": [], "peer": []}
         for _ in range(args.repeats):  # interleaved, so a burst of load hits all three alike
-            report = embed_cohort(
-                replace(common, overwrite=True), workdir / "train", features_dir=features_dir
-            )
+            report = embed_cohort(replace(common, overwrite=True), train, features_dir=features_dir)
             rates["end_to_end"].append(report.tiles_per_second)
             rates["limit"].append(limit_rate(backbone, plan, features_dir, n_tiles))
+            rates["decode"].append(
+                decode_rate(paths, backbone.spec.input_size, plan.device, plan.batch_size, num_workers)
+            )
             rates["peer"].append(
                 peer_rate(
                     paths, args.backbone, plan.device, plan.batch_size, plan.num_workers, plan.compute_threads
                 )
             )
-        end_to_end, limit, peer = (float(np.median(rates[k])) for k in ("end_to_end", "limit", "peer"))
+        end_to_end, limit, decode_limit, peer = (
+            float(np.median(rates[k])) for k in ("end_to_end", "limit", "decode", "peer")
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -301,13 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     spec = backbone.spec
+    kind = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}.get(paths[0].suffix.lower().lstrip("."), "image")
+    tiles = f"H&E-like 256 px {kind}" if args.cohort is None else f"{kind} (from {args.cohort})"
     text = "\n".join(
         [
             SECTION,
             "",
             f"`{command}` on {machine()} ({versions()}; load average {load:.2f} when it finished).",
             "",
-            f"Median of {args.repeats} interleaved rounds; {n_tiles} H&E-like 256 px PNG tiles, {args.backbone} ({spec.feature_dim}-d) at {spec.input_size} px, "
+            f"Median of {args.repeats} interleaved rounds; {n_tiles} {tiles} tiles, {args.backbone} ({spec.feature_dim}-d) at {spec.input_size} px, "
             f"{gflop_per_tile(args.backbone):.1f} GFLOP per tile, "
             f"{report.runtime} on {report.plan.describe() if report.plan else plan.describe()}.",
             "",
@@ -315,12 +387,14 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---|---|",
             f"| end to end: `embed_cohort` (decode, resize, backbone, HDF5) | {end_to_end:.1f} | |",
             f"| limit: same runner on tiles in memory | {limit:.1f} | end to end / limit = {end_to_end / limit:.2f} |",
+            f"| decode limit: {num_workers} workers decoding and resizing, no model | {decode_limit:.1f} | "
+            f"end to end / decode limit = {end_to_end / decode_limit:.2f} |",
             f"| peer: CLAM's recipe (PIL, DataLoader, eager fp32 NCHW) | {peer:.1f} | end to end / peer = {end_to_end / peer:.2f} |",
             "",
             "Every round, tiles/s: "
             + "; ".join(
                 f"{k.replace('_', ' ')} {', '.join(f'{v:.1f}' for v in rates[k])}"
-                for k in ("end_to_end", "limit", "peer")
+                for k in ("end_to_end", "limit", "decode", "peer")
             )
             + ".",
             "",
@@ -337,6 +411,22 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     publish(text, SECTION, args.out, args.write)
+    if args.json:
+        figures = {
+            "end_to_end": end_to_end,
+            "limit": limit,
+            "decode_limit": decode_limit,
+            "peer": peer,
+            "rounds": rates,
+            "decode_ms": decode,
+            "n_tiles": n_tiles,
+            "format": args.format if args.cohort is None else paths[0].suffix.lstrip("."),
+            "backbone": args.backbone,
+            "plan": report.plan.describe() if report.plan else plan.describe(),
+            "runtime": report.runtime,
+            "machine": machine(),
+        }
+        args.json.write_text(json.dumps(figures, indent=2), encoding="utf-8")
     return 0
 
 

@@ -13,6 +13,7 @@ module, which imports none of them.
                   which files and folders are tiles, slides, the tiles of one slide of a patient,
                   or the data folder of a MIRAX slide
     decode_rgb, TileTransform   an image file -> 8-bit RGB -> the backbone's input
+    fast_decode   the faster decoders decode_rgb uses for JPEG and PNG tiles when installed
 
 The subset: when a slide has more than ``max_tiles`` tiles, each tile is ranked by
 sha256(seed, slide_id, tile name) and the ``max_tiles`` lowest are kept, in listing order.
@@ -24,7 +25,9 @@ subset.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
+import struct
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -199,10 +202,31 @@ def decode_rgb(path: str | Path) -> Image.Image:
     """Decode an image file into 8-bit RGB; raise TileError when it cannot be used.
 
     Transparent pixels are composited on white (the background of a scanned slide);
-    grayscale, palette, CMYK and 16-bit images are converted with their full range."""
+    grayscale, palette, CMYK and 16-bit images are converted with their full range.
+
+    The common tiles take a faster decoder when it is installed (``fast_decode``: simplejpeg for
+    baseline JPEG, imagecodecs for 8-bit RGB PNG), which gives the same pixels as Pillow; every
+    other file, and any file the fast decoder refuses, goes through Pillow (``pil_decode_rgb``)."""
     file = Path(path)
-    if file.is_file() and file.stat().st_size == 0:
+    data = _read_bytes(file)
+    if data == b"":
         raise TileError("empty file (0 bytes)")
+    array = None if data is None else _fast_decode_bytes(data)
+    if array is not None:
+        return Image.fromarray(array)
+    return pil_decode_rgb(file)  # also names the error of a file that cannot be read
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:  # missing, a folder, unreadable: Pillow's attempt names the error
+        return None
+
+
+def pil_decode_rgb(path: str | Path) -> Image.Image:
+    """``decode_rgb`` through Pillow alone (and tifffile for the TIFFs Pillow cannot read)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
@@ -221,6 +245,94 @@ def decode_rgb(path: str | Path) -> Image.Image:
         if fallback is not None:
             return fallback
         raise TileError(_describe(error, Path(path))) from error
+
+
+# --------------------------------------------------------------------------- faster decoders
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+_FAST_DECODERS: dict[str, Any] = {}
+
+
+def _fast_module(name: str) -> Any:
+    """simplejpeg or imagecodecs when installed, else None (looked up once per process)."""
+    if name not in _FAST_DECODERS:
+        try:
+            _FAST_DECODERS[name] = importlib.import_module(name)
+        except ImportError:
+            _FAST_DECODERS[name] = None
+    return _FAST_DECODERS[name]
+
+
+def fast_decoders() -> dict[str, str]:
+    """Which fast decoder serves which format in this process: {"jpeg": ..., "png": ...} ("pillow": none)."""
+    return {
+        "jpeg": "simplejpeg" if _fast_module("simplejpeg") else "pillow",
+        "png": "imagecodecs" if _fast_module("imagecodecs") else "pillow",
+    }
+
+
+def fast_decode(path: Path) -> np.ndarray | None:
+    """(H, W, 3) uint8 pixels of a baseline JPEG (YCbCr or gray) or an 8-bit RGB PNG without
+    transparency, decoded by simplejpeg / imagecodecs; None for any other file, when the package
+    is missing, or when the decoder refuses the file (Pillow then decides, and names the error).
+
+    Both libraries decode exactly as Pillow does (libjpeg-turbo with the accurate DCT and fancy
+    upsampling; lossless PNG), so the pixels, and the features, do not depend on which one ran:
+    tests/test_tiles.py checks that on real H&E tiles."""
+    data = _read_bytes(Path(path))
+    return None if data is None else _fast_decode_bytes(data)
+
+
+def _fast_decode_bytes(data: bytes) -> np.ndarray | None:
+    try:
+        if data.startswith(_JPEG_SIGNATURE):
+            return _fast_jpeg(data)
+        if data.startswith(_PNG_SIGNATURE):
+            return _fast_png(data)
+    except Exception:  # noqa: BLE001 - a refused file is Pillow's to decode or to name
+        return None
+    return None
+
+
+def _fast_jpeg(data: bytes) -> np.ndarray | None:
+    simplejpeg = _fast_module("simplejpeg")
+    if simplejpeg is None:
+        return None
+    height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    if colorspace not in ("YCbCr", "Gray") or height * width > MAX_TILE_PIXELS:
+        return None  # CMYK, YCCK, Adobe RGB, or too large: Pillow converts or refuses it
+    # strict: a truncated or corrupt file raises instead of coming back padded with grey.
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
+
+
+def _fast_png(data: bytes) -> np.ndarray | None:
+    imagecodecs = _fast_module("imagecodecs")
+    if imagecodecs is None or not _plain_rgb_png(data):
+        return None
+    array = imagecodecs.png_decode(data)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        return None
+    return array
+
+
+def _plain_rgb_png(data: bytes) -> bool:
+    """An 8-bit RGB PNG (colour type 2) within MAX_TILE_PIXELS, with no tRNS chunk before its
+    pixels (a transparent colour, which Pillow composites on white)."""
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        return False
+    width, height = struct.unpack(">II", data[16:24])
+    if data[24] != 8 or data[25] != 2 or width * height > MAX_TILE_PIXELS:
+        return False
+    offset = 8
+    while offset + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        if kind == b"tRNS":
+            return False
+        if kind == b"IDAT":
+            return True
+        offset += 12 + length
+    return False
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

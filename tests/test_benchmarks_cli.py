@@ -59,8 +59,24 @@ def canned_embedding(bench, monkeypatch, tmp_path: Path) -> None:
 def fake_embed(bench, monkeypatch, tmp_path: Path) -> list[str]:
     canned_embedding(bench, monkeypatch, tmp_path)
     monkeypatch.setattr(bench, "decode_ms", lambda *a, **k: 1.8)
+    monkeypatch.setattr(bench, "decode_rate", lambda *a, **k: 410.0)
     monkeypatch.setattr(bench, "peer_rate", lambda *a, **k: 19.9)
     return ["--n_tiles", "4", "--repeats", "1", "--device", "cpu"]
+
+
+def fake_decode(bench, monkeypatch, tmp_path: Path) -> list[str]:
+    def measure(fmt, size, n_tiles, rounds, workdir):
+        scale = (1.0 if fmt == "jpeg" else 4.0) * (size / 256) ** 2
+        ms = {"pillow": 0.5 * scale, "torchvision": 0.3 * scale, "imagecodecs": 0.25 * scale}
+        ms["decode_rgb"] = 0.25 * scale
+        if fmt == "jpeg":
+            ms["simplejpeg"] = 0.24 * scale
+        same = {name: name != "torchvision" for name in ms}
+        return {"kb": 23.0 * scale, "ms": ms, "same": same, "resize_ms": 0.45 * size / 256}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "machine", lambda: "a test machine")
+    return ["--quick"]
 
 
 def fake_train(bench, monkeypatch, tmp_path: Path) -> list[str]:
@@ -107,6 +123,7 @@ def fake_encoders(bench, monkeypatch, tmp_path: Path) -> list[str]:
 
 
 FAKES = {
+    "bench_decode": fake_decode,
     "bench_embed": fake_embed,
     "bench_encoders": fake_encoders,
     "bench_train": fake_train,
@@ -141,6 +158,38 @@ def test_the_page_is_written_only_with_write(name, monkeypatch, tmp_path, capsys
     assert written != original
     own = written.split(f"{bench.SECTION}\n", 1)[1].split("\n## ", 1)[0]
     assert "test" in own  # the canned figures are in the script's own section
-    for other in {"## Embedding", "## Encoders", "## Training", "## Learning"} - {bench.SECTION}:
+    for other in {"## Decoding", "## Embedding", "## Encoders", "## Training", "## Learning"} - {
+        bench.SECTION
+    }:
         assert original.split(f"{other}\n", 1)[1].split("\n## ", 1)[0] in written  # other sections kept
     assert PAGE.stat().st_mtime_ns == real_page  # the real page was never touched
+
+
+def test_decoding_section_shows_each_decoder_the_ceilings_and_other_pixels(monkeypatch, tmp_path, capsys):
+    bench = load_script("bench_decode")
+    argv = fake_decode(bench, monkeypatch, tmp_path)
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    png256 = next(line for line in printed.splitlines() if line.startswith("| PNG 256 px | 92 |"))
+    assert "| 2.00 | 1.20 (other pixels) | n/a | 1.00 | 1.00 | 0.45 |" in png256
+    # 16 cores x 1000 / (1.00 + 0.45) ms = 11,034 tiles/s now; 16 x 1000 / 2.45 before; 16,000 decode only
+    assert "| PNG 256 px | 2.45 | 1.45 | 816 / 1,379 | 6,531 / 11,034 | 16,000 |" in printed
+
+
+def test_embedding_json_has_every_figure(monkeypatch, tmp_path):
+    bench = load_script("bench_embed")
+    argv = fake_embed(bench, monkeypatch, tmp_path)
+    out = tmp_path / "figures.json"
+    assert (
+        bench.main(argv + ["--format", "jpeg", "--json", str(out), "--out", str(tmp_path / "page.md")]) == 0
+    )
+    import json
+
+    figures = json.loads(out.read_text(encoding="utf-8"))
+    assert (figures["end_to_end"], figures["limit"], figures["decode_limit"], figures["peer"]) == (
+        56.5,
+        62.6,
+        410.0,
+        19.9,
+    )
+    assert figures["format"] == "jpeg" and figures["n_tiles"] == 4 and figures["rounds"]["decode"] == [410.0]

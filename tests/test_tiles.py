@@ -203,3 +203,65 @@ def test_transform_resizes_the_centred_square_to_the_input_size():
     exact = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     assert (transform(Image.fromarray(exact)) == exact).all()  # already the right size: untouched
     assert transform.describe() != TileTransform(256, (0.5,) * 3, (0.2,) * 3).describe()
+
+
+def _he_tiles(tmp_path, size: int) -> list:
+    """Real H&E crops (the texture sources of the example cohort), saved as PNG and as JPEG."""
+    from feature_extraction.example_tissue import crop_tile, load_texture_sources
+
+    rng = np.random.default_rng(size)
+    paths = []
+    for i, source in enumerate(load_texture_sources(size) * 2):
+        tile = Image.fromarray(crop_tile(rng, source, size))
+        for suffix, options in ((".png", {}), (".jpg", {"quality": 90}), (".jpeg", {"quality": 60})):
+            paths.append(tmp_path / f"t{size}_{i}{suffix}")
+            tile.save(paths[-1], **options)
+    gray = tmp_path / f"gray{size}.jpg"
+    Image.fromarray(np.asarray(Image.open(paths[0]).convert("L"))).save(gray, quality=85)
+    return [*paths, gray]
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_fast_decoders_give_pillows_pixels_on_real_he_tiles(tmp_path, size):
+    pytest.importorskip("simplejpeg")
+    pytest.importorskip("imagecodecs")
+    assert sources.fast_decoders() == {"jpeg": "simplejpeg", "png": "imagecodecs"}
+    for path in _he_tiles(tmp_path, size):
+        fast = sources.fast_decode(path)
+        assert fast is not None, path.name  # the fast path really ran
+        pil = np.asarray(sources.pil_decode_rgb(path))
+        assert fast.shape == pil.shape == (size, size, 3) and fast.dtype == np.uint8
+        assert np.array_equal(fast, pil), path.name
+        assert np.array_equal(np.asarray(decode_rgb(path)), pil)
+
+
+def test_files_the_fast_decoders_do_not_take_go_through_pillow(tmp_path):
+    pytest.importorskip("simplejpeg")
+    pytest.importorskip("imagecodecs")
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    rgb[0, 0] = (1, 2, 3)
+    Image.fromarray(rgb).save(tmp_path / "trns.png", transparency=(1, 2, 3))  # a transparent colour
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(np.array([[0, 65535]], np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(rgb).save(tmp_path / "tile.bmp")
+    for name in ("trns.png", "rgba.png", "cmyk.jpg", "g16.png", "tile.bmp"):
+        assert sources.fast_decode(tmp_path / name) is None, name
+    assert tuple(np.asarray(decode_rgb(tmp_path / "trns.png"))[0, 0]) == (255, 255, 255)  # on white
+
+    good = tmp_path / "good.jpg"
+    Image.fromarray(rgb).resize((64, 64)).save(good)
+    (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[:-200])
+    assert sources.fast_decode(tmp_path / "truncated.jpg") is None  # strict: refused, not padded
+    with pytest.raises(TileError):
+        decode_rgb(tmp_path / "truncated.jpg")  # and Pillow names the error
+
+
+def test_without_the_fast_decoders_pillow_decodes_everything(tmp_path, monkeypatch):
+    paths = _he_tiles(tmp_path, 256)[:3]
+    with_fast = [np.asarray(decode_rgb(path)) for path in paths]
+    monkeypatch.setattr(sources, "_FAST_DECODERS", {"simplejpeg": None, "imagecodecs": None})
+    assert sources.fast_decoders() == {"jpeg": "pillow", "png": "pillow"}
+    assert all(sources.fast_decode(path) is None for path in paths)
+    for path, expected in zip(paths, with_fast):
+        assert np.array_equal(np.asarray(decode_rgb(path)), expected)
