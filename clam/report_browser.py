@@ -210,6 +210,9 @@ def open_page(connection: DevTools, path_or_url: str | Path, timeout: float = 60
             page.errors.append(
                 "exception: " + str(details.get("exception", {}).get("description") or details.get("text"))
             )
+        elif method == "Page.javascriptDialogOpening":  # e.g. an alert() that escaped the escaping
+            page.errors.append(f"dialog: {params.get('type')} {params.get('message')}")
+            connection.send("Page.handleJavaScriptDialog", {"accept": False}, session)
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
             entry = params["entry"]
             page.errors.append(f"log: {entry.get('text')} {entry.get('url', '')}".strip())
