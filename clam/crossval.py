@@ -339,7 +339,8 @@ def fold_checkpoints(parent: Path) -> list[Path]:
 def evaluate_folds(config: EvaluateConfig) -> EvaluationResult:
     """Evaluate each fold's selected model of the cross-validation run ``config.checkpoint`` (a
     subfolder per fold) and their ensemble, the mean probability of the fold models
-    (predictions.csv, predictions_patient.csv and metrics.json at the top)."""
+    (predictions.csv, predictions_patient.csv, metrics.json, roc.png, confusion_matrix.png and
+    report.html at the top)."""
     parent = Path(config.checkpoint)
     if config.output_dir is not None:
         output_dir = Path(config.output_dir)
