@@ -36,7 +36,9 @@ import numpy as np
 
 from clam.checkpoints import saved_baseline
 from clam.eval_config import EvaluateConfig
+from clam.eval_report import write_eval_report
 from clam.evaluation import EvaluationResult, evaluate
+from clam.figures import plot_confusion, plot_roc
 from clam.folds import fold_splits, make_folds, read_folds, write_folds
 from clam.inference import (
     aggregate_patients,
@@ -51,12 +53,14 @@ from clam.inference import (
 from clam.metrics import DEFAULT_N_BOOTSTRAP, auc_with_ci, epoch_metrics, format_auc, format_number, roc_auc
 from clam.run_files import (
     BEST_NAME,
+    CONFUSION_PNG,
     FOLD_PREFIX,
     METRICS_JSON,
     OOF_PATIENTS,
     OOF_SLIDES,
     PATIENT_PREDICTIONS,
     PREDICTIONS,
+    ROC_PNG,
     SPLITS_FILE,
     SUMMARY_CSV,
     SUMMARY_JSON,
@@ -337,7 +341,8 @@ def fold_checkpoints(parent: Path) -> list[Path]:
 def evaluate_folds(config: EvaluateConfig) -> EvaluationResult:
     """Evaluate each fold's selected model of the cross-validation run ``config.checkpoint`` (a
     subfolder per fold) and their ensemble, the mean probability of the fold models
-    (predictions.csv, predictions_patient.csv and metrics.json at the top)."""
+    (predictions.csv, predictions_patient.csv, metrics.json, roc.png, confusion_matrix.png and
+    report.html at the top)."""
     parent = Path(config.checkpoint)
     if config.output_dir is not None:
         output_dir = Path(config.output_dir)
@@ -378,6 +383,13 @@ def evaluate_folds(config: EvaluateConfig) -> EvaluationResult:
     elif metrics["leakage"]["message"]:
         log.info(metrics["leakage"]["message"])
     write_json(output_dir / METRICS_JSON, metrics)
+    levels, drawn = (
+        {"per slide": slides, "per patient": patients},
+        {**metrics["ensemble"], "class_names": names},
+    )
+    plot_roc(output_dir / ROC_PNG, levels, drawn, config.n_bootstrap, config.seed)
+    plot_confusion(output_dir / CONFUSION_PNG, drawn)
+    log.info(f"report: {write_eval_report(output_dir, folds=False)}")  # the folds' pages are written
     for name, r in [*((n, r.metrics) for n, r in results.items()), ("ensemble", metrics["ensemble"])]:
         log.info(f"{name}: per-patient AUC {format_number(r['per_patient']['auc']['auc'], 'undefined')}")
     log.info(f"results: {output_dir}")

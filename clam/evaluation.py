@@ -8,6 +8,7 @@ and attention maps, written into ``<run folder>/eval_<timestamp>/`` (or ``--outp
     roc.png                   ROC curves with their bootstrap bands (per slide | per patient)
     confusion_matrix.png      confusion matrices (per slide | per patient)
     attention/                per-slide attention scores, top/bottom-k montages, heatmaps (clam.heatmaps)
+    report.html               one page with all of the above (clam.eval_report)
 
 The cohort comes from clam.cohort, the model and its predictions from clam.inference, the leakage
 check from clam.leakage, the figures from clam.figures; the files' names are clam.run_files'.
@@ -28,6 +29,7 @@ from clam import heatmaps
 from clam.checkpoints import saved_baseline
 from clam.cohort import Cohort, cohort_bags
 from clam.eval_config import ALL, NONE, EvaluateConfig
+from clam.eval_report import write_eval_report
 from clam.figures import plot_confusion, plot_roc
 from clam.inference import (
     LoadedModel,
@@ -104,6 +106,7 @@ def evaluate(config: EvaluateConfig) -> EvaluationResult:
         )
         plot_confusion(output_dir / CONFUSION_PNG, metrics)
         log.info(summary_table(metrics))
+        log.info(f"report: {write_eval_report(output_dir)}")
     log.info(f"results: {output_dir}")
     return EvaluationResult(output_dir, metrics, slides, patients)
 

@@ -5,7 +5,7 @@
 #      (a cohort already there, yours or an earlier example, is used as it is),
 #   3. embed both splits into the feature cache (features/),
 #   4. train CLAM (clam/checkpoints/run_<timestamp>/),
-#   5. evaluate the best model on the test split, with attention maps.
+#   5. evaluate the best model on the test split, with attention maps, into one page: report.html.
 # Backbone weights: ImageNet when they are in the torch hub cache or can be downloaded, else
 # randomly initialised (said plainly below). CLAM_WEIGHTS=imagenet|random|/path/to/weights.pth
 # forces a choice.
@@ -87,3 +87,9 @@ echo "evaluation:      ${eval_dir%/}  (metrics, predictions, ROC, attention maps
 if [ "$WEIGHTS" = random ]; then
     echo "reminder: the backbone was randomly initialised (no ImageNet weights were available)"
 fi
+if [ -z "$eval_dir" ] || [ ! -f "${eval_dir}report.html" ]; then
+    echo "error: the evaluation wrote no report.html (${eval_dir:-no eval_* folder in $run_dir})" >&2
+    exit 1
+fi
+echo "report, one page with all of it (open it in a browser):"
+echo "${eval_dir}report.html"

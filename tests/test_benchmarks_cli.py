@@ -122,12 +122,36 @@ def fake_encoders(bench, monkeypatch, tmp_path: Path) -> list[str]:
     return ["--backbones", "resnet50_trunc:4,ctranspath:2", "--device", "cpu"]
 
 
+def fake_report(bench, monkeypatch, tmp_path: Path) -> list[str]:
+    def render(folder):
+        page = folder / "report.html"
+        page.write_text('<img loading="lazy">', encoding="utf-8")
+        return page, 0.4
+
+    timings = {
+        "seconds": 0.6,
+        "dcl": 420.0,
+        "load": 590.0,
+        "fetched": 4,
+        "images": 1002,
+        "errors": 0,
+        "kib": 900,
+    }
+    monkeypatch.setattr(bench, "find_chromium", lambda: "/usr/bin/chromium")
+    monkeypatch.setattr(bench, "build_folder", lambda workdir, n, seed=0: workdir)
+    monkeypatch.setattr(bench, "render", render)
+    monkeypatch.setattr(bench, "measure_page", lambda page, repeats: dict(timings))
+    monkeypatch.setattr(bench, "machine", lambda: "a test machine")
+    return ["--n_slides", "500", "--repeats", "1"]
+
+
 FAKES = {
     "bench_decode": fake_decode,
     "bench_embed": fake_embed,
     "bench_encoders": fake_encoders,
     "bench_train": fake_train,
     "bench_learning": fake_learning,
+    "bench_report": fake_report,
 }
 
 

@@ -326,3 +326,17 @@ def test_without_tensorboard_the_flag_says_what_to_install(tmp_path, cache, monk
         train(quick(tmp_path, cache, tensorboard=True))
     assert not runs.exists()  # refused before a run folder was made
     assert main(args[:-1]) == 0  # without the flag, the same run trains
+
+
+def test_clam_report_writes_a_run_folders_page_again(run, tmp_path, capsys):
+    """`python -m clam.report RUN_DIR` gives a run folder its page again, from the files alone."""
+    from clam import report as report_cli
+
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("training.html", "curves.png"))
+    assert report_cli.main([str(copy)]) == 0
+    assert capsys.readouterr().out.strip() == str(copy / "training.html")
+    assert (copy / "curves.png").is_file()
+    # the same page, but for the folder it now lies in
+    expected = (run / "training.html").read_text().replace(str(run), str(copy))
+    assert (copy / "training.html").read_text() == expected
