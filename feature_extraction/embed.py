@@ -44,14 +44,17 @@ from feature_extraction.layout import (
 from feature_extraction.manifest import STATUS_OK, ManifestRow, write_manifest
 from feature_extraction.reporting import configure_cli_logging
 from feature_extraction.runtime import (
+    AUTO,
     DEVICES,
     PRECISIONS,
     RUNTIMES,
     ComputePlan,
+    auto_or_count,
     plan_compute,
     rank_and_world,
 )
 from feature_extraction.sources import SUBSET_RULE, SlideSource, SlideTiles, TileTransform
+from feature_extraction.throughput import Throughput, append_run_record
 from feature_extraction.weights import read_weights_map
 from feature_extraction.wsi import WsiConfig, add_wsi_arguments, require_openslide, wsi_config_from_args
 from feature_extraction.wsi_plan import PLAN_CACHE_FOLDER
@@ -76,8 +79,8 @@ class EmbedConfig:
     max_tiles: int = 100
     seed: int = 0
     wsi: WsiConfig | None = None
-    batch_size: int | None = None  # None: the runtime's default
-    num_workers: int = 4
+    batch_size: int | str | None = AUTO  # "auto" (or None): runtime.plan_compute chooses
+    num_workers: int | str = AUTO  # "auto": runtime.plan_compute chooses
     device: str = "auto"
     precision: str = "auto"
     runtime: str = "auto"
@@ -101,8 +104,8 @@ class EmbedConfig:
         wsi = kept.pop("wsi", None) or values.get("wsi_tiling") or None
         if isinstance(wsi, str):
             wsi = json.loads(wsi)
-        for key in ("max_tiles", "seed", "num_workers"):
-            if key in kept:
+        for key in ("max_tiles", "seed", "num_workers", "batch_size"):
+            if kept.get(key) not in (None, AUTO):
                 kept[key] = int(kept[key])
         if "weights" in kept:
             kept["weights"] = str(kept["weights"])
@@ -136,6 +139,7 @@ class EmbedReport:
     plan: ComputePlan | None  # None when nothing was embedded
     runtime: str = ""
     random_weights: bool = False
+    throughput: Throughput | None = None  # where the embedding time went (None when nothing was embedded)
 
     @property
     def tiles_per_second(self) -> float:
@@ -223,6 +227,8 @@ def embed_cohort(
         job.run(listings)
     finally:
         job.close()
+    if job.throughput() is not None:  # the run log: one line per run and process that embedded tiles
+        append_run_record(cache_dir, job.throughput(), rank=rank, world=world, embed_seconds=job.seconds)
 
     rows = collect_manifest(cache_dir)
     if rank == 0:
@@ -295,6 +301,7 @@ def _report(
         plan=job.plan if job.runner else None,
         runtime=job.runner.name if job.runner else "",
         random_weights=loaded.is_random,
+        throughput=job.throughput(),
     )
 
 
@@ -326,6 +333,8 @@ def format_summary(report: EmbedReport, max_names: int = 20) -> str:
             lines.append(
                 f"  ... and {len(report.skipped_tiles) - max_names} more (bag attribute skipped_tiles)"
             )
+    if report.throughput is not None and report.n_tiles_embedded:
+        lines.append(f"time: {report.throughput.describe()}")
     if report.n_ignored_files:
         lines.append(f"ignored {report.n_ignored_files} non-image files in the slide folders")
     if report.random_weights:
@@ -359,17 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--num_workers",
-        type=int,
-        default=4,
-        help="tile-decoding worker processes (default: 4; on a CPU at most ceil(threads / 8) "
-        "are started: 1 for up to 8 threads, 2 for 9 to 16, ...; threads: OMP_NUM_THREADS "
-        "when set, else the usable cores, all of which the backbone uses)",
+        type=auto_or_count(0),
+        default=AUTO,
+        help="tile-decoding worker processes (default: auto: all cores but one on a GPU; on a CPU 4, and "
+        "there at most ceil(threads / 8), an explicit number too: 1 for up to 8 threads, 2 for 9 to 16, ...; "
+        "threads: OMP_NUM_THREADS when set, else the usable cores, all of which the backbone uses)",
     )
     parser.add_argument(
         "--batch_size",
-        type=int,
-        default=None,
-        help="tiles per forward pass (default: 256 on a GPU, 16 with ONNX Runtime, 8 eager on a CPU)",
+        type=auto_or_count(1),
+        default=AUTO,
+        help="tiles per forward pass (default: auto: on CUDA the largest power of two up to 512 that fits "
+        "the free memory, 256 on MPS, 16 with ONNX Runtime and 8 eager on a CPU)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the max_tiles subset (default: 0)")
     _add_backbone_arguments(parser)

@@ -7,7 +7,7 @@ slide to a writer thread, which writes its bag atomically (``bags.write_bag`` wi
 ``BagAttrs``). Memory is bounded by the batches in flight (a slide too large for memory is
 gathered in a file-backed buffer). Each slide is locked while it is embedded, so several
 processes (``torchrun --nproc_per_node N``, or two runs by accident) share the work without
-doing any slide twice.
+doing any slide twice. A ``throughput.ThroughputMeter`` times the batch loop (``throughput()``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ from feature_extraction.locks import LOCK_DIR, SlideLocks
 from feature_extraction.manifest import STATUS_OK
 from feature_extraction.runtime import ComputePlan, OnnxRunner, TorchRunner, build_runner
 from feature_extraction.sources import SlideTiles, TileRef, TileTransform
+from feature_extraction.throughput import Throughput, ThroughputMeter, settle_batch_size
 
+POSTFIX_EVERY = 8  # batches between two refreshes of the progress bar's figures
 SPILL_BYTES = 256 * 2**20  # a slide's features above this size are gathered in a file, not in memory
 MAX_PENDING_WRITES = 4  # finished slides waiting for the writer thread (bounds memory)
 WAIT_POLL_SECONDS = 1.0  # how often to look at slides another process is embedding
@@ -65,30 +67,32 @@ class Outcome(str, Enum):
 
 class TileDataset(Dataset):
     """Items are (slide position, row, TileRef) triples handed out by the batch sampler;
-    returns (position, row, (S, S, 3) uint8 array or None, error text or "")."""
+    returns (position, row, (S, S, 3) uint8 array or None, error text or "", seconds decoding)."""
 
     def __init__(self, transform: TileTransform) -> None:
         self.transform = transform
 
-    def __getitem__(self, item: tuple[int, int, TileRef]) -> tuple[int, int, np.ndarray | None, str]:
+    def __getitem__(self, item: tuple[int, int, TileRef]) -> tuple[int, int, np.ndarray | None, str, float]:
         position, row, tile = item
+        started = time.perf_counter()
         try:
-            return position, row, self.transform(tile.load()), ""
-        except Exception as error:  # TileError, or anything a broken file provokes: skip the tile
-            return position, row, None, str(error) or type(error).__name__
+            pixels, error = self.transform(tile.load()), ""
+        except Exception as failure:  # TileError, or anything a broken file provokes: skip the tile
+            pixels, error = None, str(failure) or type(failure).__name__
+        return position, row, pixels, error, time.perf_counter() - started
 
 
-def collate_tiles(items: list[tuple[int, int, np.ndarray | None, str]], size: int):
-    """Stack one batch: (positions, rows, (N, S, S, 3) uint8 tensor, errors)."""
+def collate_tiles(items: list[tuple[int, int, np.ndarray | None, str, float]], size: int):
+    """Stack one batch: (positions, rows, (N, S, S, 3) uint8 tensor, errors, seconds decoding it)."""
     images = torch.empty((len(items), size, size, 3), dtype=torch.uint8)
     if get_worker_info() is not None:
         images.share_memory_()  # written once, sent to the main process without another copy
     pixels = images.numpy()
-    for i, (_, _, array, _) in enumerate(items):
+    for i, (_, _, array, _, _) in enumerate(items):
         pixels[i] = 0 if array is None else array
     positions = [item[0] for item in items]
     rows = [item[1] for item in items]
-    return positions, rows, images, [item[3] for item in items]
+    return positions, rows, images, [item[3] for item in items], sum(item[4] for item in items)
 
 
 class _Collate:
@@ -152,6 +156,8 @@ class EmbeddingRun:
         self.n_tiles = 0
         self.n_written = self.n_pass_slides = 0  # slides finished / open in the current pass (progress bar)
         self.seconds = 0.0
+        self.meter = ThroughputMeter()
+        self.n_gathered = 0
         self.bar: tqdm | None = None
 
     # -- the loop over passes
@@ -203,6 +209,7 @@ class EmbeddingRun:
         """Embed the slides we can lock; return how many we locked."""
         if self.runner is None:
             self.runner = build_runner(self.backbone, self.plan, self.features_dir)
+            self.plan = settle_batch_size(self.runner, self.plan)  # --batch_size auto on CUDA
             log.info(f"running {self.runner.name} on {self.plan.describe()}")
         plan = self.plan
         buffers: dict[int, _SlideBuffer] = {}
@@ -229,8 +236,10 @@ class EmbeddingRun:
             torch.set_num_threads(plan.compute_threads)
         started = time.perf_counter()
         previous = None
+        self.meter.start_pass()
         try:
-            for positions, rows, images, errors in loader:
+            for positions, rows, images, errors, decode_seconds in loader:
+                self.meter.arrived(len(positions), decode_seconds)
                 valid = [i for i, error in enumerate(errors) if not error]
                 if len(valid) == len(errors):
                     result = self.runner.start(images)
@@ -240,13 +249,16 @@ class EmbeddingRun:
                     self._gather(*previous, buffers)
                 previous = (positions, rows, errors, valid, result)
                 self.locks.refresh()
+                self.meter.done()
             if previous is not None:
                 self._gather(*previous, buffers)
+            self.meter.end_pass()
             self._drain_writes(0)
             self.bar.total = self.bar.n  # slides other processes took are not ours to wait for
-            self.bar.set_postfix_str(f"slides {self.n_written}/{self.n_pass_slides}")
+            self.bar.set_postfix_str(self._postfix())
         finally:
             torch.set_num_threads(threads)
+            self.meter.end_pass()
             self.seconds += time.perf_counter() - started
             self.bar.close()
             for buffer in buffers.values():  # interrupted: drop unfinished slides, free their locks
@@ -326,7 +338,19 @@ class EmbeddingRun:
                 buffer = buffers.pop(position)
                 self._drain_writes(MAX_PENDING_WRITES - 1)
                 self.writes.append((buffer.listing.slide.slide_id, self.writer.submit(self._write, buffer)))
-        self.bar.set_postfix_str(f"slides {self.n_written}/{self.n_pass_slides}", refresh=False)
+        self.n_gathered += 1
+        if self.n_gathered % POSTFIX_EVERY == 1:  # the first batch, then every few
+            self.bar.set_postfix_str(self._postfix(), refresh=False)
+
+    def _postfix(self) -> str:
+        figures = self.throughput()
+        return f"slides {self.n_written}/{self.n_pass_slides}" + (f", {figures.postfix()}" if figures else "")
+
+    def throughput(self) -> Throughput | None:
+        """Where this process's embedding time went so far (None before the first batch)."""
+        if self.runner is None or not self.meter.n_batches:
+            return None
+        return self.meter.result(self.plan, self.runner.name, self.runner.busy_seconds)
 
     def _drain_writes(self, keep: int) -> None:
         """Wait until at most ``keep`` writes are pending; record their outcomes (raises their errors)."""
