@@ -11,7 +11,10 @@ One ``<slide_id>.h5`` per slide:
 
 CLAM and TRIDENT read ``features`` and ``coords`` as they are; STAMP names the matrix
 ``feats``, which ``read_bag`` also accepts. Bags are written atomically (temporary name,
-then rename) so a file under its final name is always complete.
+then rename) so a file under its final name is always complete. A bag of more than
+``IN_MEMORY_BAG_BYTES`` of features (or one whose rows wait in a ``RowFile``, as the embedding
+engine keeps a large slide's) is written in place, ``WRITE_CHUNK_BYTES`` at a time, under the
+same temporary name: memory stays bounded whatever the slide's size.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import h5py
 import numpy as np
@@ -36,7 +39,8 @@ COORDS = "coords"
 TILE_NAMES = "tile_names"
 COORD_SENTINEL = -1  # coords value of a tile whose name carries no position
 BAG_SUFFIX = ".h5"
-IN_MEMORY_BAG_BYTES = 256 * 2**20  # bags with up to this much feature data are built in memory, then written
+IN_MEMORY_BAG_BYTES = 32 * 2**20  # bags with up to this much feature data are built in memory, then written
+WRITE_CHUNK_BYTES = 8 * 2**20  # larger bags are written in place, this much of their features at a time
 FORMAT_KEY = "format_version"  # the attribute that marks a bag written by stage 1, and its version
 
 
@@ -187,30 +191,78 @@ class Bag:
         return BagAttrs.from_attrs(self.attrs, self.path or "") if FORMAT_KEY in self.attrs else None
 
 
+@dataclass(frozen=True)
+class RowFile:
+    """Feature rows waiting in a raw file: ``n_rows`` x ``dim`` float32, row-major, no header.
+
+    ``write_bag`` takes one in place of the matrix and copies the ``rows`` it names (ascending
+    row numbers; None: every row) in chunks, so a slide of any size is written with bounded
+    memory. Plain reads, not a memory map: a mapped file's pages count in the process's
+    resident memory, and a large slide's would grow it by the bag's size."""
+
+    path: Path
+    n_rows: int
+    dim: int
+    rows: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows if self.rows is None else len(self.rows), self.dim)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.dim * 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def chunks(self, n: int):
+        """(start, (k, dim) float32 array) for consecutive blocks of at most ``n`` of the chosen rows."""
+        rows = np.arange(self.n_rows) if self.rows is None else np.asarray(self.rows, dtype=np.int64)
+        with open(self.path, "rb") as handle:
+            for start in range(0, len(rows), n):
+                chosen = rows[start : start + n]
+                first, last = int(chosen[0]), int(chosen[-1])
+                handle.seek(first * self.dim * 4)
+                block = np.fromfile(handle, np.float32, (last - first + 1) * self.dim)
+                if block.size != (last - first + 1) * self.dim:
+                    raise OSError(f"row file {self.path} ends before row {last} of {self.n_rows}")
+                yield start, block.reshape(-1, self.dim)[chosen - first]
+
+
+Features = Union[np.ndarray, RowFile]
+
+
 def bag_path(cache_dir: str | Path, slide_id: str) -> Path:
     return Path(cache_dir) / f"{slide_id}{BAG_SUFFIX}"
 
 
 def write_bag(
     path: str | Path,
-    features: np.ndarray,
+    features: Features,
     coords: np.ndarray,
     tile_names: Sequence[str],
     attrs: BagAttrs | Mapping[str, Any],
 ) -> None:
     """Write one bag atomically. Stage 1 passes ``BagAttrs``; a plain mapping (values str, int,
     float, bool or JSON-able) serves tests and tools. ``format_version``, ``feature_dim`` and
-    ``n_instances`` are always those of this file."""
+    ``n_instances`` are always those of this file. ``features``: the matrix, or a ``RowFile``
+    holding it (always written in chunks)."""
     if isinstance(attrs, BagAttrs):
         attrs = attrs.to_attrs()
-    features = np.ascontiguousarray(features, dtype=np.float32)
+    if not isinstance(features, RowFile):
+        features = np.ascontiguousarray(features, dtype=np.float32)
     coords = np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2)
     if features.ndim != 2 or len(features) != len(coords) or len(features) != len(tile_names):
         raise ValueError(
             f"features {features.shape}, coords {coords.shape} and {len(tile_names)} tile names disagree"
         )
     with atomic_output(path) as tmp:
-        if features.nbytes <= IN_MEMORY_BAG_BYTES:
+        if isinstance(features, np.ndarray) and features.nbytes <= IN_MEMORY_BAG_BYTES:
             # Built in memory, then written with one plain write: a full disk or a failing device
             # raises an ordinary OSError here, instead of an HDF5 flush failing inside close()
             # and again, noisily, each time h5py's objects are collected.
@@ -218,20 +270,31 @@ def write_bag(
             with h5py.File(image, "w") as h5:
                 _fill_bag(h5, features, coords, tile_names, attrs)
             Path(tmp).write_bytes(image.getbuffer())
-        else:  # a bag too large to hold twice in memory is written in place
+        else:  # a bag too large to hold twice in memory is written in place, in chunks
             with h5py.File(tmp, "w") as h5:
                 _fill_bag(h5, features, coords, tile_names, attrs)
 
 
 def _fill_bag(
     h5: h5py.File,
-    features: np.ndarray,
+    features: Features,
     coords: np.ndarray,
     tile_names: Sequence[str],
     attrs: Mapping[str, Any],
 ) -> None:
     # Contiguous, uncompressed: features barely compress and chunking slows reads (docs/embedding.md, "Bag format").
-    h5.create_dataset(FEATURES, data=features)
+    if isinstance(features, np.ndarray) and features.nbytes <= WRITE_CHUNK_BYTES:
+        h5.create_dataset(FEATURES, data=features)
+    else:
+        dataset = h5.create_dataset(FEATURES, shape=features.shape, dtype=np.float32)
+        rows = max(1, WRITE_CHUNK_BYTES // (4 * max(1, features.shape[1])))
+        blocks = (
+            features.chunks(rows)
+            if isinstance(features, RowFile)
+            else ((start, features[start : start + rows]) for start in range(0, len(features), rows))
+        )
+        for start, block in blocks:
+            dataset[start : start + len(block)] = block
     h5.create_dataset(COORDS, data=coords)
     h5.create_dataset(TILE_NAMES, data=list(tile_names), dtype=h5py.string_dtype("utf-8"))
     for key, value in attrs.items():

@@ -4,8 +4,9 @@ How a run goes: keep the slides whose bag is current (``cache.slide_status``); s
 of all other slides through one DataLoader, so batches span slide boundaries; decode in worker
 processes; run the backbone; gather each slide's rows as batches return and hand a finished
 slide to a writer thread, which writes its bag atomically (``bags.write_bag`` with
-``BagAttrs``). Memory is bounded by the batches in flight (a slide too large for memory is
-gathered in a file-backed buffer). Each slide is locked while it is embedded, so several
+``BagAttrs``). Memory is bounded by the batches in flight: a slide of more than ``SPILL_BYTES``
+of features is gathered in a file (plain writes, no memory map) and its bag written from there in
+chunks, so peak memory does not grow with the slide's size. Each slide is locked while it is embedded, so several
 processes (``torchrun --nproc_per_node N``, or two runs by accident) share the work without
 doing any slide twice. A ``throughput.ThroughputMeter`` times the batch loop (``throughput()``).
 """
@@ -25,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from feature_extraction import __version__
 from feature_extraction.backbones import LoadedBackbone
-from feature_extraction.bags import BagAttrs, bag_path, write_bag
+from feature_extraction.bags import BagAttrs, RowFile, bag_path, write_bag
 from feature_extraction.cache import (
     ExtractionConfig,
     clear_failure,
@@ -45,9 +46,10 @@ from feature_extraction.manifest import STATUS_OK
 from feature_extraction.runtime import ComputePlan, OnnxRunner, TorchRunner, build_runner
 from feature_extraction.sources import SlideTiles, TileRef, TileTransform
 from feature_extraction.throughput import Throughput, ThroughputMeter, settle_batch_size
+from feature_extraction.tile_batches import TileCollate, TileDataset
 
 POSTFIX_EVERY = 8  # batches between two refreshes of the progress bar's figures
-SPILL_BYTES = 256 * 2**20  # a slide's features above this size are gathered in a file, not in memory
+SPILL_BYTES = 32 * 2**20  # a slide's features above this size are gathered in a file, not in memory
 MAX_PENDING_WRITES = 4  # finished slides waiting for the writer thread (bounds memory)
 WAIT_POLL_SECONDS = 1.0  # how often to look at slides another process is embedding
 log = logging.getLogger(__name__)
@@ -65,59 +67,45 @@ class Outcome(str, Enum):
         return self.value
 
 
-class TileDataset(Dataset):
-    """Items are (slide position, row, TileRef) triples handed out by the batch sampler;
-    returns (position, row, (S, S, 3) uint8 array or None, error text or "", seconds decoding)."""
-
-    def __init__(self, transform: TileTransform) -> None:
-        self.transform = transform
-
-    def __getitem__(self, item: tuple[int, int, TileRef]) -> tuple[int, int, np.ndarray | None, str, float]:
-        position, row, tile = item
-        started = time.perf_counter()
-        try:
-            pixels, error = self.transform(tile.load()), ""
-        except Exception as failure:  # TileError, or anything a broken file provokes: skip the tile
-            pixels, error = None, str(failure) or type(failure).__name__
-        return position, row, pixels, error, time.perf_counter() - started
-
-
-def collate_tiles(items: list[tuple[int, int, np.ndarray | None, str, float]], size: int):
-    """Stack one batch: (positions, rows, (N, S, S, 3) uint8 tensor, errors, seconds decoding it)."""
-    images = torch.empty((len(items), size, size, 3), dtype=torch.uint8)
-    if get_worker_info() is not None:
-        images.share_memory_()  # written once, sent to the main process without another copy
-    pixels = images.numpy()
-    for i, (_, _, array, _, _) in enumerate(items):
-        pixels[i] = 0 if array is None else array
-    positions = [item[0] for item in items]
-    rows = [item[1] for item in items]
-    return positions, rows, images, [item[3] for item in items], sum(item[4] for item in items)
-
-
-class _Collate:
-    """A picklable collate_fn bound to the input size."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, items):
-        return collate_tiles(items, self.size)
-
-
 @dataclass
 class _SlideBuffer:
-    """The rows of one slide while its batches come back."""
+    """The rows of one slide while its batches come back: in memory (``features``), or, for a
+    slide above SPILL_BYTES, written at their offsets in the raw float32 file ``spill``."""
 
     listing: SlideTiles
-    features: np.ndarray
-    spill: Path | None
+    features: np.ndarray | None
+    spill: Path | None = None
+    spill_fd: int | None = None
+    features_dim: int = 0  # columns of the spill file
     errors: dict[int, str] = field(default_factory=dict)
     received: int = 0
 
     @property
     def complete(self) -> bool:
         return self.received >= len(self.listing.tiles)
+
+    def put(self, row: int, vector: np.ndarray) -> None:
+        if self.spill_fd is None:
+            self.features[row] = vector
+        else:
+            data = np.ascontiguousarray(vector, dtype=np.float32)
+            os.pwrite(self.spill_fd, data.tobytes(), row * data.nbytes)
+
+    def rows_to_write(self, ok_rows: list[int]) -> np.ndarray | RowFile:
+        """The matrix of ``ok_rows`` for write_bag: compacted in place, or read back from the spill file."""
+        if self.spill_fd is None:
+            return compact_rows(self.features, ok_rows)
+        n, dim = len(self.listing.tiles), self.features_dim
+        return RowFile(self.spill, n, dim, None if len(ok_rows) == n else np.asarray(ok_rows, np.int64))
+
+    def close(self) -> None:
+        """Free the rows: the array, or the spill file (closed and deleted)."""
+        self.features = None
+        if self.spill_fd is not None:
+            os.close(self.spill_fd)
+            self.spill_fd = None
+        if self.spill is not None:
+            self.spill.unlink(missing_ok=True)
 
 
 class EmbeddingRun:
@@ -228,7 +216,7 @@ class EmbeddingRun:
             TileDataset(self.transform),
             batch_sampler=self._batches(listings, buffers, locked),
             num_workers=plan.num_workers,
-            collate_fn=_Collate(self.transform.input_size),
+            collate_fn=TileCollate(self.transform.input_size),
             pin_memory=plan.device.startswith("cuda"),
         )
         threads = torch.get_num_threads()
@@ -306,9 +294,11 @@ class EmbeddingRun:
     def _new_buffer(self, listing: SlideTiles) -> _SlideBuffer:
         shape = (len(listing.tiles), self.config.feature_dim)
         if shape[0] * shape[1] * 4 <= SPILL_BYTES:
-            return _SlideBuffer(listing, np.empty(shape, np.float32), None)
+            return _SlideBuffer(listing, np.empty(shape, np.float32))
+        # Hidden and pid-named like atomic temporaries: a killed run's spill file is swept.
         spill = self.cache_dir / f".{listing.slide.slide_id}.spill.{os.getpid()}.tmp"
-        return _SlideBuffer(listing, np.lib.format.open_memmap(spill, "w+", np.float32, shape), spill)
+        fd = os.open(spill, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        return _SlideBuffer(listing, None, spill, fd, features_dim=shape[1])
 
     def _gather(
         self,
@@ -327,7 +317,7 @@ class EmbeddingRun:
             if errors[i]:
                 buffer.errors[row] = errors[i]
             else:
-                buffer.features[row] = features[valid_index[i]]
+                buffer.put(row, features[valid_index[i]])
             buffer.received += 1
             if not touched or touched[-1] != position:
                 touched.append(position)
@@ -375,7 +365,7 @@ class EmbeddingRun:
                     listing, f"none of the {len(listing.tiles)} tiles could be read{example}", skipped
                 )
                 return Outcome.FAILED
-            features = compact_rows(buffer.features, ok_rows)
+            features = buffer.rows_to_write(ok_rows)
             tiles = [listing.tiles[row] for row in ok_rows]
             path = bag_path(self.cache_dir, slide.slide_id)
             try:
@@ -397,9 +387,7 @@ class EmbeddingRun:
             self._drop(buffer)
 
     def _drop(self, buffer: _SlideBuffer) -> None:
-        if buffer.spill is not None:
-            del buffer.features
-            buffer.spill.unlink(missing_ok=True)
+        buffer.close()
         self.locks.release(buffer.listing.slide.slide_id)
 
     def _bag_attrs(self, listing: SlideTiles, skipped: list[dict[str, str]]) -> BagAttrs:

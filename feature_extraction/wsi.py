@@ -202,6 +202,8 @@ def _background(slide) -> tuple[int, int, int]:
 
 def _flatten(region: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     # Outside the scanned area OpenSlide returns transparent pixels: show them as the background.
+    if region.getchannel("A").getextrema() == (255, 255):  # opaque, as nearly every tile is: drop alpha
+        return region.convert("RGB")
     out = Image.new("RGB", region.size, background)
     out.paste(region, mask=region.getchannel("A"))
     return out

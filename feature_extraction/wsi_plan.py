@@ -9,7 +9,7 @@
 Tissue: saturation of a thumbnail at ``mask_mpp`` um/px, median-filtered, thresholded by Otsu's
 method (clipped to ``saturation_range`` so that a blank slide finds nothing and a slide full of
 tissue is not split into pale and dark tissue), then a morphological closing (fills holes) and
-opening (drops specks) with PIL's max/min filters. A grid cell becomes a tile when at least
+opening (drops specks) with max/min filters. A grid cell becomes a tile when at least
 ``min_tissue`` of it is tissue. The slide is never read whole: thumbnails come from the
 coarsest pyramid level that is fine enough, read in blocks. See docs/wsi.md.
 
@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
+from scipy import ndimage
 
 from feature_extraction.atomic import atomic_write_text, remove_stale_temps
 from feature_extraction.sources import SlideSource, SlideTiles, select_subset
@@ -141,17 +142,20 @@ def otsu_threshold(values: np.ndarray) -> int:
 def tissue_mask(thumbnail: Image.Image, config: WsiConfig, pixel_um: float) -> tuple[np.ndarray, int]:
     """Boolean tissue mask (h, w) of an RGB thumbnail whose pixels are ``pixel_um`` um wide,
     and the saturation threshold used (0..255)."""
-    saturation = np.asarray(thumbnail.convert("HSV").filter(ImageFilter.MedianFilter(5)))[..., 1]
+    # The median of the saturation band only: a third of filtering all three HSV bands.
+    saturation = np.asarray(thumbnail.convert("HSV").getchannel("S").filter(ImageFilter.MedianFilter(5)))
     low, high = config.saturation_range
     threshold = int(np.clip(otsu_threshold(saturation), low, high))
-    mask = Image.fromarray(np.where(saturation > threshold, 255, 0).astype(np.uint8))
-    # Odd kernel of about morphology_um; PIL's min/max filters are erosion/dilation.
+    # Odd square kernel of about morphology_um. Max/min filters are dilation/erosion; scipy's
+    # separable ones (edges replicated, as PIL's MaxFilter/MinFilter do) give the same mask
+    # as PIL's, many times faster on the thumbnail of a large slide.
     size = max(3, 2 * round(config.morphology_um / pixel_um / 2) + 1)
+    mask = saturation > threshold
     # Closing first joins loose fibrous tissue into one region and fills its holes; the opening
     # after it then removes only specks that stand alone.
-    mask = mask.filter(ImageFilter.MaxFilter(size)).filter(ImageFilter.MinFilter(size))  # closing: holes
-    mask = mask.filter(ImageFilter.MinFilter(size)).filter(ImageFilter.MaxFilter(size))  # opening: specks
-    return np.asarray(mask) > 127, threshold
+    for grow in (True, False, False, True):  # closing (holes), then opening (specks)
+        mask = (ndimage.maximum_filter if grow else ndimage.minimum_filter)(mask, size, mode="nearest")
+    return mask, threshold
 
 
 def _cell_fractions(mask: np.ndarray, scale: float, xs: np.ndarray, ys: np.ndarray, side: int) -> np.ndarray:

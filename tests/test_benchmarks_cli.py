@@ -145,6 +145,42 @@ def fake_report(bench, monkeypatch, tmp_path: Path) -> list[str]:
     return ["--n_slides", "500", "--repeats", "1"]
 
 
+def fake_wsi(bench, monkeypatch, tmp_path: Path) -> list[str]:
+    """bench_wsi with its slides, tile folder and measurements canned; the section and the plot are real."""
+
+    def slide_for(recipe, slide_dir, sources=None):
+        return Path(slide_dir) / recipe.file_name, 0.0
+
+    rounds = {"wsi": [50.1], "folder": [52.0], "limit": [56.3], "wsi_listing": [1.1], "folder_listing": [0.1]}
+    rates = {"rounds": rounds, "median": {k: v[0] for k, v in rounds.items()}, "tiles": 24}
+    rates.update(plan="cpu, fp32, batch 16, 1 decode worker, 2 compute threads", runtime="onnxruntime")
+
+    def planning(slide, workdir, repeats=3):
+        tiles = 38 if "6000x4500" in slide.name else int(slide.name.split("x")[0].split("_")[-1]) // 50
+        return {"tiles": tiles, "dimensions": (6000, 4500), "mask": (140, 187), "plan_s": 0.05,
+                "first_tile_s": 0.06, "cached_s": 0.0004, "cache_kib": 1.0}  # fmt: skip
+
+    def rss(slides, workdir, args):
+        return [
+            {"slide": s.name, "tiles": 40 * (i + 1), "peak_mib": 1350.0 + i, "main_mib": 900.0, "seconds": 30.0,
+             "rate": 3.0}
+            for i, s in enumerate(slides)
+        ]  # fmt: skip
+
+    monkeypatch.setattr(bench, "texture_note", lambda: ([], "a test texture"))
+    monkeypatch.setattr(bench, "slide_for", slide_for)
+    monkeypatch.setattr(bench, "tile_folder_of", lambda cohort, out_dir, max_tiles: out_dir)
+    monkeypatch.setattr(bench, "measure_rates", lambda *a, **k: rates)
+    monkeypatch.setattr(bench, "measure_planning", planning)
+    monkeypatch.setattr(bench, "measure_rss", rss)
+    slide = {"width": 6000, "height": 4500, "mpp": 0.25, "levels": 4, "mib": 3.0, "vendor": "generic-tiff",
+             "mpp_read": "0.25", "read_level": 1, "build": "3 s"}  # fmt: skip
+    monkeypatch.setattr(bench, "describe_slide", lambda *a: slide)
+    monkeypatch.setattr(bench, "machine", lambda: "a test machine")
+    monkeypatch.setattr(bench, "versions", lambda: "test versions")
+    return ["--quick", "--slide_dir", str(tmp_path / "slides"), "--workdir", str(tmp_path / "work")]
+
+
 FAKES = {
     "bench_decode": fake_decode,
     "bench_embed": fake_embed,
@@ -152,6 +188,7 @@ FAKES = {
     "bench_train": fake_train,
     "bench_learning": fake_learning,
     "bench_report": fake_report,
+    "bench_wsi": fake_wsi,
 }
 
 
@@ -182,11 +219,14 @@ def test_the_page_is_written_only_with_write(name, monkeypatch, tmp_path, capsys
     assert written != original
     own = written.split(f"{bench.SECTION}\n", 1)[1].split("\n## ", 1)[0]
     assert "test" in own  # the canned figures are in the script's own section
-    for other in {"## Decoding", "## Embedding", "## Encoders", "## Training", "## Learning"} - {
+    for other in {"## Decoding", "## Embedding", "## Encoders", "## Training", "## Learning", "## Report"} - {
         bench.SECTION
     }:
         assert original.split(f"{other}\n", 1)[1].split("\n## ", 1)[0] in written  # other sections kept
     assert PAGE.stat().st_mtime_ns == real_page  # the real page was never touched
+    if name == "bench_wsi":  # the plot goes next to the page it is written into, never into docs/img
+        assert (tmp_path / "img" / "scale_wsi_rss.png").stat().st_size > 1000
+        assert "](img/scale_wsi_rss.png)" in own
 
 
 def test_decoding_section_shows_each_decoder_the_ceilings_and_other_pixels(monkeypatch, tmp_path, capsys):
