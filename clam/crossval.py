@@ -30,13 +30,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clam.checkpoints import saved_baseline
 from clam.eval_config import EvaluateConfig
-from clam.evaluation import EvaluationResult, evaluate
 from clam.folds import fold_splits, make_folds, read_folds, write_folds
 from clam.inference import (
     aggregate_patients,
@@ -75,6 +74,9 @@ from clam.splits import TrainValSplit
 from clam.train_config import TrainConfig
 from clam.training import load_bags, train
 from feature_extraction.errors import PipelineError
+
+if TYPE_CHECKING:
+    from clam.evaluation import EvaluationResult
 
 log = logging.getLogger(__name__)
 METRICS = ("test_auc", "test_balanced_accuracy", "test_loss", "baseline_test_auc", "val_auc")
@@ -336,6 +338,9 @@ def evaluate_folds(config: EvaluateConfig) -> EvaluationResult:
     """Evaluate each fold's selected model of the cross-validation run ``config.checkpoint`` (a
     subfolder per fold) and their ensemble, the mean probability of the fold models
     (predictions.csv, predictions_patient.csv and metrics.json at the top)."""
+    # Imported here, not at the top: evaluation draws figures (matplotlib), which clam.train never needs.
+    from clam.evaluation import EvaluationResult, evaluate
+
     parent = Path(config.checkpoint)
     if config.output_dir is not None:
         output_dir = Path(config.output_dir)

@@ -42,6 +42,7 @@ CONFIG_NAME = "config.json"
 SPLIT_FILE = "split.csv"
 SPLIT_COLUMNS = ("slide_id", "patient_id", "label", "set")
 BEST_NAME = "best_model.pt"
+DEFAULT_TOP_K = 8  # attention maps: tiles per row of the montage, outlined tiles of the heatmap
 
 # ---------------------------------------------------------------- a cross-validation run
 SPLITS_FILE = "splits.csv"

@@ -6,8 +6,9 @@ inside the model (``NormalizedBackbone``), so the same graph serves every runtim
 
 - CPU: ONNX Runtime when it is installed (about 2x eager PyTorch on a 2-core Zen 3 for the
   ResNets, see docs/benchmarks.md); the foundation-model encoders run eager PyTorch unless asked,
-  which was faster for them here (``BackboneSpec.cpu_onnx``). The backbone is exported once per weights digest and input size to
-  ``<features_dir>/.onnx/`` and checked against eager PyTorch before first use.
+  which was faster for them here (``BackboneSpec.cpu_onnx``). The backbone is exported once per weights digest,
+  input size, opset and library versions into the per-user cache (``feature_extraction.user_cache``,
+  shared by every --features_dir) and checked against eager PyTorch before first use.
 - CPU without ONNX Runtime, or ``runtime="torch"``: eager PyTorch, channels_last.
 - CUDA / MPS: eager PyTorch, channels_last, autocast (fp16 by default, bf16 on request),
   non-blocking copies from pinned memory, the copy back overlapped with the next batch.
@@ -16,6 +17,7 @@ inside the model (``NormalizedBackbone``), so the same graph serves every runtim
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import logging
 import math
@@ -33,6 +35,14 @@ from torch import nn
 from feature_extraction.atomic import atomic_output
 from feature_extraction.backbones import LoadedBackbone
 from feature_extraction.errors import PipelineError
+from feature_extraction.user_cache import (
+    build_lock,
+    key_digest,
+    record,
+    user_cache_dir,
+    verified,
+    writable_dir,
+)
 
 RUNTIMES = ("auto", "onnxruntime", "torch")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -288,11 +298,7 @@ def build_runner(backbone: LoadedBackbone, plan: ComputePlan, features_dir: Path
     run eager PyTorch instead (the features are the same either way)."""
     if plan.runtime == "onnxruntime":
         try:
-            target = onnx_path(backbone, features_dir)
-            if not target.is_file():
-                log.info(f"exporting {backbone.spec.name} to ONNX, once for these weights: {target}")
-            path = export_onnx(backbone, features_dir)
-            return OnnxRunner(path, plan.compute_threads)
+            return OnnxRunner(export_onnx(backbone, features_dir), plan.compute_threads)
         except Exception as error:  # any exporter/runtime failure: PyTorch computes the same features
             log.warning(
                 f"ONNX Runtime unavailable for {backbone.spec.name} ({type(error).__name__}: "
@@ -302,24 +308,62 @@ def build_runner(backbone: LoadedBackbone, plan: ComputePlan, features_dir: Path
     return TorchRunner(backbone, plan)
 
 
-def onnx_path(backbone: LoadedBackbone, features_dir: Path) -> Path:
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def onnx_key(backbone: LoadedBackbone) -> dict[str, object]:
+    """Everything the exported graph depends on: the weights (their digest), the input and its
+    normalisation, the opset, and the versions of the exporter and of the runtime that reads it."""
     spec = backbone.spec
-    return (
-        Path(features_dir)
-        / ".onnx"
-        / f"{spec.name}-{backbone.weights_digest[:16]}-{spec.input_size}px-nhwc-uint8.onnx"
-    )
+    return {
+        "format": "NormalizedBackbone nhwc uint8 -> features, v1",
+        "backbone": spec.name,
+        "weights_digest": backbone.weights_digest,
+        "input_size": spec.input_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "opset": ONNX_OPSET,
+        "torch": torch.__version__,
+        **{package: _version(package) for package in ("onnx", "onnxscript", "onnxruntime")},
+    }
+
+
+def onnx_path(backbone: LoadedBackbone, features_dir: Path) -> Path:
+    """Where the backbone's export lives: the per-user cache (``user_cache.user_cache_dir()/onnx``), or
+    ``<features_dir>/.onnx`` when that cache cannot be written. The name holds the backbone, the short
+    weights digest, the input size and a digest of ``onnx_key``."""
+    spec = backbone.spec
+    name = f"{spec.name}-{backbone.weights_digest[:12]}-{spec.input_size}px-{key_digest(onnx_key(backbone))[:16]}.onnx"
+    folder = user_cache_dir() / "onnx"
+    return (folder if writable_dir(folder) else Path(features_dir) / ".onnx") / name
 
 
 def export_onnx(backbone: LoadedBackbone, features_dir: Path) -> Path:
-    """Export the backbone (with normalisation) to ONNX once; return the file.
+    """Export the backbone (with normalisation) to ONNX once per ``onnx_key``; return the file.
 
-    The file name holds the weights digest and input size; a new export is compared with
-    eager PyTorch on random tiles and rejected (RuntimeError) if they differ by more than
-    float32 rounding."""
-    path = onnx_path(backbone, features_dir)
-    if path.is_file():
+    The export is shared by every --features_dir (``onnx_path``) and reused while its sidecar
+    record matches (``user_cache.verified``: same key, size and sha256; a partial or corrupt
+    file is exported again). One process exports at a time; a new export is compared with eager
+    PyTorch on random tiles and rejected (RuntimeError) if they differ by more than float32
+    rounding."""
+    path, key = onnx_path(backbone, features_dir), onnx_key(backbone)
+    if verified(path, key):
         return path
+    with build_lock(path):
+        if verified(path, key):  # another process exported it while we waited
+            return path
+        again = " (the file there is incomplete or does not match its record)" if path.exists() else ""
+        log.info(f"exporting {backbone.spec.name} to ONNX, once for these weights: {path}{again}")
+        _export(backbone, path)
+        record(path, key)
+    return path
+
+
+def _export(backbone: LoadedBackbone, path: Path) -> None:
     spec = backbone.spec
     model = NormalizedBackbone(backbone.module, spec.mean, spec.std).eval()
     generator = torch.Generator().manual_seed(0)
@@ -353,7 +397,6 @@ def export_onnx(backbone: LoadedBackbone, features_dir: Path) -> Path:
                     dynamo=False,
                 )
         _check_export(Path(tmp), model, example)
-    return path
 
 
 def _check_export(path: Path, model: nn.Module, example: torch.Tensor) -> None:
