@@ -110,10 +110,11 @@ def bars(run: dict, desc: str) -> list[tuple[float, int, int]]:
 def phases(kind: str, run: dict) -> dict:
     """start -> first unit, the work, last unit -> exit (seconds; None when not seen), from the output."""
     first = last = None
+    first_n = 0  # units already done at ``first`` (the first batch of tiles)
     if kind == "embed":
         seen = [(t, n, total) for t, n, total in bars(run, "embedding") if n > 0]
         if seen:
-            first = seen[0][0]
+            first, first_n = seen[0][0], seen[0][1]
             last = next((t for t, n, total in seen if n >= total), seen[-1][0])
     elif kind == "train":
         starts = [t for t, n, _ in bars(run, "epoch 1")]
@@ -124,7 +125,7 @@ def phases(kind: str, run: dict) -> dict:
         if seen:
             first = seen[0][0]
             last = next((t for t, n, total in seen if n >= total), seen[-1][0])
-    result = {"total": run["exit"], "first": first, "last": last, "rc": run["rc"]}
+    result = {"total": run["exit"], "first": first, "last": last, "rc": run["rc"], "first_n": first_n}
     if first is not None and last is not None:
         result.update(start=first, work=last - first, end=run["exit"] - last)
     return result
@@ -313,13 +314,21 @@ def fixed_table(runs: dict) -> list[str]:
     return lines
 
 
+def steady_rate(row: dict) -> float | None:
+    """Tiles/s between the first batch and the last tile; None for fewer than 4 batches of tiles."""
+    first_n = row.get("first_n") or 0
+    if not row.get("work") or row["tiles"] < 4 * max(first_n, 1):
+        return None
+    return (row["tiles"] - first_n) / row["work"]
+
+
 def slides_table(rows: list[dict]) -> list[str]:
     lines = [
         "| slides | tiles | per-user cache | whole process (s) | start to first tile (s) | tiles/s, whole process | tiles/s, first to last tile |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        steady = row["tiles"] / row["work"] if row.get("work") else None
+        steady = steady_rate(row)
         lines.append(
             f"| {row['slides']} | {row['tiles']} | {row['cache']} | {row['total']:.1f} | {seconds(row.get('start'))} | "
             f"{row['tiles'] / row['total']:.1f} | {'n/a' if steady is None else f'{steady:.1f}'} |"
@@ -402,7 +411,8 @@ def plot(runs: dict, rows: list[dict], folder: Path, command: str) -> None:
     names = list(runs)[::-1]
     left = [0.0] * len(names)
     for part, colour in (("start", "tab:red"), ("work", "tab:green"), ("end", "tab:orange")):
-        widths = [runs[n].get(part) or 0.0 for n in names]
+        # A run with no unit of work (every bag already embedded) is fixed cost from start to exit.
+        widths = [runs[n].get(part, runs[n]["total"] if part == "start" else 0.0) or 0.0 for n in names]
         axes.barh(
             names,
             widths,
@@ -426,12 +436,12 @@ def plot(runs: dict, rows: list[dict], folder: Path, command: str) -> None:
             style,
             label=f"whole process, {cache} per-user cache",
         )
-    steady = [r for r in rows if r["cache"] == "warm" and r.get("work")]
+    steady = [r for r in rows if r["cache"] == "warm" and steady_rate(r)]
     axes.plot(
         [r["slides"] for r in steady],
-        [r["tiles"] / r["work"] for r in steady],
+        [steady_rate(r) for r in steady],
         "k:",
-        label="first to last tile",
+        label="first batch to last tile, warm",
     )
     axes.set_xscale("log")
     axes.set_xlabel("slides in the cohort")
