@@ -30,15 +30,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clam.checkpoints import saved_baseline
 from clam.eval_config import EvaluateConfig
-from clam.eval_report import write_eval_report
-from clam.evaluation import EvaluationResult, evaluate
-from clam.figures import plot_confusion, plot_roc
 from clam.folds import fold_splits, make_folds, read_folds, write_folds
 from clam.inference import (
     aggregate_patients,
@@ -80,6 +77,9 @@ from clam.train_config import TrainConfig
 from clam.training import load_bags, train
 from clam.training_report import render_training_report
 from feature_extraction.errors import PipelineError
+
+if TYPE_CHECKING:
+    from clam.evaluation import EvaluationResult
 
 log = logging.getLogger(__name__)
 METRICS = ("test_auc", "test_balanced_accuracy", "test_loss", "baseline_test_auc", "val_auc")
@@ -343,6 +343,12 @@ def evaluate_folds(config: EvaluateConfig) -> EvaluationResult:
     subfolder per fold) and their ensemble, the mean probability of the fold models
     (predictions.csv, predictions_patient.csv, metrics.json, roc.png, confusion_matrix.png and
     report.html at the top)."""
+    # Imported here, not at the top: evaluation, its figures and its page need matplotlib and jinja2,
+    # which clam.train (this module's other user) never needs.
+    from clam.eval_report import write_eval_report
+    from clam.evaluation import EvaluationResult, evaluate
+    from clam.figures import plot_confusion, plot_roc
+
     parent = Path(config.checkpoint)
     if config.output_dir is not None:
         output_dir = Path(config.output_dir)

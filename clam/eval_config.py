@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clam.heatmaps import DEFAULT_TOP_K
 from clam.metrics import DEFAULT_N_BOOTSTRAP
-from clam.run_files import EVAL_PREFIX
+from clam.run_files import DEFAULT_TOP_K, EVAL_PREFIX
 from feature_extraction.layout import SPLITS
 
 ALL = "all"

@@ -33,12 +33,11 @@ from matplotlib.patches import Patch, Rectangle
 from PIL import Image
 from scipy.stats import rankdata
 
-from clam.run_files import ATTENTION_COLUMNS, ATTENTION_INDEX, INDEX_COLUMNS, attention_files
+from clam.run_files import ATTENTION_COLUMNS, ATTENTION_INDEX, DEFAULT_TOP_K, INDEX_COLUMNS, attention_files
 from clam.tile_images import HEATMAP_MAX_PIXELS, is_whole_slide, read_tile_image, slide_thumbnail
 from feature_extraction.atomic import atomic_output, atomic_write_text
 from feature_extraction.bags import COORD_SENTINEL, BagAttrs
 
-DEFAULT_TOP_K = 8  # tiles per row of the montage, outlined tiles of the heatmap
 MONTAGE_TILE_PIXELS = 224
 HEATMAP_CMAP = "coolwarm"  # blue = low, red = high, as in CLAM's heatmaps
 HEATMAP_ALPHA = 0.55  # opacity of the attention colours over the tissue

@@ -47,6 +47,7 @@ BEST_NAME = "best_model.pt"
 TRAINING_HTML = "training.html"
 CURVES_PNG = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
+DEFAULT_TOP_K = 8  # attention maps: tiles per row of the montage, outlined tiles of the heatmap
 
 # ---------------------------------------------------------------- a cross-validation run
 SPLITS_FILE = "splits.csv"

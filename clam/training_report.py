@@ -25,8 +25,6 @@ from typing import Any
 
 import jinja2
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from clam.metrics import format_auc, format_number
 from clam.run_files import (
@@ -285,6 +283,10 @@ def _plot_curves(
 ) -> None:
     """Loss, AUC and balanced accuracy per epoch, training and validation; the best epoch marked
     (a dotted line), the baseline's validation AUC as a dashed line. Undefined values are gaps."""
+    # matplotlib is imported here, not at the top: clam.train imports this module and must start fast.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     epochs = np.array([row.get("epoch", i + 1) for i, row in enumerate(history)], dtype=float)
     fig = Figure(figsize=(13.5, 3.8), layout="constrained")
     for ax, (key, title) in zip(fig.subplots(1, len(CURVES)), CURVES):
@@ -302,7 +304,8 @@ def _plot_curves(
         if key != "loss":
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # an old run without this figure draws nothing to label
+            ax.legend(fontsize="small")
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=CURVES_DPI)
 

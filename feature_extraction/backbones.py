@@ -10,8 +10,8 @@ Weights (``load_backbone(name, weights)``):
   use), from the torch hub cache, downloaded there when missing. Offline with an empty
   cache, a PipelineError says which file to place where.
 - ``"random"``: initialised from a fixed seed, BatchNorm statistics calibrated on seeded
-  noise (see ``_calibrate_batchnorm_on_noise``), so the digest and the cache are the same on
-  every run. Only when asked for; never a silent fallback.
+  noise (``random_weights``, computed once per user and then read from the per-user cache), so the
+  digest and the cache are the same on every run. Only when asked for; never a silent fallback.
 - a path: a local state-dict file (``torch.load(weights_only=True)``, or ``.safetensors``) or a
   hub-style folder; a full ResNet's weights also fit the truncated model, and ``module.``-style
   prefixes are stripped.
@@ -34,14 +34,14 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from feature_extraction.encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, EncoderCard
 from feature_extraction.errors import PipelineError
+from feature_extraction.random_weights import RANDOM_SEED, calibrate_batchnorm
 from feature_extraction.weights import (
     HUB_LABEL,
     fit_problems,
@@ -50,7 +50,9 @@ from feature_extraction.weights import (
     read_state_dict,
 )
 
-RANDOM_SEED = 20210301  # fixed: "random" weights must be the same tensors on every run
+if TYPE_CHECKING:
+    import torchvision
+
 RANDOM_LABEL = "random"
 IMAGENET_LABEL = "imagenet"
 log = logging.getLogger(__name__)
@@ -106,9 +108,20 @@ class BackboneSpec:
 
 def _resnet(arch: str, last_layer: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
+        import torchvision  # about 1 s to import: only when a ResNet is built (not by clam.train on cached bags)
+
         return ResNetTrunk(getattr(torchvision.models, arch)(weights=None), last_layer)
 
     return build
+
+
+def _torchvision_weights(enum: str) -> Callable[[], torchvision.models.WeightsEnum]:
+    def weights() -> torchvision.models.WeightsEnum:
+        import torchvision  # lazy, as in _resnet
+
+        return getattr(torchvision.models, enum).IMAGENET1K_V1
+
+    return weights
 
 
 RESNETS: dict[str, BackboneSpec] = {
@@ -122,7 +135,7 @@ RESNETS: dict[str, BackboneSpec] = {
             IMAGENET_STD,
             1024,
             _resnet("resnet50", "layer3"),
-            lambda: torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+            _torchvision_weights("ResNet50_Weights"),
         ),
         BackboneSpec(
             "resnet50",
@@ -131,7 +144,7 @@ RESNETS: dict[str, BackboneSpec] = {
             IMAGENET_STD,
             2048,
             _resnet("resnet50", "layer4"),
-            lambda: torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+            _torchvision_weights("ResNet50_Weights"),
         ),
         BackboneSpec(
             "resnet18",
@@ -140,7 +153,7 @@ RESNETS: dict[str, BackboneSpec] = {
             IMAGENET_STD,
             512,
             _resnet("resnet18", "layer4"),
-            lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+            _torchvision_weights("ResNet18_Weights"),
         ),
     )
 }
@@ -252,10 +265,10 @@ def _random_module(spec: BackboneSpec) -> nn.Module:
         torch.manual_seed(RANDOM_SEED)
         module = spec.builder()
     # The ResNets keep the small noise images their digests were first taken with; a Swin needs its size.
-    if spec.card is None:
-        _calibrate_batchnorm_on_noise(module)
-    else:
-        _calibrate_batchnorm_on_noise(module, n_images=4, size=spec.input_size)
+    # Only a network with BatchNorms is calibrated (and hashed for the calibration's cache key).
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        sizes = {} if spec.card is None else {"n_images": 4, "size": spec.input_size}
+        calibrate_batchnorm(module, spec.name, weights_digest(module), **sizes)
     return module
 
 
@@ -326,33 +339,6 @@ def _encoder_with_weights(
         module = build()
         module.load_state_dict(state, strict=False)
     return module
-
-
-def _calibrate_batchnorm_on_noise(module: nn.Module, n_images: int = 16, size: int = 128) -> None:
-    """Set every BatchNorm's running mean and variance to the statistics of seeded Gaussian
-    noise images passed through the freshly initialised network.
-
-    Why: with their default statistics (mean 0, variance 1) the BatchNorms of a random ResNet
-    do not normalise, activations grow block after block, and the pooled features are a large
-    common offset (mean about 11, 6 x their spread across tiles) on which CLAM's attention
-    saturates and does not learn. Calibrated, the same random network gives features a model
-    can learn from. Data-free and seeded, so the weights (and their digest) are the same on
-    every run; computed in float64 and rounded to float32 so that CPUs that sum in a
-    different order still agree to the bit."""
-    batchnorms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not batchnorms:
-        return
-    generator = torch.Generator().manual_seed(RANDOM_SEED)
-    noise = torch.randn(n_images, 3, size, size, generator=generator, dtype=torch.float64)
-    for bn in batchnorms:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average: the statistics of exactly this batch
-    module.double().train()
-    with torch.no_grad():
-        module(noise)
-    for bn in batchnorms:
-        bn.momentum = 0.1
-    module.float().eval()
 
 
 def weights_digest(module: nn.Module) -> str:

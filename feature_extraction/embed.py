@@ -59,7 +59,7 @@ from feature_extraction.weights import read_weights_map
 from feature_extraction.wsi import WsiConfig, add_wsi_arguments, require_openslide, wsi_config_from_args
 from feature_extraction.wsi_plan import PLAN_CACHE_FOLDER
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("feature_extraction.embed")  # not __name__: that is "__main__" under python -m
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ inside the model (``NormalizedBackbone``), so the same graph serves every runtim
 
 - CPU: ONNX Runtime when it is installed (about 2x eager PyTorch on a 2-core Zen 3 for the
   ResNets, see docs/benchmarks.md); the foundation-model encoders run eager PyTorch unless asked,
-  which was faster for them here (``BackboneSpec.cpu_onnx``). The backbone is exported once per weights digest and input size to
-  ``<features_dir>/.onnx/`` and checked against eager PyTorch before first use.
+  which was faster for them here (``BackboneSpec.cpu_onnx``). The backbone is exported once per weights digest,
+  input size, opset and library versions into the per-user cache (``feature_extraction.user_cache``,
+  shared by every --features_dir) and checked against eager PyTorch before first use.
 - CPU without ONNX Runtime, or ``runtime="torch"``: eager PyTorch, channels_last.
 - CUDA / MPS: eager PyTorch, channels_last, autocast (fp16 by default, bf16 on request),
   non-blocking copies from pinned memory, the copy back overlapped with the next batch.
@@ -23,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import importlib.util
 import logging
 import math
 import os
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from feature_extraction.atomic import atomic_output
 from feature_extraction.backbones import LoadedBackbone
 from feature_extraction.errors import PipelineError
+from feature_extraction.onnx_export import NormalizedBackbone, export_onnx
 
 RUNTIMES = ("auto", "onnxruntime", "torch")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -53,26 +53,9 @@ CPU_AUTO_WORKERS = 4  # "auto" on a CPU: the plan as it was when 4 was the defau
 CPU_AUTO_BATCH = {"onnxruntime": 16, "torch": 8}  # smaller is faster on a CPU
 ACCELERATOR_BATCH = 256  # "auto" on MPS, and on CUDA until the model is on the device
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-ONNX_OPSET = 18
-EXPORT_TOLERANCE = 1e-4  # relative to the largest feature: float32 rounding, not a different model
 
 Result = Callable[[], np.ndarray]
 log = logging.getLogger(__name__)
-
-
-class NormalizedBackbone(nn.Module):
-    """(N, H, W, 3) uint8 tiles -> (N, D) features: NCHW view, /255, mean/std, backbone."""
-
-    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.backbone = backbone
-        # (x / 255 - mean) / std folded into one multiply-add on the 0..255 values.
-        self.register_buffer("offset", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("scale", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0))
-
-    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        x = tiles.permute(0, 3, 1, 2).float()  # channels_last in memory, NCHW to the convolutions
-        return self.backbone((x - self.offset) * self.scale)
 
 
 @dataclass(frozen=True)
@@ -385,11 +368,7 @@ def build_runner(backbone: LoadedBackbone, plan: ComputePlan, features_dir: Path
     run eager PyTorch instead (the features are the same either way)."""
     if plan.runtime == "onnxruntime":
         try:
-            target = onnx_path(backbone, features_dir)
-            if not target.is_file():
-                log.info(f"exporting {backbone.spec.name} to ONNX, once for these weights: {target}")
-            path = export_onnx(backbone, features_dir)
-            return OnnxRunner(path, plan.compute_threads)
+            return OnnxRunner(export_onnx(backbone, features_dir), plan.compute_threads)
         except Exception as error:  # any exporter/runtime failure: PyTorch computes the same features
             log.warning(
                 f"ONNX Runtime unavailable for {backbone.spec.name} ({type(error).__name__}: "
@@ -397,74 +376,3 @@ def build_runner(backbone: LoadedBackbone, plan: ComputePlan, features_dir: Path
                 "the speed)"
             )
     return TorchRunner(backbone, plan)
-
-
-def onnx_path(backbone: LoadedBackbone, features_dir: Path) -> Path:
-    spec = backbone.spec
-    return (
-        Path(features_dir)
-        / ".onnx"
-        / f"{spec.name}-{backbone.weights_digest[:16]}-{spec.input_size}px-nhwc-uint8.onnx"
-    )
-
-
-def export_onnx(backbone: LoadedBackbone, features_dir: Path) -> Path:
-    """Export the backbone (with normalisation) to ONNX once; return the file.
-
-    The file name holds the weights digest and input size; a new export is compared with
-    eager PyTorch on random tiles and rejected (RuntimeError) if they differ by more than
-    float32 rounding."""
-    path = onnx_path(backbone, features_dir)
-    if path.is_file():
-        return path
-    spec = backbone.spec
-    model = NormalizedBackbone(backbone.module, spec.mean, spec.std).eval()
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randint(
-        0, 256, (2, spec.input_size, spec.input_size, 3), dtype=torch.uint8, generator=generator
-    )
-    with atomic_output(path) as tmp, warnings.catch_warnings(), open(os.devnull, "w") as devnull:
-        warnings.simplefilter("ignore")
-        with contextlib.redirect_stdout(devnull):  # the exporter narrates its steps
-            try:  # torch.export-based exporter (the default since torch 2.9; needs onnxscript)
-                torch.onnx.export(
-                    model,
-                    (example,),
-                    str(tmp),
-                    input_names=["tiles"],
-                    output_names=["features"],
-                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                    opset_version=ONNX_OPSET,
-                    dynamo=True,
-                    external_data=False,
-                )
-            except Exception:  # older torch, or a model torch.export cannot trace: the TorchScript exporter
-                torch.onnx.export(
-                    model,
-                    (example,),
-                    str(tmp),
-                    input_names=["tiles"],
-                    output_names=["features"],
-                    dynamic_axes={"tiles": {0: "batch"}, "features": {0: "batch"}},
-                    opset_version=17,
-                    dynamo=False,
-                )
-        _check_export(Path(tmp), model, example)
-    return path
-
-
-def _check_export(path: Path, model: nn.Module, example: torch.Tensor) -> None:
-    import onnxruntime  # optional: imported only when the ONNX runner is used
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: example[:1].numpy()})[0]
-    with torch.inference_mode():
-        expected = model(example[:1]).numpy()
-    error = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-12))
-    if got.shape != expected.shape or not error <= EXPORT_TOLERANCE:
-        raise RuntimeError(
-            f"ONNX export differs from PyTorch (relative error {error:.2e}, shapes "
-            f"{got.shape} vs {expected.shape})"
-        )

@@ -41,7 +41,7 @@ from feature_extraction.sources import SlideSource, TileError, TileRef, is_whole
 from feature_extraction.wsi import WsiConfig, add_wsi_arguments, require_openslide, wsi_config_from_args
 from feature_extraction.wsi_plan import list_wsi_tiles, plot_plan
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("feature_extraction.tile_slides")  # not __name__: that is "__main__" under python -m
 
 MANIFEST = "wsi_tiles.json"
 

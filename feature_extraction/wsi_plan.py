@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
-from scipy import ndimage
 
 from feature_extraction.atomic import atomic_write_text, remove_stale_temps
 from feature_extraction.sources import SlideSource, SlideTiles, select_subset
@@ -142,6 +141,9 @@ def otsu_threshold(values: np.ndarray) -> int:
 def tissue_mask(thumbnail: Image.Image, config: WsiConfig, pixel_um: float) -> tuple[np.ndarray, int]:
     """Boolean tissue mask (h, w) of an RGB thumbnail whose pixels are ``pixel_um`` um wide,
     and the saturation threshold used (0..255)."""
+    # Imported here: scipy costs about a second to import, and only whole-slide planning needs it.
+    from scipy import ndimage
+
     # The median of the saturation band only: a third of filtering all three HSV bands.
     saturation = np.asarray(thumbnail.convert("HSV").getchannel("S").filter(ImageFilter.MedianFilter(5)))
     low, high = config.saturation_range

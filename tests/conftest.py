@@ -11,6 +11,21 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _per_user_cache(tmp_path_factory):
+    """The per-user cache (ONNX exports, calibrations; feature_extraction.user_cache) of the whole
+    session is a temporary folder, shared by its tests and their subprocesses, never the user's own."""
+    from feature_extraction.user_cache import CACHE_ENV
+
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("user_cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory):
     """A tiny example cohort (read-only: copy it before changing it): train with 4 patients

@@ -181,6 +181,62 @@ def fake_wsi(bench, monkeypatch, tmp_path: Path) -> list[str]:
     return ["--quick", "--slide_dir", str(tmp_path / "slides"), "--workdir", str(tmp_path / "work")]
 
 
+def fake_fixed_costs(bench, monkeypatch, tmp_path: Path) -> list[str]:
+    """Canned timings: the five commands, the start-up breakdown, embed on cohorts of 1 and 2 slides."""
+
+    def phases(start, work, end):
+        return {"start": start, "work": work, "end": end, "total": start + work + end, "rc": 0, "first_n": 4}
+
+    runs = {
+        "embed, empty per-user cache": phases(9.4, 20.4, 1.1),
+        "embed, warm per-user cache, new --features_dir": phases(3.4, 20.0, 1.0),
+        "embed, every bag already embedded": {"total": 3.2, "first": None, "last": None, "rc": 0},
+        "train on cached bags": phases(2.1, 1.3, 0.7),
+        "evaluate (attention maps of every slide)": phases(2.9, 30.0, 5.1),
+    }
+    rows = [
+        {**phases(3.0, 0.5, 1.0), "slides": 1, "tiles": 24, "cache": "warm"},
+        {**phases(9.0, 0.5, 1.0), "slides": 1, "tiles": 24, "cache": "empty"},
+        {**phases(3.0, 1.0, 1.0), "slides": 2, "tiles": 48, "cache": "warm"},
+        {**phases(9.0, 1.0, 1.0), "slides": 2, "tiles": 48, "cache": "empty"},
+    ]
+    monkeypatch.setattr(bench, "build_example", lambda workdir, quick: workdir)
+    monkeypatch.setattr(bench, "measure_commands", lambda *a, **k: runs)
+    monkeypatch.setattr(
+        bench, "measure_breakdown", lambda: {"import torch": 0.9, "ONNX export (and its check)": 4.8}
+    )
+    monkeypatch.setattr(bench, "measure_slides", lambda *a, **k: rows)
+    monkeypatch.setattr(bench, "machine", lambda: "a test machine")
+    return ["--quick", "--workdir", str(tmp_path / "work")]
+
+
+def test_fixed_costs_draws_its_figures_next_to_the_page_and_lists_the_scale_curves(
+    monkeypatch, tmp_path, capsys
+):
+    bench = load_script("bench_fixed_costs")
+    argv = fake_fixed_costs(bench, monkeypatch, tmp_path)
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.parent.mkdir()
+    page.write_text(PAGE.read_text(encoding="utf-8"), encoding="utf-8")
+    assert bench.main(argv + ["--out", str(page)]) == 0
+    assert not (tmp_path / "docs" / "img").exists()  # printed only: no figures either
+    assert bench.main(argv + ["--out", str(page), "--write"]) == 0
+    for image in (bench.FIXED_PNG, bench.SLIDES_PNG):
+        assert (tmp_path / "docs" / "img" / image).stat().st_size > 1000
+    written = page.read_text(encoding="utf-8")
+    scale = written.split(f"{bench.SCALE_SECTION}\n", 1)[1].split("\n## ", 1)[0]
+    assert scale.count("](#fixed-costs)") == 2  # its own two curves, linked
+    assert "not measured on this page yet (`benchmarks/bench_wsi.py --write`" in scale
+    fixed = written.split(f"{bench.SECTION}\n", 1)[1].split("\n## ", 1)[0]
+    assert "| train on cached bags | 2.1 | 1.3 | 0.7 | 4.1 |" in fixed
+    assert "3.4 s to the first tile, target under 4 s: met" in fixed
+    assert "| 2 | 48 | warm | 5.0 | 3.0 | 9.6 | 44.0 |" in fixed  # (48 - 4 tiles of the first batch) / 1 s
+    # --scale_only measures nothing and rewrites only the Scale section
+    monkeypatch.setattr(bench, "measure_commands", None)
+    assert bench.main(["--scale_only", "--write", "--out", str(page)]) == 0
+    assert page.read_text(encoding="utf-8") == written
+
+
 FAKES = {
     "bench_decode": fake_decode,
     "bench_embed": fake_embed,
@@ -189,6 +245,7 @@ FAKES = {
     "bench_learning": fake_learning,
     "bench_report": fake_report,
     "bench_wsi": fake_wsi,
+    "bench_fixed_costs": fake_fixed_costs,
 }
 
 
