@@ -15,6 +15,7 @@ whose file changed since is refused (``clam.data.BagChanged``). Bags are read on
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -211,12 +212,24 @@ def collate_bags(items: Sequence[tuple[torch.Tensor, int, int]]) -> BagBatch:
     lengths = [len(features) for features, _, _ in items]
     labels = torch.tensor([label for _, label, _ in items], dtype=torch.long)
     indices = torch.tensor([index for _, _, index in items], dtype=torch.long)
+    first = items[0][0]
+    features = _batch_tensor((len(items), max(lengths), first.shape[1]), first)
     if len(set(lengths)) == 1:
-        return BagBatch(torch.stack([f for f, _, _ in items]), None, labels, indices)
-    n_max, dim = max(lengths), items[0][0].shape[1]
-    features = torch.zeros(len(items), n_max, dim, dtype=items[0][0].dtype)
-    mask = torch.zeros(len(items), n_max, dtype=torch.bool)
+        torch.stack([f for f, _, _ in items], out=features)
+        return BagBatch(features, None, labels, indices)
+    mask = torch.zeros(len(items), features.shape[1], dtype=torch.bool)
     for i, (bag, _, _) in enumerate(items):
         features[i, : len(bag)] = bag
+        features[i, len(bag) :] = 0
         mask[i, : len(bag)] = True
     return BagBatch(features, mask, labels, indices)
+
+
+def _batch_tensor(shape: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor for a batch. In a loader worker it is made in shared memory, as
+    torch's own ``default_collate`` does, so that handing it to the training process copies
+    nothing more (a streamed bag is then copied once after it is read, not twice)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=like.dtype)
+    storage = like._typed_storage()._new_shared(math.prod(shape), device=like.device)
+    return like.new(storage).resize_(shape)

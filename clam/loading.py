@@ -32,7 +32,8 @@ from feature_extraction.runtime import available_cores
 IN_MEMORY_FRACTION = 0.5
 MEMORY_BUDGET_ENV = "CLAM_MEMORY_BUDGET"  # overrides the budget: bytes, or e.g. 8G, 512M
 # A padded batch holds at most this many instance rows (bags x the longest bag's instances), whatever
-# --batch_size says: about 1 GiB of features and activations for CLAM at 1024-d (docs/training.md).
+# --batch_size says. At 1024-d a training step at the cap took 256 MiB of features and 1.5 GiB more
+# for the forward and backward pass of CLAM-SB small (24 KiB per instance; docs/training.md).
 MAX_BATCH_INSTANCES = 65_536
 
 
