@@ -1,8 +1,9 @@
 """Serving validated bags to training and inference: the Dataset, the batches, the statistics.
 
-- ``BagDataset`` serves each bag's instances, or with ``sample_tiles`` up to that many (a fresh
-  draw every training epoch, a fixed draw for validation), from memory when the cache is small,
-  else from disk; ``instance_rows`` is that draw.
+- ``BagDataset`` serves each bag's instances as float32, or with ``sample_tiles`` up to that many
+  (a fresh draw every training epoch, a fixed draw for validation), from memory when the cache is
+  small (kept as stored: a float16 cache takes half the memory), else streamed from disk;
+  ``instance_rows`` is that draw.
 - ``collate_bags`` pads bags of different sizes into one ``BagBatch`` with a mask.
 - ``feature_statistics`` streams the per-dimension mean and std of the training instances
   (for the model's feature standardisation).
@@ -14,6 +15,7 @@ whose file changed since is refused (``clam.data.BagChanged``). Bags are read on
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clam.data import BagChanged, BagRecord, changed_bags
-from feature_extraction.bags import read_bag
+from feature_extraction.bags import read_features
 from feature_extraction.errors import BagError, PipelineError
 
 
@@ -46,8 +48,9 @@ class BagDataset(torch.utils.data.Dataset):
     ``record.rows`` when cut to ``--max_tiles``), or with ``sample_tiles`` > 0 a draw of up to that
     many: a fresh draw each training epoch (``set_epoch``), a fixed one with ``train=False``.
 
-    ``in_memory``: read every bag once, now; else read only the rows in use on each access, so
-    memory is bounded by the batch whatever the size of the cache."""
+    ``in_memory``: read every bag once, now, keeping the stored dtype (float16 or float32); else read
+    only the rows in use on each access, so memory is bounded by the batch whatever the size of
+    the cache. Either way an item is float32."""
 
     def __init__(
         self,
@@ -65,7 +68,7 @@ class BagDataset(torch.utils.data.Dataset):
         self.features: list[torch.Tensor] | None = None
         if in_memory:
             self.features = [
-                torch.from_numpy(self._read(r, None))
+                torch.from_numpy(self._read(r, None, dtype=None))
                 for r in tqdm(
                     self.records, desc="reading bags", unit="bag", disable=not progress, leave=False
                 )
@@ -77,6 +80,11 @@ class BagDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def lengths(self) -> list[int]:
+        """The instances each item holds (its bag's in use, at most ``sample_tiles`` when set)."""
+        cap = self.sample_tiles if self.sample_tiles > 0 else None
+        return [min(r.n_instances, cap) if cap else r.n_instances for r in self.records]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         return self.instances(index, self.epoch if self.train else None), self.records[index].label, index
 
@@ -87,20 +95,21 @@ class BagDataset(torch.utils.data.Dataset):
         draw = instance_rows(record.n_instances, self.sample_tiles, self.seed, record.slide_id, epoch)
         if self.features is not None:
             bag = self.features[index]
-            return bag if draw is None else bag[torch.from_numpy(draw)]
+            return (bag if draw is None else bag[torch.from_numpy(draw)]).float()  # no copy when float32
         return torch.from_numpy(self._read(record, draw))
 
     @staticmethod
-    def _read(record: BagRecord, draw: np.ndarray | None) -> np.ndarray:
-        """Rows ``draw`` (None: all) of the rows in use of the bag, read from its file. Raises
-        BagChanged when the file is not the one validated (checked before and after the read)."""
+    def _read(record: BagRecord, draw: np.ndarray | None, dtype=np.float32) -> np.ndarray:
+        """Rows ``draw`` (None: all) of the rows in use of the bag, read from its file as ``dtype``
+        (None: as stored). Raises BagChanged when the file is not the one validated (checked
+        before and after the read)."""
         rows = draw
         if record.rows is not None:
             rows = np.asarray(record.rows, dtype=np.int64) if draw is None else np.asarray(record.rows)[draw]
         if changed_bags([record]):
             raise BagChanged.of(record)
         try:
-            features = read_bag(record.path, rows=rows).features
+            features = read_features(record.path, rows=rows, dtype=dtype)
         except BagError:
             if changed_bags([record]):  # e.g. gone for a moment, or another bag under its name
                 raise BagChanged.of(record) from None
@@ -114,7 +123,8 @@ class BagDataset(torch.utils.data.Dataset):
         return changed_bags(self.records)
 
     def all_instances(self) -> Iterator[np.ndarray]:
-        """Every instance in use of every bag, one (n, D) array per bag (streamed when not in memory)."""
+        """Every instance in use of every bag, one (n, D) array per bag (streamed when not in memory;
+        in memory, as stored)."""
         for index, record in enumerate(self.records):
             yield self.features[index].numpy() if self.features is not None else self._read(record, None)
 
@@ -202,12 +212,24 @@ def collate_bags(items: Sequence[tuple[torch.Tensor, int, int]]) -> BagBatch:
     lengths = [len(features) for features, _, _ in items]
     labels = torch.tensor([label for _, label, _ in items], dtype=torch.long)
     indices = torch.tensor([index for _, _, index in items], dtype=torch.long)
+    first = items[0][0]
+    features = _batch_tensor((len(items), max(lengths), first.shape[1]), first)
     if len(set(lengths)) == 1:
-        return BagBatch(torch.stack([f for f, _, _ in items]), None, labels, indices)
-    n_max, dim = max(lengths), items[0][0].shape[1]
-    features = torch.zeros(len(items), n_max, dim, dtype=items[0][0].dtype)
-    mask = torch.zeros(len(items), n_max, dtype=torch.bool)
+        torch.stack([f for f, _, _ in items], out=features)
+        return BagBatch(features, None, labels, indices)
+    mask = torch.zeros(len(items), features.shape[1], dtype=torch.bool)
     for i, (bag, _, _) in enumerate(items):
         features[i, : len(bag)] = bag
+        features[i, len(bag) :] = 0
         mask[i, : len(bag)] = True
     return BagBatch(features, mask, labels, indices)
+
+
+def _batch_tensor(shape: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor for a batch. In a loader worker it is made in shared memory, as
+    torch's own ``default_collate`` does, so that handing it to the training process copies
+    nothing more (a streamed bag is then copied once after it is read, not twice)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=like.dtype)
+    storage = like._typed_storage()._new_shared(math.prod(shape), device=like.device)
+    return like.new(storage).resize_(shape)

@@ -127,8 +127,7 @@ def _embed_missing(
             "weights": weights,
             "max_tiles": max_tiles,
             "seed": seed,
-            "num_workers": config.num_workers,
-            "device": config.device,
+            "device": config.device,  # decode workers: embed's "auto" (--num_workers here loads bags)
             "progress": config.progress,
             "expected_cache_key": loaded.cache_key,
         }

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from feature_extraction.bags import BAG_SUFFIX, BagAttrs, read_tile_names, validate_bag
@@ -124,10 +125,12 @@ class BagSet:
     cache_key: str | None
     cache_dir: Path
     cache_config: dict  # cache.json ({} for a plain folder of bags)
+    value_bytes: int = 4  # bytes per stored feature value (2 for a float16 cache), the widest bag's
 
     @property
     def total_bytes(self) -> int:
-        return sum(r.n_instances for r in self.records) * self.feature_dim * 4
+        """The features in use, in bytes as stored: what reading them all costs, in memory or from disk."""
+        return sum(r.n_instances for r in self.records) * self.feature_dim * self.value_bytes
 
 
 # ---------------------------------------------------------------- finding the cache
@@ -143,7 +146,6 @@ def resolve_cache(
     max_tiles: int,
     seed: int,
     device: str = "auto",
-    num_workers: int = 4,
 ) -> tuple[Path, set[str] | None]:
     """The cache folder to train from and the slide ids of ``data_dir`` (None: all of the split).
 
@@ -188,8 +190,7 @@ def resolve_cache(
         weights=weights,
         max_tiles=max_tiles,
         seed=seed,
-        num_workers=num_workers,
-        device=device,
+        device=device,  # decode workers and batch size: embed's "auto" (clam's --num_workers loads bags)
     )
     report = embed_cohort(config, data_dir, split, features_dir)
     log.info(f"feature cache: {report.cache_dir}")
@@ -301,7 +302,7 @@ def validate_records(
     expected_key = cache_config.get("cache_key") or None
     feature_dim = as_int(cache_config.get("feature_dim")) or None
     keys: dict[str | None, str] = {}
-    checked = []
+    checked, value_bytes = [], 2
     for record in tqdm(records, desc="validating bags", unit="bag", disable=not progress, leave=False):
         if not 0 <= record.label < n_classes:
             raise PipelineError(
@@ -311,6 +312,7 @@ def validate_records(
         stamp = bag_stamp(record.path)  # before: a bag replaced from here on counts as changed
         summary = validate_bag(record.path, feature_dim=feature_dim, cache_key=expected_key)
         feature_dim = summary.feature_dim
+        value_bytes = max(value_bytes, np.dtype(summary.feature_dtype).itemsize)
         typed = summary.bag_attrs  # None for another tool's bag (CLAM, TRIDENT or STAMP, from a labels CSV)
         key = (typed.cache_key if typed is not None else summary.attrs.get("cache_key")) or None
         keys.setdefault(key, record.slide_id)
@@ -335,6 +337,7 @@ def validate_records(
         next(iter(keys)) if keys else None,
         Path(cache_dir),
         cache_config,
+        value_bytes,
     )
 
 

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from clam.bag_dataset import BagDataset, collate_bags
-from clam.loading import LoaderPlan, epoch_order
+from clam.loading import LoaderPlan, capped_batches, epoch_order
 from clam.metrics import epoch_metrics
 from clam.model import clam_loss
 from clam.train_config import TrainConfig
@@ -62,21 +62,21 @@ def use_own_kernels(optimizer: torch.optim.Optimizer) -> None:
 def make_loader(
     dataset: BagDataset, config: TrainConfig, plan: LoaderPlan, device: torch.device, epoch: int, train: bool
 ) -> DataLoader:
-    """Training: the bags of ``epoch`` in their seeded order; validation: in a fixed order."""
+    """Training: the bags of ``epoch`` in their seeded order; validation: in a fixed order. Batches
+    hold at most ``--batch_size`` bags and at most MAX_BATCH_INSTANCES padded instances
+    (``loading.capped_batches``). Streamed bags are read by the plan's worker processes, each a
+    batch or two ahead of the model, so reading overlaps compute."""
     dataset.set_epoch(epoch)
     order = (
         epoch_order(dataset.records, config.n_classes, config.seed, epoch, config.balance == "sampler")
         if train
-        else None
+        else range(len(dataset))
     )
-    # Validation runs forward only, so it batches bags (padded, same results) whatever --batch_size
-    # is, unless bags are unbounded (--max_tiles 0 without --sample_tiles) and a padded batch could be huge.
-    bounded = config.max_tiles > 0 or config.sample_tiles > 0
-    batch_size = config.batch_size if train or not bounded else max(config.batch_size, VAL_BATCH_SIZE)
+    # Validation runs forward only, so it batches bags (padded, same results) whatever --batch_size is.
+    batch_size = config.batch_size if train else max(config.batch_size, VAL_BATCH_SIZE)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=order,
+        batch_sampler=capped_batches(order, dataset.lengths(), batch_size),
         collate_fn=collate_bags,
         num_workers=plan.num_workers,
         pin_memory=device.type == "cuda",

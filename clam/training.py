@@ -331,7 +331,6 @@ def _validated_bags(config: TrainConfig) -> BagSet:
         max_tiles=config.max_tiles,
         seed=config.seed,
         device=config.device,
-        num_workers=config.num_workers,
     )
     records = records_from_cache(cache_dir, slide_ids, config.split)
     return validate_records(

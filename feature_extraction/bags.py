@@ -2,7 +2,8 @@
 
 One ``<slide_id>.h5`` per slide:
 
-    features    (N, D) float32   one instance (tile embedding) per row
+    features    (N, D) float32   one instance (tile embedding) per row (float16 in a cache embedded
+                                 with --feature_dtype float16; read back as float32)
     coords      (N, 2) int64     tile position (x, y) in pixels; COORD_SENTINEL where unknown
     tile_names  (N,)   utf-8     tile path relative to the slide folder (or "x_y" for WSI tiles)
     attrs                        slide_id, patient_id, class_folder, label, cache_key, backbone,
@@ -39,6 +40,7 @@ COORDS = "coords"
 TILE_NAMES = "tile_names"
 COORD_SENTINEL = -1  # coords value of a tile whose name carries no position
 BAG_SUFFIX = ".h5"
+FEATURE_DTYPES = ("float32", "float16")  # how ``features`` may be stored (--feature_dtype)
 IN_MEMORY_BAG_BYTES = 32 * 2**20  # bags with up to this much feature data are built in memory, then written
 WRITE_CHUNK_BYTES = 8 * 2**20  # larger bags are written in place, this much of their features at a time
 FORMAT_KEY = "format_version"  # the attribute that marks a bag written by stage 1, and its version
@@ -175,7 +177,7 @@ def read_bag_attrs(path: str | Path) -> BagAttrs:
 
 @dataclass
 class Bag:
-    features: np.ndarray  # (N, D) float32
+    features: np.ndarray  # (N, D) float32 (the stored dtype with ``read_bag(..., dtype=None)``)
     coords: np.ndarray  # (N, 2) int64
     tile_names: list[str]
     attrs: dict[str, Any]  # as stored (``BagAttrs.to_attrs`` plus the derived three)
@@ -247,15 +249,19 @@ def write_bag(
     coords: np.ndarray,
     tile_names: Sequence[str],
     attrs: BagAttrs | Mapping[str, Any],
+    dtype: str = "float32",
 ) -> None:
     """Write one bag atomically. Stage 1 passes ``BagAttrs``; a plain mapping (values str, int,
     float, bool or JSON-able) serves tests and tools. ``format_version``, ``feature_dim`` and
     ``n_instances`` are always those of this file. ``features``: the matrix, or a ``RowFile``
-    holding it (always written in chunks)."""
+    holding it (always written in chunks). ``dtype`` (one of FEATURE_DTYPES) is how the features
+    are stored; a finite value that float16 cannot hold (beyond +-65504) raises BagError."""
     if isinstance(attrs, BagAttrs):
         attrs = attrs.to_attrs()
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype {dtype!r}: use one of {FEATURE_DTYPES}")
     if not isinstance(features, RowFile):
-        features = np.ascontiguousarray(features, dtype=np.float32)
+        features = _stored_features(features, dtype)
     coords = np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2)
     if features.ndim != 2 or len(features) != len(coords) or len(features) != len(tile_names):
         raise ValueError(
@@ -268,11 +274,22 @@ def write_bag(
             # and again, noisily, each time h5py's objects are collected.
             image = io.BytesIO()
             with h5py.File(image, "w") as h5:
-                _fill_bag(h5, features, coords, tile_names, attrs)
+                _fill_bag(h5, features, coords, tile_names, attrs, dtype)
             Path(tmp).write_bytes(image.getbuffer())
         else:  # a bag too large to hold twice in memory is written in place, in chunks
             with h5py.File(tmp, "w") as h5:
-                _fill_bag(h5, features, coords, tile_names, attrs)
+                _fill_bag(h5, features, coords, tile_names, attrs, dtype)
+
+
+def _stored_features(features: np.ndarray, dtype: str) -> np.ndarray:
+    with np.errstate(over="ignore"):  # an overflow is reported below, by name
+        stored = np.ascontiguousarray(features, dtype=np.dtype(dtype))
+    if stored.dtype != np.float32 and np.isinf(stored).any() and not np.isinf(features).any():
+        raise BagError(
+            f"features reach {float(np.abs(features).max()):.4g}, beyond float16's range (65504): "
+            "embed this backbone's features as float32 (--feature_dtype float32)"
+        )
+    return stored
 
 
 def _fill_bag(
@@ -281,12 +298,13 @@ def _fill_bag(
     coords: np.ndarray,
     tile_names: Sequence[str],
     attrs: Mapping[str, Any],
+    dtype: str,
 ) -> None:
     # Contiguous, uncompressed: features barely compress and chunking slows reads (docs/embedding.md, "Bag format").
     if isinstance(features, np.ndarray) and features.nbytes <= WRITE_CHUNK_BYTES:
         h5.create_dataset(FEATURES, data=features)
     else:
-        dataset = h5.create_dataset(FEATURES, shape=features.shape, dtype=np.float32)
+        dataset = h5.create_dataset(FEATURES, shape=features.shape, dtype=np.dtype(dtype))
         rows = max(1, WRITE_CHUNK_BYTES // (4 * max(1, features.shape[1])))
         blocks = (
             features.chunks(rows)
@@ -294,7 +312,7 @@ def _fill_bag(
             else ((start, features[start : start + rows]) for start in range(0, len(features), rows))
         )
         for start, block in blocks:
-            dataset[start : start + len(block)] = block
+            dataset[start : start + len(block)] = _stored_features(block, dtype)
     h5.create_dataset(COORDS, data=coords)
     h5.create_dataset(TILE_NAMES, data=list(tile_names), dtype=h5py.string_dtype("utf-8"))
     for key, value in attrs.items():
@@ -310,8 +328,9 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
         return _attrs(h5)
 
 
-def read_bag(path: str | Path, rows: np.ndarray | None = None) -> Bag:
-    """Read a bag (or only ``rows`` of it, sorted indices). Accepts ``features`` or ``feats``."""
+def read_bag(path: str | Path, rows: np.ndarray | None = None, dtype: Any = np.float32) -> Bag:
+    """Read a bag (or only ``rows`` of it, sorted indices). Accepts ``features`` or ``feats``.
+    The features come as ``dtype`` (float32, whatever is stored), or as stored with ``dtype=None``."""
     with _open(path) as h5:
         name = _features_name(h5, path)
         dataset = h5[name]
@@ -322,16 +341,29 @@ def read_bag(path: str | Path, rows: np.ndarray | None = None) -> Bag:
             names = _decode(h5[TILE_NAMES][()]) if TILE_NAMES in h5 else [str(i) for i in range(n)]
         else:
             rows = np.asarray(rows, dtype=np.int64)
-            features = dataset[rows] if len(rows) else np.zeros((0, dataset.shape[1]), np.float32)
+            features = dataset[rows] if len(rows) else np.zeros((0, dataset.shape[1]), dataset.dtype)
             coords = h5[COORDS][rows] if COORDS in h5 else np.full((len(rows), 2), COORD_SENTINEL, np.int64)
             names = _decode(h5[TILE_NAMES][rows]) if TILE_NAMES in h5 else [str(i) for i in rows]
         return Bag(
-            features=np.asarray(features, dtype=np.float32),
+            features=features if dtype is None else np.asarray(features, dtype=dtype),
             coords=np.asarray(coords, dtype=np.int64).reshape(-1, 2),
             tile_names=names,
             attrs=_attrs(h5),
             path=Path(path),
         )
+
+
+def read_features(path: str | Path, rows: np.ndarray | None = None, dtype: Any = np.float32) -> np.ndarray:
+    """Only the features of a bag (or ``rows`` of them, sorted indices), as ``dtype`` (None: as
+    stored): what training streams, without the coordinates, tile names and attributes."""
+    with _open(path) as h5:
+        dataset = h5[_features_name(h5, path)]
+        if rows is None:
+            features = dataset[()]
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            features = dataset[rows] if len(rows) else np.zeros((0, dataset.shape[1]), dataset.dtype)
+        return features if dtype is None else np.asarray(features, dtype=dtype)
 
 
 def read_tile_names(path: str | Path) -> list[str]:
@@ -349,6 +381,7 @@ class BagSummary:
     feature_dim: int
     attrs: dict[str, Any]  # as stored
     bag_attrs: BagAttrs | None = None  # typed; None for a bag not written by stage 1 (CLAM, TRIDENT, STAMP)
+    feature_dtype: str = "float32"  # how the features are stored (float16, float32, float64)
 
 
 def validate_bag(
@@ -401,7 +434,10 @@ def validate_bag(
                 f"bag {path}: cache key {found_key!r}, expected {cache_key!r}. It was embedded "
                 "with another backbone, weights, transform or tile subset; bags of different caches are never mixed."
             )
-    return BagSummary(path=path, n_instances=int(n), feature_dim=int(dim), attrs=attrs, bag_attrs=typed)
+        dtype = str(dataset.dtype)
+    return BagSummary(
+        path=path, n_instances=int(n), feature_dim=int(dim), attrs=attrs, bag_attrs=typed, feature_dtype=dtype
+    )
 
 
 def _open(path: str | Path) -> h5py.File:

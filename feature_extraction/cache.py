@@ -8,8 +8,8 @@
         .locks/         <slide_id>.lock while a process embeds that slide
 
 The cache key is a digest of everything that changes a feature (``ExtractionConfig``):
-backbone, weight digest, transform, input size, and the tile subset rule (``max_tiles``,
-``seed``). The weights *label* is not part of it: the same weights loaded from the torch
+backbone, weight digest, transform, input size, the tile subset rule (``max_tiles``,
+``seed``), and how the features are stored (``feature_dtype``, left out when float32). The weights *label* is not part of it: the same weights loaded from the torch
 hub or from a file give the same features. Train and test slides of one configuration
 share the folder; the manifest's ``split`` column tells them apart.
 
@@ -77,13 +77,18 @@ class ExtractionConfig:
     feature_dim: int
     subset_rule: str
     wsi_tiling: str = ""  # JSON of wsi.WsiConfig when the cohort has whole-slide images, else ""
+    feature_dtype: str = "float32"  # how bags store the features (bags.FEATURE_DTYPES); read as float32
 
     @property
     def cache_key(self) -> str:
         """sha256 (hex) of the fields that change a feature."""
-        # An empty wsi_tiling is left out, so tile-folder caches keep the key they had without it.
+        # An empty wsi_tiling and the default float32 are left out, so caches keep the key they had
+        # before these fields existed.
+        defaults = {"wsi_tiling": "", "feature_dtype": "float32"}
         keyed = {
-            k: v for k, v in asdict(self).items() if k != "weights" and not (k == "wsi_tiling" and not v)
+            k: v
+            for k, v in asdict(self).items()
+            if k != "weights" and not (k in defaults and v == defaults[k])
         }
         keyed["cache_format"] = CACHE_FORMAT
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode("utf-8")).hexdigest()
@@ -316,7 +321,8 @@ def find_cache(
     tiles (the subset rule is nested: its subset holds this one); one of every tile
     (``max_tiles`` 0); and one of another seed only when, for every slide of ``slides``, its bag
     holds all the slide's tiles (``holds_every_tile``): another seed's subset of a slide with
-    more tiles is not this seed's. Prefers the exact (max_tiles, seed), then the fewest tiles.
+    more tiles is not this seed's. Prefers the exact (max_tiles, seed), then float32 over
+    float16 features, then the fewest tiles.
 
     Weights are matched by their label ("imagenet", "random"); for a weights file this finds
     nothing, and ``embed_cohort``, which knows the file's digest, picks the cache instead."""
@@ -338,7 +344,8 @@ def find_cache(
         # Of another seed, only bags that hold every tile of their slide: then no subset was drawn.
         whole_only = cached_tiles if cached_tiles > 0 and not same_seed else 0
         fewest = cached_tiles if cached_tiles > 0 else 1 << 62
-        candidates.append((not exact, fewest, cache_dir.name, cache_dir, whole_only))
+        half = config.get("feature_dtype", "float32") != "float32"  # the full-precision cache first
+        candidates.append((not exact, half, fewest, cache_dir.name, cache_dir, whole_only))
     # Cheapest test first; only the preferred candidates' tile folders are listed.
     for *_, cache_dir, whole_only in sorted(candidates):
         if holds_every_tile(cache_dir, slides, whole_only) and cache_is_current(cache_dir, slides):

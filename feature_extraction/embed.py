@@ -30,7 +30,7 @@ from feature_extraction.backbones import (
     load_backbone,
     resolve_weights,
 )
-from feature_extraction.bags import read_bag_attrs
+from feature_extraction.bags import FEATURE_DTYPES, read_bag_attrs
 from feature_extraction.cache import ExtractionConfig, collect_manifest, open_cache
 from feature_extraction.errors import PipelineError, cli_main
 from feature_extraction.extractor import EmbeddingRun, Outcome, shard_order
@@ -87,6 +87,7 @@ class EmbedConfig:
     overwrite: bool = False
     progress: bool = True
     expected_cache_key: str | None = None
+    feature_dtype: str = "float32"  # how bags store the features (float16: half the disk; read as float32)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "weights": str(self.weights), "wsi": self.wsi.as_dict() if self.wsi else None}
@@ -241,6 +242,8 @@ def _extraction_config(
 ) -> tuple[ExtractionConfig, TileTransform]:
     """The cache configuration of ``config`` with these weights, and the tile transform."""
     spec = loaded.spec
+    if config.feature_dtype not in FEATURE_DTYPES:
+        raise PipelineError(f"--feature_dtype {config.feature_dtype}: use one of {FEATURE_DTYPES}")
     transform = TileTransform(spec.input_size, spec.mean, spec.std, spec.resize_size)
     extraction = ExtractionConfig(
         backbone=spec.name,
@@ -252,6 +255,7 @@ def _extraction_config(
         seed=int(config.seed),
         feature_dim=spec.feature_dim,
         subset_rule=SUBSET_RULE,
+        feature_dtype=config.feature_dtype,
         wsi_tiling=(
             json.dumps((config.wsi or WsiConfig()).as_dict(), sort_keys=True)
             if any(slide.kind == "wsi" for slide in slides)
@@ -382,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the free memory, 256 on MPS, 16 with ONNX Runtime and 8 eager on a CPU)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the max_tiles subset (default: 0)")
+    parser.add_argument(
+        "--feature_dtype",
+        choices=FEATURE_DTYPES,
+        default="float32",
+        help="how bags store the features: float16 halves disk and reading, training reads them as "
+        "float32; part of the cache key (default: float32)",
+    )
     _add_backbone_arguments(parser)
     parser.add_argument(
         "--features_dir", type=Path, default=None, help="cache root (default: <project root>/features)"
@@ -462,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime=args.runtime,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        feature_dtype=args.feature_dtype,
     )
     data_dir = args.data_dir if args.data_dir is not None else default_data_dir(args.split)
     report = embed_cohort(config, data_dir, args.split, args.features_dir)

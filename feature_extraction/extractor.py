@@ -375,6 +375,7 @@ class EmbeddingRun:
                     np.array([[t.x, t.y] for t in tiles], np.int64).reshape(-1, 2),
                     [t.name for t in tiles],
                     self._bag_attrs(listing, skipped),
+                    dtype=self.config.feature_dtype,
                 )
             except OSError as error:
                 raise PipelineError(

@@ -237,6 +237,47 @@ def test_fixed_costs_draws_its_figures_next_to_the_page_and_lists_the_scale_curv
     assert page.read_text(encoding="utf-8") == written
 
 
+def canned_train_scale() -> dict:
+    """What bench_train_scale.measure returns, for a 33 GB cache, its float16 comparison and a curve."""
+
+    def run(epoch: float, rss: float, in_memory: bool = False, bags: int = 2000) -> dict:
+        return {
+            "epoch_seconds": [epoch],
+            "setup_seconds": 3 * epoch,
+            "val_auc": 0.9,
+            "threads": 2,
+            "workers": 0 if in_memory else 1,
+            "loader": "33 GB streamed by 1 loader worker",
+            "peak_rss_mib": rss,
+            "worker_rss_mib": 700.0,
+            "bags": bags,
+            "bytes": bags * 16_400_000,
+            "in_memory": in_memory,
+        }
+
+    reader = {
+        "seconds": 1.0,
+        "rows": 4000,
+        "loader": "streamed",
+        "peak_rss_mib": 900.0,
+        "worker_rss_mib": 700.0,
+    }
+    return {
+        "bytes": {"big": 32.8e9, "f32": 4.9e9, "f16": 2.5e9},
+        "read": {"big": {"seconds": 51.0}, "f32": {"seconds": 7.6}, "f16": {"seconds": 3.9}},
+        "loader": {"big": {**reader, "seconds": 55.0}, "f32": {**reader, "seconds": 8.0}, "f16": reader},
+        "train": {"big": run(90.0, 1100.0), "f32": run(14.0, 1000.0), "f16": run(13.5, 1000.0)},
+        "floor": {"big": 70.0, "f32": 10.5},
+        "curve": [run(4.0, 1900.0, True, 60), run(4.5, 1000.0, False, 60), run(90.0, 1100.0)],
+    }
+
+
+def fake_train_scale(bench, monkeypatch, tmp_path: Path) -> list[str]:
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: canned_train_scale())
+    monkeypatch.setattr(bench, "machine", lambda: "a test machine")
+    return ["--root", str(tmp_path / "caches")]
+
+
 FAKES = {
     "bench_decode": fake_decode,
     "bench_embed": fake_embed,
@@ -246,6 +287,7 @@ FAKES = {
     "bench_report": fake_report,
     "bench_wsi": fake_wsi,
     "bench_fixed_costs": fake_fixed_costs,
+    "bench_train_scale": fake_train_scale,
 }
 
 

@@ -236,15 +236,16 @@ def test_missing_slides_are_embedded_first_and_said(tmp_path, monkeypatch, caplo
         max_tiles=30,
         seed=4,
         device="cpu",
-        num_workers=0,
     )
     assert cache_dir == existing and ids == {s.slide_id for s in slides}
     ((config, called_dir, split, features_dir),) = calls
     assert called_dir == data_dir and split == "train"
     assert features_dir == tmp_path / "features"
+    # decode workers and batch size stay embed's "auto": clam's --num_workers counts bag loaders
     assert config == EmbedConfig(
-        backbone="resnet50_trunc", weights="random", max_tiles=30, seed=4, num_workers=0, device="cpu"
+        backbone="resnet50_trunc", weights="random", max_tiles=30, seed=4, device="cpu"
     )
+    assert config.num_workers == config.batch_size == "auto"
     assert "embedding them first" in caplog.text
 
 
