@@ -55,6 +55,7 @@ from report import machine, publish  # noqa: E402
 from feature_extraction.backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone  # noqa: E402
 from feature_extraction.embed import EmbedConfig, embed_cohort  # noqa: E402
 from feature_extraction.runtime import available_cores, build_runner, plan_compute  # noqa: E402
+from feature_extraction.throughput import settle_batch_size  # noqa: E402
 
 SECTION = "## Embedding"
 UNIQUE_TILES = 256  # distinct images; more tiles repeat their bytes (decoding costs the same)
@@ -326,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             num_workers,
             cpu_onnx=backbone.spec.cpu_onnx,
         )
+        # --batch_size auto on CUDA: the batch embed itself would fit to the device's free memory
+        if plan.batch_auto:
+            plan = settle_batch_size(build_runner(backbone, plan, features_dir), plan)
         common = EmbedConfig(
             backbone=args.backbone,
             weights="random",

@@ -10,7 +10,7 @@ variants (``VARIANTS``), which separate the two knobs that make a cohort hard:
 - the witness fraction alone, at the full-strength signal (strength 1) and no label noise: 20% (the
   easy preset with its witness fraction set to 0.20), 5% (2 of 40 tiles: "5% witness, full signal",
   the medium preset at strength 1) and 2% (2 of 100 tiles: "2% witness, full signal", the hard
-  preset at strength 1 without label noise). The issue's targets are checked on the last two;
+  preset at strength 1 without label noise). The targets are checked on the last two;
 - the subtler presets as they are: medium (5%, strength 0.6) and hard (2%, strength 0.35, 5% label
   noise), further rows with their own verdicts, not targets.
 
@@ -95,7 +95,7 @@ class Variant:
 
 
 VARIANTS = (
-    # The issue asks for 20%; the easy preset draws 10-25%.
+    # The target cohort has 20%; the easy preset draws 10-25%.
     Variant("easy", "easy preset", "easy", (("signal_fraction", 0.20),)),
     # The witness fraction alone: the medium and hard presets' slides at the full-strength signal.
     Variant(
@@ -764,7 +764,7 @@ def vs_baseline(by: dict[tuple[str, str], dict], name: str, model: str, best: di
 
 
 def targets(rows: list[dict[str, Any]], witness: dict[str, tuple[float, str]]) -> list[str]:
-    """Each target of the issue, checked on the full-signal witness-fraction cohorts: met, or missed and by how much."""
+    """Each target, checked on the full-signal witness-fraction cohorts: met, or missed and by how much."""
     out = []
     by = {(r["variant"], r["model"]): r for r in rows}
     for name in TARGET_VARIANTS:
@@ -783,7 +783,7 @@ def targets(rows: list[dict[str, Any]], witness: dict[str, tuple[float, str]]) -
         fails = contains_half(best["auc"])
         out.append(
             f"Not a target: does pooling fail at {fraction_of(witness, name)} witness fraction ({title}), as "
-            f"the issue expects? The best baseline, {best['model']}, {fmt_auc(best['auc'])}: "
+            f"as expected? The best baseline, {best['model']}, {fmt_auc(best['auc'])}: "
             + ("yes, its CI includes 0.5." if fails else "no, its CI is above 0.5.")
         )
     scale_rows = [r for r in rows if r["kind"] == "scale" and r["variant"] == SCALE_VARIANT]
@@ -1164,7 +1164,7 @@ def section(
         (
             f"Example cohort, train split, {size.n_patients} patients (seed {SEED}), in {len(prepared)} variants: the "
             "witness fraction alone (full-strength signal, no label noise: the easy preset at 20%, and the medium and "
-            "hard presets' slides at strength 1) and the subtler presets as they are. The issue's targets are checked on "
+            "hard presets' slides at strength 1) and the subtler presets as they are. The targets are checked on "
             "the full-signal 5% and 2% cohorts. "
             f"{args.folds}-fold patient-level cross-validation, the same folds (one splits.csv) for every model of a "
             f"cohort; CLAM with the defaults of `clam.train` ({size.epochs} epochs, lr 1e-4, validation "

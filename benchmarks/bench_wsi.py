@@ -450,12 +450,17 @@ def embed_peak_rss(cohort: Path, features_dir: Path, args, interval: float = 0.0
 
 
 def measure_rss(slides: list[Path], workdir: Path, args) -> list[dict]:
+    """Peak RSS of embed on each slide. The first slide is embedded once beforehand, unmeasured, so
+    that one-time work (the ONNX export and the random weights' calibration, kept in the per-user
+    cache) does not land in the first point."""
     points = []
-    for slide in slides:
+    for warm_up, slide in [(True, slides[0]), *((False, s) for s in slides)]:
         cohort = one_slide_cohort(workdir / f"rss_{slide.stem}", slide)
         features = workdir / "rss_features"
         shutil.rmtree(features, ignore_errors=True)
-        points.append({"slide": slide.name, **embed_peak_rss(cohort, features, args)})
+        measured = embed_peak_rss(cohort, features, args)
+        if not warm_up:
+            points.append({"slide": slide.name, **measured})
         shutil.rmtree(features, ignore_errors=True)
     return points
 
@@ -511,9 +516,12 @@ def section_text(command: str, facts: dict) -> str:
     big = max(planning, key=lambda p: p["tiles"])
     main_plan = facts["main_planning"]
     low, high = min(rss, key=lambda p: p["tiles"]), max(rss, key=lambda p: p["tiles"])
-    flat = max(p["peak_mib"] for p in rss) / min(p["peak_mib"] for p in rss) - 1
+    spread = max(p["peak_mib"] for p in rss) / min(p["peak_mib"] for p in rss) - 1
     # The target compares a ~2,000- with a ~20,000-tile slide: judged only when the curve spans that.
-    spans = low["tiles"] <= 2500 and high["tiles"] >= 15000
+    near_2k = min(rss, key=lambda p: abs(p["tiles"] - 2000))
+    spans = abs(near_2k["tiles"] - 2000) <= 500 and high["tiles"] >= 15000
+    pair = (near_2k["peak_mib"], high["peak_mib"])
+    flat = max(pair) / min(pair) - 1
     ratio = median["wsi"] / median["folder"]
     lines = [
         SECTION,
@@ -569,7 +577,8 @@ def section_text(command: str, facts: dict) -> str:
         "",
         f"**Memory** (peak resident set of `python -m feature_extraction.embed --max_tiles 0 --backbone "
         f"{facts['rss_backbone']} --runtime {facts['rss_runtime']} --weights random`, one slide per run, "
-        "sampled every 50 ms: the process plus its decode workers, and the main process alone). The slides "
+        "sampled every 50 ms: the process plus its decode workers, and the main process alone; after one "
+        "unmeasured run, so the ONNX export and the weights' calibration come from the per-user cache). The slides "
         "are built like the one above at 0.5 um/px (a 20x scan; tiles read at level 0), tissue over ~80% of them:",
         "",
         "| slide | tiles | peak RSS, process + workers | main process | embed wall time | tiles/s |",
@@ -585,7 +594,8 @@ def section_text(command: str, facts: dict) -> str:
         f"![embed peak RSS and planning time against tiles per slide](img/{facts['plot'].name})",
         "",
         f"From {low['tiles']:,} to {high['tiles']:,} tiles per slide the peak (process and workers) varies by "
-        f"{flat:.1%} ({low['peak_mib']:.0f} and {high['peak_mib']:.0f} MiB). A slide's features are "
+        f"{spread:.1%} at most; between {near_2k['tiles']:,} and {high['tiles']:,} tiles, by {flat:.1%} "
+        f"({near_2k['peak_mib']:.0f} and {high['peak_mib']:.0f} MiB). A slide's features are "
         "gathered in memory up to 32 MiB (`extractor.SPILL_BYTES`) and in a spill file beyond; bags of more "
         "than 32 MiB of features (`bags.IN_MEMORY_BAG_BYTES`) are written in place, 8 MiB at a time, under a "
         "temporary name renamed when complete.",
@@ -594,7 +604,8 @@ def section_text(command: str, facts: dict) -> str:
         "slide within 15%; a re-plan from the plan cache under 1 s. Measured: "
         f"{ratio:.2f} x ({'met' if ratio >= 0.85 else 'not met'}); "
         + (
-            f"{flat:.1%} ({'met' if flat < 0.15 else 'not met'})"
+            f"{flat:.1%} between {near_2k['tiles']:,} and {high['tiles']:,} tiles "
+            f"({'met' if flat < 0.15 else 'not met'})"
             if spans
             else f"not judged by this run (its curve spans {low['tiles']:,} to {high['tiles']:,} tiles)"
         )

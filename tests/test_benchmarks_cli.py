@@ -42,6 +42,7 @@ def canned_embedding(bench, monkeypatch, tmp_path: Path) -> None:
         device="cpu",
         runtime="onnxruntime",
         batch_size=16,
+        batch_auto=False,
         num_workers=1,
         compute_threads=2,
         describe=lambda: "cpu, fp32, batch 16, 1 decode worker, 2 compute threads",

@@ -1,4 +1,4 @@
-"""Where an embedding run's time goes (issue 15, section 1): a slow decoder makes the run report
+"""Where an embedding run's time goes: a slow decoder makes the run report
 decode-bound, a slow model compute-bound; the summary, the progress bar and the run log carry the
 figures; --num_workers auto and --batch_size auto resolve as documented (an accelerator is faked
 by monkeypatching: no GPU is needed). A tiny backbone keeps each run to a fraction of a second

@@ -305,7 +305,7 @@ def write_crossval_run(parent: Path, cache_dir: Path, n_folds: int = 2) -> None:
 def test_without_checkpoint_the_newest_run_is_evaluated_whatever_its_kind(
     test_cohort, tmp_path, monkeypatch, capsys
 ):
-    """Issue 19: an older single run and a newer cross-validation run in clam/checkpoints: the newer one
+    """An older single run and a newer cross-validation run in clam/checkpoints: the newer one
     is evaluated (each fold's model and their ensemble), and the first line says which run and why."""
     root, data_dir, cache_dir, _ = test_cohort
     monkeypatch.setenv("CLAM_PROJECT_ROOT", str(tmp_path))

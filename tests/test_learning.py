@@ -1,5 +1,5 @@
 """CLAM learns whatever the scale of the features: per-dimension standardisation, and the pooled
-logistic-regression baseline every run is compared with (issue: feature scale and baselines)."""
+logistic-regression baseline every run is compared with."""
 
 from __future__ import annotations
 
