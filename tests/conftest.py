@@ -42,3 +42,26 @@ def tiny_cohort(tmp_path_factory):
         tiles_per_slide=4,
         tile_size=64,
     )
+
+
+@pytest.fixture(scope="session")
+def trained_on_tiny_cohort(tiny_cohort, tmp_path_factory):
+    """clam.train (2 epochs) on the tiny example cohort's train split, random backbone weights: (root,
+    run folder). Shared by the evaluation tests; a test that evaluates it writes into its own output_dir
+    or accepts the eval_* folders of the others."""
+    from clam.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    run_dir = train(
+        TrainConfig(
+            data_dir=str(tiny_cohort.split_dirs["train"]),
+            features_dir=str(root / "features"),
+            weights="random",
+            num_epochs=2,
+            num_workers=0,
+            device="cpu",
+            progress=False,
+            output_dir=str(root / "runs"),
+        )
+    )
+    return root, run_dir

@@ -547,27 +547,6 @@ def test_the_written_checkpoint_format_is_what_clam_train_writes(test_cohort, tm
     assert checkpoint["cache"]["cache_key"] == CACHE_KEY
 
 
-@pytest.fixture(scope="module")
-def trained_on_tiny_cohort(tiny_cohort, tmp_path_factory):
-    """clam.train (2 epochs) on the tiny example cohort's train split, random backbone weights."""
-    from clam.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("tiny_run")
-    run_dir = train(
-        TrainConfig(
-            data_dir=str(tiny_cohort.split_dirs["train"]),
-            features_dir=str(root / "features"),
-            weights="random",
-            num_epochs=2,
-            num_workers=0,
-            device="cpu",
-            progress=False,
-            output_dir=str(root / "runs"),
-        )
-    )
-    return root, run_dir
-
-
 @pytest.mark.slow
 def test_end_to_end_embeds_the_missing_test_slides_with_the_checkpoints_configuration(
     tiny_cohort, trained_on_tiny_cohort

@@ -46,26 +46,13 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def example_report(tiny_cohort, tmp_path_factory) -> Path:
-    """clam.train (2 epochs, random backbone weights) on the example cohort's train split, then
-    clam.evaluate on its test split: real tiles in the montages and heatmaps."""
+def example_report(tiny_cohort, trained_on_tiny_cohort, tmp_path_factory) -> Path:
+    """clam.evaluate of the shared tiny run (2 epochs, random backbone weights, the example cohort's
+    train split) on its test split, into a folder of its own: real tiles in the montages and heatmaps."""
     from clam.eval_config import EvaluateConfig
     from clam.evaluation import evaluate
-    from clam.train import TrainConfig, train
 
-    root = tmp_path_factory.mktemp("example_report")
-    run_dir = train(
-        TrainConfig(
-            data_dir=str(tiny_cohort.split_dirs["train"]),
-            features_dir=str(root / "features"),
-            weights="random",
-            num_epochs=2,
-            num_workers=0,
-            device="cpu",
-            progress=False,
-            output_dir=str(root / "runs"),
-        )
-    )
+    _root, run_dir = trained_on_tiny_cohort
     result = evaluate(
         EvaluateConfig(
             checkpoint=run_dir / "best_model.pt",
@@ -74,6 +61,7 @@ def example_report(tiny_cohort, tmp_path_factory) -> Path:
             n_bootstrap=50,
             device="cpu",
             progress=False,
+            output_dir=tmp_path_factory.mktemp("example_report") / "eval",
         )
     )
     return result.output_dir / REPORT_HTML
