@@ -92,7 +92,7 @@ def test_targets_are_checked_on_the_full_signal_cohorts_and_the_others_get_verdi
     )
     assert "at 2.0% witness fraction (2% witness, full signal): CLAM-SB 0.600 vs max-pool" in text
     assert (
-        "does pooling fail at 5.0% witness fraction (5% witness, full signal), as the issue expects? The best "
+        "does pooling fail at 5.0% witness fraction (5% witness, full signal), as expected? The best "
         "baseline, max-pool logistic regression, 0.850 [0.650, 1.000]: no, its CI is above 0.5." in text
     )
     assert (
