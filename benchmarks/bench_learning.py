@@ -783,7 +783,7 @@ def targets(rows: list[dict[str, Any]], witness: dict[str, tuple[float, str]]) -
         fails = contains_half(best["auc"])
         out.append(
             f"Not a target: does pooling fail at {fraction_of(witness, name)} witness fraction ({title}), as "
-            f"as expected? The best baseline, {best['model']}, {fmt_auc(best['auc'])}: "
+            f"expected? The best baseline, {best['model']}, {fmt_auc(best['auc'])}: "
             + ("yes, its CI includes 0.5." if fails else "no, its CI is above 0.5.")
         )
     scale_rows = [r for r in rows if r["kind"] == "scale" and r["variant"] == SCALE_VARIANT]
