@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,10 @@ def writable_dir(directory: Path) -> bool:
     """Whether ``directory`` exists or can be created, and a file can be written in it."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".probe.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A unique name: two threads of one process probing at once must not remove each other's probe.
+        handle, probe = tempfile.mkstemp(prefix=".probe.", dir=directory)
+        os.close(handle)
+        os.unlink(probe)
         return True
     except OSError:
         return False
