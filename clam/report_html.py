@@ -10,6 +10,7 @@ the small inline one of the template.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from functools import lru_cache
@@ -38,6 +39,7 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(number=format_number, auc=auc_text, percent=_percent, href=href)
+    env.filters.update(num=lambda value: format_number(value, "n/a"), value=shown_value)  # training.html
     return env
 
 
@@ -49,6 +51,15 @@ def write_page(path: Path, template: str, **context: Any) -> Path:
     """Render ``template`` and write it to ``path`` atomically (a reader never sees half a page)."""
     atomic_write_text(path, render(template, **context))
     return path
+
+
+def shown_value(value: Any) -> str:
+    """An argument's value as a page shows it: "none", JSON for a list or mapping, else its text."""
+    if value is None:
+        return "none"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
 
 
 def href(relative: str | Path) -> str:

@@ -23,10 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 
-from clam.metrics import format_auc, format_number
+from clam.metrics import format_auc
+from clam.report_html import write_page
 from clam.run_files import (
     BEST_NAME,
     CONFIG_NAME,
@@ -38,8 +38,9 @@ from clam.run_files import (
     TENSORBOARD_DIR,
     TRAINING_HTML,
     fold_number,
+    read_run_config,
 )
-from feature_extraction.atomic import atomic_output, atomic_write_text
+from feature_extraction.atomic import atomic_output
 from feature_extraction.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,11 @@ def write_training_report(run_dir: Path) -> Path:
     Raises PipelineError when ``run_dir`` is neither kind of run folder."""
     run_dir = Path(run_dir)
     if _fold_folders(run_dir) and (run_dir / SPLITS_FILE).is_file():
-        return _write_page(run_dir / TRAINING_HTML, _folds_context(run_dir))
+        return write_page(run_dir / TRAINING_HTML, TRAINING_HTML, **_folds_context(run_dir))
     config = _read_config(run_dir)
     history = list(config.get("metrics") or [])
     _plot_curves(run_dir / CURVES_PNG, history, config.get("best_epoch"), _baseline(config).get("val_auc"))
-    return _write_page(run_dir / TRAINING_HTML, _run_context(run_dir, config, history))
+    return write_page(run_dir / TRAINING_HTML, TRAINING_HTML, **_run_context(run_dir, config, history))
 
 
 def render_training_report(run_dir: Path) -> Path | None:
@@ -90,7 +91,7 @@ def render_training_report(run_dir: Path) -> Path | None:
 def _read_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / CONFIG_NAME
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_run_config(run_dir)
     except FileNotFoundError:
         raise PipelineError(
             f"{run_dir} holds no {CONFIG_NAME}: it is not a training run folder (or its first epoch has not "
@@ -100,32 +101,6 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
         raise PipelineError(
             f"cannot read {path} ({error}); the page is written from it. Restore the file, or pass another run."
         ) from error
-
-
-def _write_page(path: Path, context: dict[str, Any]) -> Path:
-    atomic_write_text(path, _environment().get_template(TRAINING_HTML).render(**context))
-    return path
-
-
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("clam", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["num"] = lambda value: format_number(value, "n/a")
-    env.filters["value"] = _shown_value
-    return env
-
-
-def _shown_value(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    return str(value)
 
 
 def _baseline(config: dict[str, Any]) -> dict[str, Any]:
