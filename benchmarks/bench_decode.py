@@ -23,7 +23,6 @@ computed from the per-core cost: N cores x 1000 / (decode + resize ms), an upper
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import shutil
 import sys
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, publish  # noqa: E402
+from report import load_average, machine, publish  # noqa: E402
 
 from feature_extraction.example_tissue import crop_tile, load_texture_sources  # noqa: E402
 from feature_extraction.sources import TileTransform, decode_rgb, pil_decode_rgb  # noqa: E402
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (2 if args.quick else 5)
 
     torch.set_num_threads(1)  # per core: torchvision's decoders must not spread over threads
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_before = load_average()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_decode_"))
     try:
         results = {
@@ -211,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_after = load_average()
     given = argv if argv is not None else sys.argv[1:]
     command = "python benchmarks/bench_decode.py" + (" " + shlex.join(given) if given else "")
     text = section(results, command, n_tiles, rounds, (load_before, load_after))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import platform
 import shlex
 import shutil
@@ -50,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dataclasses import replace  # noqa: E402
 
-from report import machine, publish  # noqa: E402
+from report import load_average, machine, publish  # noqa: E402
 
 from feature_extraction.backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone  # noqa: E402
 from feature_extraction.embed import EmbedConfig, embed_cohort  # noqa: E402
@@ -373,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         if (argv if argv is not None else sys.argv[1:])
         else ""
     )
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     spec = backbone.spec
     kind = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}.get(paths[0].suffix.lower().lstrip("."), "image")
     tiles = f"H&E-like 256 px {kind}" if args.cohort is None else f"{kind} (from {args.cohort})"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import shlex
 import shutil
 import sys
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_embed import build_cohort, gflop_per_tile, limit_rate, versions  # noqa: E402
-from report import machine, publish  # noqa: E402
+from report import load_average, machine, publish  # noqa: E402
 
 from feature_extraction.backbones import BACKBONES, load_backbone  # noqa: E402
 from feature_extraction.embed import EmbedConfig, embed_cohort  # noqa: E402
@@ -143,7 +142,7 @@ def measure(name: str, n_tiles: int, args: argparse.Namespace, workdir: Path) ->
 
 
 def section(rows: list[Row], command: str, repeats: int, runtime: str) -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     lines = [
         SECTION,
         "",

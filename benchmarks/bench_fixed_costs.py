@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, publish  # noqa: E402
+from report import load_average, machine, publish  # noqa: E402
 
 SECTION = "## Fixed costs"
 SCALE_SECTION = "## Scale"
@@ -368,7 +368,7 @@ def section(args, runs: dict, steps: dict, rows: list[dict], load: tuple[str, st
     text = [
         SECTION,
         "",
-        f"`{command}` on {machine()}; load average (1 minute) {load[0]} before, {load[1]} after, on this shared "
+        f"`{command}` on {machine()}; load average (1 minute) {load[0]:.2f} before, {load[1]:.2f} after, on this shared "
         "machine: read the seconds as rough, the ratios within the run as the finding.",
         "",
         f"The example cohort ({args.example_desc}), `--weights random`, each command in a fresh process on a "
@@ -485,13 +485,6 @@ def scale_section(page: str, img_dir: Path) -> str:
         else:
             lines.append(f"- {title}: not measured on this page yet (`{script} --write`, section {name})")
     return "\n".join(lines) + "\n"
-
-
-def load_average() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import shlex
 import shutil
 import subprocess
@@ -63,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, publish  # noqa: E402
+from report import load_average, machine, publish  # noqa: E402
 
 from clam.metrics import format_auc, format_number  # noqa: E402
 from clam.run_files import fold_dirs  # noqa: E402  (the fold folders of a cross-validation run, in order)
@@ -131,13 +130,13 @@ QUICK = Size(n_patients=10, tiles_per_slide=10, tile_size=64, epochs=2, n_bootst
 
 
 LOAD = {
-    "start": os.getloadavg()[0],
-    "max": os.getloadavg()[0],
+    "start": load_average(),
+    "max": load_average(),
 }  # the 1-minute load average seen while running
 
 
 def log_line(message: str) -> None:
-    LOAD["max"] = max(LOAD["max"], os.getloadavg()[0])
+    LOAD["max"] = max(LOAD["max"], load_average())
     print(message, flush=True)
 
 
@@ -1156,7 +1155,7 @@ def section(
                 else "built in or reused from"
             )
             + f" `{args.workdir}`). Backbone {args.backbone}, weights **{weights}**. Load average (1 minute) "
-            f"{LOAD['start']:.2f} at the start, at most {LOAD['max']:.2f} while it ran, {os.getloadavg()[0]:.2f} at the "
+            f"{LOAD['start']:.2f} at the start, at most {LOAD['max']:.2f} while it ran, {load_average():.2f} at the "
             f"end, on {cores} cores; the benchmark's own training counts in it, and whatever else ran on the machine "
             "makes the seconds noisy: read them as rough."
         ),
@@ -1272,7 +1271,7 @@ def main(argv: list[str] | None = None) -> int:
     from feature_extraction.runtime import resolve_device
 
     args.device_resolved = str(resolve_device(args.device))
-    LOAD["start"] = LOAD["max"] = os.getloadavg()[0]
+    LOAD["start"] = LOAD["max"] = load_average()
     started = time.perf_counter()
     if args.weights == "auto":
         weights, weights_note = pick_weights(args.backbone)

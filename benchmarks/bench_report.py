@@ -18,7 +18,6 @@ then. The same page with ``loading="eager"`` images shows what the lazy loading 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, publish  # noqa: E402
+from report import load_average, machine, publish  # noqa: E402
 
 from clam import heatmaps  # noqa: E402
 from clam.eval_report import write_eval_report  # noqa: E402
@@ -171,7 +170,7 @@ def section(
     lines = [
         SECTION,
         "",
-        f"`{command}` on {machine()}, {browser} (load average {os.getloadavg()[0]:.2f} when it finished).",
+        f"`{command}` on {machine()}, {browser} (load average {load_average():.2f} when it finished).",
         "",
         f"A synthetic evaluation folder of {n_slides} slides ({n_slides // 2} patients; per slide a montage "
         "and a heatmap at their real sizes); `report.html` written by `clam.eval_report` in "

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, publish  # noqa: E402
+from report import load_average, machine, publish  # noqa: E402
 
 SECTION = "## Training at scale"
 IMAGE = Path("img") / "scale_train.png"
@@ -311,7 +311,7 @@ def epoch(result: dict) -> float:
     return statistics.median(result["epoch_seconds"])
 
 
-def section(args, r: dict, loads: tuple[str, str]) -> str:
+def section(args, r: dict, loads: tuple[float, float]) -> str:
     big, gb = r["bytes"]["big"], lambda b: b / 1e9  # noqa: E731
     read, floor, train = r["read"]["big"]["seconds"], r["floor"]["big"], epoch(r["train"]["big"])
     bound = max(read, floor)
@@ -320,7 +320,7 @@ def section(args, r: dict, loads: tuple[str, str]) -> str:
         SECTION,
         "",
         f"`{command}` on {machine()}, 24 GiB of memory, {time.strftime('%Y-%m-%d')}; load average "
-        f"{loads[0]} before, {loads[1]} after (other work shared the machine: read the seconds as rough). "
+        f"{loads[0]:.2f} before, {loads[1]:.2f} after (other work shared the machine: read the seconds as rough). "
         f"A synthetic cache of {args.n_bags} bags x {args.n_instances} instances x {args.feature_dim} "
         f"float32, {gb(big):.1f} GB on disk (the bag format of `feature_extraction.bags`); "
         f"`clam.train --max_tiles 0` (every instance), CLAM-SB small, otherwise the defaults; "
@@ -463,13 +463,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in (QUICK if args.quick else FULL).items():
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     args.curve_bags = [int(n) for n in str(args.curve).split(",") if n]
-    loads = [Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "n/a"]
+    loads = [load_average()]
     if args.quick:
         with tempfile.TemporaryDirectory() as tmp:
             results = measure(args, Path(tmp))
     else:
         results = measure(args, args.root)
-    loads.append(Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "n/a")
+    loads.append(load_average())
     publish(section(args, results, tuple(loads)), SECTION, args.out, args.write)
     if args.write:
         plot(results, args.out.parent / IMAGE)

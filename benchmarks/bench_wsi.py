@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_embed import limit_rate, versions  # noqa: E402
-from report import machine, publish  # noqa: E402
+from report import load_average, machine, publish  # noqa: E402
 
 from feature_extraction.example_tissue import crop_tile, load_texture_sources  # noqa: E402
 
@@ -505,10 +505,6 @@ def plot_rss(points: list[dict], planning: list[dict], out: Path, title: str) ->
 # --------------------------------------------------------------------------- the section
 
 
-def _load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
 def section_text(command: str, facts: dict) -> str:
     slide, rates, rss = facts["slide"], facts["rates"], facts["rss"]
     median, rounds = rates["median"], rates["rounds"]
@@ -683,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         int(t) for t in (args.rss_tiles or ("40,160" if quick else "500,2000,5000,20000")).split(",")
     ]
     recipe = SlideRecipe(args.width or (6000 if quick else 40000), args.height or (4500 if quick else 30000))
-    load_before, started = _load(), time.perf_counter()
+    load_before, started = load_average(), time.perf_counter()
     sources, texture = texture_note()
     slide, build_seconds = slide_for(recipe, args.slide_dir, sources)
     curve = [slide_for(curve_recipe(tiles), args.slide_dir, sources)[0] for tiles in rss_tiles]
@@ -711,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         "backbone": args.backbone,
         "machine": machine(),
         "versions": versions(),
-        "load": (load_before, _load()),
+        "load": (load_before, load_average()),
         "minutes": (time.perf_counter() - started) / 60,
         "plot": plot,
     }

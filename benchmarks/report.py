@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import platform
 import re
 from pathlib import Path
@@ -42,3 +44,9 @@ def machine() -> str:
         pass
     text = f"{cpu}, {available_cores()} cores"
     return f"{torch.cuda.get_device_name(0)}; {text}" if torch.cuda.is_available() else text
+
+
+def load_average() -> float:
+    """The 1-minute load average (NaN where the system has none): every section quotes it, since
+    these machines are shared and their seconds are read against it."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
