@@ -82,7 +82,7 @@ run_dir="$(ls -td "$ROOT"/clam/checkpoints/run_*/ | head -n 1)"
 eval_dir="$(ls -td "$run_dir"eval_*/ 2>/dev/null | head -n 1 || true)"
 stage "done"
 echo "feature cache:   $ROOT/features/"
-echo "training run:    ${run_dir%/}  (config.json, best_model.pt, checkpoint_epoch_N.pt)"
+echo "training run:    ${run_dir%/}  (config.json, best_model.pt, checkpoint_epoch_N.pt, training.html)"
 echo "evaluation:      ${eval_dir%/}  (metrics, predictions, ROC, attention maps)"
 if [ "$WEIGHTS" = random ]; then
     echo "reminder: the backbone was randomly initialised (no ImageNet weights were available)"
